@@ -1,0 +1,48 @@
+"""Incremental detokenization and stop strings for one request.
+
+`tokenizers`' `DecodeStream` turns one token at a time into text (it buffers split UTF-8 bytes and keeps the leading
+spaces that depend on the previous token), so each step costs O(1) instead of re-decoding the whole output.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from jpaged.sampling_params import SamplingParams
+
+_PROMPT_CONTEXT = 6  # prompt tokens replayed into the stream so the first output token decodes in context
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(
+            ids=prompt_token_ids[-_PROMPT_CONTEXT:], skip_special_tokens=params.skip_special_tokens
+        )
+        self._stops: list[str] = list(params.stop or [])
+        self._include_stop = params.include_stop_str_in_output
+        # Text that might be the start of a stop string is held back from streamed output until it is decided.
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self.text = ""
+
+    def add(self, token_id: int) -> str | None:
+        """Appends a token's text; returns the stop string it completed (the text is then cut there), or None."""
+        chunk = self._stream.step(self._tokenizer, token_id)
+        if not chunk:
+            return None
+        search_from = max(0, len(self.text) - self._hold)
+        self.text += chunk
+        if not self._stops:
+            return None
+        hits = [(i, s) for s in self._stops if (i := self.text.find(s, search_from)) >= 0]
+        if not hits:
+            return None
+        index, stop = min(hits)
+        self.text = self.text[: index + (len(stop) if self._include_stop else 0)]
+        return stop
+
+    def visible_text(self, finished: bool) -> str:
+        if finished or not self._hold:
+            return self.text
+        return self.text[: max(0, len(self.text) - self._hold)]

@@ -1,0 +1,97 @@
+"""One sequence being generated, as the host sees it.
+
+A user request with `n` samples becomes `n` `Request`s that share a prompt (and, with prefix caching, its pages);
+`sample_index` tells them apart and feeds their random keys.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from jpaged.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One generated (or prompt) position's logprob and the top alternatives, as vLLM reports them."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) best first
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str  # the user's id; the n samples of one request share it
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # the user's seed, or one the engine drew: each request samples from its own key
+    max_tokens: int  # params.max_tokens resolved against max_model_len
+    eos_token_ids: frozenset[int] = frozenset()
+    sample_index: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(init=False)  # prompt + output, appended in place
+    num_computed_tokens: int = 0  # tokens whose K/V are in this request's pages
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at first schedule
+    pages: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.sample_index)
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+
+    def check_stop_token(self) -> None:
+        """Finishes the request if its last token ends it (EOS, a stop token id, or the length limit)."""
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= self.params.min_tokens:
+            if not self.params.ignore_eos and last in self.eos_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                return
+            if last in self.params.stop_token_ids:  # type: ignore[operator]
+                self.status = RequestStatus.FINISHED_STOPPED
+                self.stop_reason = last
+                return
+        if self.num_output_tokens >= self.max_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH

@@ -1,0 +1,145 @@
+"""Llama (and Mistral) as a pure function over a ragged token batch and a paged KV cache.
+
+Dimensions: T tokens, D model, N q-heads, K kv-heads, H head dim, F ffn, V vocab, R logit rows.
+
+Parameters are a plain pytree of per-layer arrays (a Python list, unrolled in the jitted graph: on the H200 a
+`lax.scan` over stacked layer weights streams them at a third of the bandwidth, see ../shared/anchors/README.md):
+
+    {"embed": [V, D], "final_norm": [D], "lm_head": [V, D] (untied models only),
+     "layers": [{"attn_norm": [D], "wq": [D, N, H], "wk": [D, K, H], "wv": [D, K, H], "wo": [N, H, D],
+                 "mlp_norm": [D], "w_gate": [D, F], "w_up": [D, F], "w_down": [F, D]}, ...]}
+
+Mixtral (models/mixtral.py) reuses everything here and swaps the feed-forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpaged import sharding
+from jpaged.kernels.kv_write import write_kv
+from jpaged.kernels.paged_attention import paged_attention
+from jpaged.models.config import ModelConfig, RopeConfig
+from jpaged.models.metadata import AttentionMetadata
+
+Params = dict[str, Any]
+KVPages = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [K, P, S, H]
+FeedForward = Callable[[dict[str, jax.Array], jax.Array, ModelConfig], jax.Array]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As HF: normalise in float32, cast back, then scale.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> jax.Array:
+    inv_freq = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        # Llama 3.1's frequency-dependent scaling: long wavelengths slowed by `factor`, short ones kept, a smooth
+        # ramp in between (same formula as HF's _compute_llama3_parameters).
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [T, heads, H]; HF's rotate-half layout (the first and second halves of H form the pairs)."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    cos = jnp.cos(jnp.concatenate([freqs, freqs], axis=-1))[:, None, :].astype(x.dtype)
+    sin = jnp.sin(jnp.concatenate([freqs, freqs], axis=-1))[:, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    gate = jnp.einsum("td,df->tf", x, layer["w_gate"])
+    up = jnp.einsum("td,df->tf", x, layer["w_up"])
+    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, layer["w_down"])
+
+
+def _write_and_attend(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, cfg: ModelConfig, impl: str):
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+    out = paged_attention(
+        q, k_pages, v_pages, meta.page_tables, meta.seq_lens, meta.cu_q_lens, meta.num_seqs,
+        sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window, impl=impl,
+    )  # fmt: skip
+    return out, k_pages, v_pages
+
+
+def attention(
+    layer: dict[str, jax.Array],
+    x: jax.Array,
+    positions: jax.Array,
+    layer_kv: tuple[jax.Array, jax.Array],
+    meta: AttentionMetadata,
+    cfg: ModelConfig,
+    attn_impl: str,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope)
+    q = apply_rope(jnp.einsum("td,dnh->tnh", x, layer["wq"]), positions, inv_freq)
+    k = apply_rope(jnp.einsum("td,dkh->tkh", x, layer["wk"]), positions, inv_freq)
+    v = jnp.einsum("td,dkh->tkh", x, layer["wv"])
+    attend = sharding.over_kv_heads(functools.partial(_write_and_attend, cfg=cfg, impl=attn_impl))
+    out, k_pages, v_pages = attend(q, k, v, *layer_kv, meta)
+    return jnp.einsum("tnh,nhd->td", out, layer["wo"]), (k_pages, v_pages)
+
+
+def decoder_forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    kv_pages: KVPages,
+    meta: AttentionMetadata,
+    *,
+    cfg: ModelConfig,
+    feed_forward: FeedForward,
+    attn_impl: str = "auto",
+) -> tuple[jax.Array, KVPages]:
+    """tokens/positions [T] -> logits [R, V] (float32) at meta.logits_indices, and the updated pages."""
+    x = params["embed"][tokens]
+    new_pages: KVPages = []
+    for layer, layer_kv in zip(params["layers"], kv_pages, strict=True):
+        h, layer_kv = attention(
+            layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), positions, layer_kv, meta, cfg, attn_impl
+        )
+        x = x + h
+        x = x + feed_forward(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), cfg)
+        new_pages.append(layer_kv)
+    x = rms_norm(x[meta.logits_indices], params["final_norm"], cfg.rms_norm_eps)
+    lm_head = params.get("lm_head", params["embed"])
+    logits = jnp.einsum("rd,vd->rv", x, lm_head, preferred_element_type=jnp.float32)
+    return logits, new_pages
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    kv_pages: KVPages,
+    meta: AttentionMetadata,
+    *,
+    cfg: ModelConfig,
+    attn_impl: str = "auto",
+) -> tuple[jax.Array, KVPages]:
+    return decoder_forward(
+        params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=mlp, attn_impl=attn_impl
+    )
