@@ -18,16 +18,17 @@ from jax.sharding import PartitionSpec as P
 
 TP = "tp"
 
-# The dimension of each parameter that is split across `tp`; parameters not named here are replicated.
+# The dimension of each parameter that is split across `tp`; parameters not named here (norms, embeddings, the MoE
+# router and experts for now) are replicated.
 # Dimension legend as in models/llama.py: D model, N q-heads, K kv-heads, H head dim, F ffn, V vocab, E experts.
 _SHARDED_DIM: dict[str, int] = {
     "wq": 1,  # [D, N, H]
     "wk": 1,  # [D, K, H]
     "wv": 1,  # [D, K, H]
     "wo": 0,  # [N, H, D]
-    "w_gate": -1,  # [D, F] or [E, D, F]
-    "w_up": -1,  # [D, F] or [E, D, F]
-    "w_down": -2,  # [F, D] or [E, F, D]
+    "w_gate": 1,  # [D, F]
+    "w_up": 1,  # [D, F]
+    "w_down": 0,  # [F, D]
     "lm_head": 0,  # [V, D]
 }
 

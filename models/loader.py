@@ -39,7 +39,7 @@ _LAYER_NAMES = {
     "mlp.down_proj": "w_down",
     "block_sparse_moe.gate": "router",
 }
-_EXPERT_NAMES = {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}
+_EXPERT_NAMES = {"w1": "expert_gate", "w3": "expert_up", "w2": "expert_down"}
 
 
 def resolve_dtype(dtype: str, model_dir: Path | None) -> jnp.dtype:
@@ -85,7 +85,7 @@ def _param_shapes(cfg: ModelConfig, tp: int) -> dict[str, Any]:
     }  # fmt: skip
     if cfg.is_moe:
         e = cfg.num_experts
-        layer |= {"router": (d, e), "w_gate": (e, d, f), "w_up": (e, d, f), "w_down": (e, f, d)}
+        layer |= {"router": (d, e), "expert_gate": (e, d, f), "expert_up": (e, d, f), "expert_down": (e, f, d)}
     else:
         layer |= {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
     shapes: dict[str, Any] = {"embed": (v, d), "final_norm": (d,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}

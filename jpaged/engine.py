@@ -1,0 +1,266 @@
+"""The engine: requests in, `RequestOutput`s out, one step at a time.
+
+`step()` is schedule → run → postprocess. The engine is not thread-safe: one thread owns it (the caller of
+`LLM.generate`, or the server's engine thread) and every call into it comes from that thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from jpaged import sharding
+from jpaged.config import EngineConfig
+from jpaged.detokenizer import Detokenizer
+from jpaged.models import get_forward
+from jpaged.models.config import ModelConfig
+from jpaged.models.loader import dummy_params, load_params, resolve_dtype
+from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.page_pool import PagePool
+from jpaged.request import Logprob, Request, RequestStatus
+from jpaged.runner import ModelRunner, StepResult
+from jpaged.sampling_params import SamplingParams
+from jpaged.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_dir = Path(config.model)
+        self.model_config = ModelConfig.from_pretrained(model_dir)
+        cfg = self.model_config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) is larger than the model's max_position_embeddings "
+                f"({cfg.max_position_embeddings})"
+            )
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len}) so every prompt fits in one step"
+            )
+        if cfg.sliding_window is not None and cfg.sliding_window < self.max_model_len:
+            logger.info("sliding window of %d tokens over max_model_len %d", cfg.sliding_window, self.max_model_len)
+        sharding.check_model_fits(cfg.num_heads, cfg.num_kv_heads, config.tensor_parallel_size)
+
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        self.eos_token_ids = frozenset(_eos_ids(model_dir, cfg, self.tokenizer))
+        self.mesh = sharding.make_mesh(config.tensor_parallel_size)
+        dtype = resolve_dtype(config.dtype, model_dir)
+        if config.load_format == "dummy":
+            params = dummy_params(cfg, self.mesh, dtype, seed=config.seed)
+        else:
+            params = load_params(model_dir, cfg, self.mesh, dtype)
+        num_pages = config.num_pages or self._num_pages_from_memory(dtype)
+        max_pages_per_seq = -(-self.max_model_len // config.page_size)
+        if num_pages - 1 < max_pages_per_seq:
+            raise ValueError(
+                f"num_pages={num_pages} cannot hold one sequence of max_model_len={self.max_model_len} "
+                f"({max_pages_per_seq} pages of {config.page_size} tokens, plus the null page)"
+            )
+        self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.pool,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(
+            cfg,
+            params,
+            get_forward(cfg, attn_impl=config.attn_impl),
+            self.mesh,
+            dtype=dtype,
+            num_pages=num_pages,
+            page_size=config.page_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        logger.info(
+            "KV pool: %d pages of %d tokens (%.3f GB)", num_pages, config.page_size, self.runner.kv_cache_bytes / 1e9
+        )
+        self._seed_rng = np.random.default_rng(config.seed)
+        self._groups: dict[str, list[Request]] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._detokenizers: dict[tuple[str, int], Detokenizer] = {}
+        self._auto_ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        """Validates and queues a request; raises ValueError naming the problem, leaving the engine untouched."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._auto_ids))
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids)
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]  # type: ignore[union-attr]
+            if bad:
+                raise ValueError(f"{name} holds token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}")
+        room = self.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
+        group = [
+            Request(
+                request_id=request_id,
+                prompt_token_ids=token_ids,
+                params=params,
+                seed=seed,
+                max_tokens=max_tokens,
+                eos_token_ids=self.eos_token_ids,
+                sample_index=i,
+            )
+            for i in range(params.n)
+        ]
+        self._groups[request_id] = group
+        self._prompts[request_id] = text
+        backend = self.tokenizer.backend_tokenizer
+        for req in group:
+            self._detokenizers[req.key] = Detokenizer(backend, token_ids, params)
+            self.scheduler.add(req)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        for req in self._groups.pop(request_id, []):
+            if not req.status.finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self._detokenizers.pop(req.key, None)
+        self._prompts.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer(prompt).input_ids)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list | tuple):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int | np.integer) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt holds token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt is {len(token_ids)} tokens, but this model's maximum context length is "
+                f"{self.max_model_len} tokens and at least one must be left to generate"
+            )
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched) if not sched.is_empty() else None
+        return self._postprocess(sched, result)
+
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult | None) -> list[RequestOutput]:
+        touched: dict[str, None] = {}
+        for row, (req, n) in enumerate(zip(sched.requests, sched.num_new_tokens, strict=True)):
+            assert result is not None
+            req.num_computed_tokens += n
+            self.pool.cache_full_pages(req, req.num_computed_tokens)
+            if row in result.prompt_logprobs:
+                req.prompt_logprobs.extend(result.prompt_logprobs[row])
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prompt chunk with more to come: nothing sampled yet
+            token = int(result.token_ids[row])
+            req.append_token(token)
+            if result.logprobs is not None and req.params.logprobs is not None:
+                k = req.params.logprobs
+                top = tuple(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist(), strict=True))  # type: ignore[index]
+                req.logprobs.append(Logprob(token, float(result.logprobs[row]), top))
+            req.check_stop_token()
+            stop = self._detokenizers[req.key].add(token)
+            if stop is not None and not req.status.finished:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_reason = stop
+            if req.status.finished:
+                self.scheduler.finish(req, req.status)
+            touched[req.request_id] = None
+        return [self._make_output(rid) for rid in touched]
+
+    def _make_output(self, request_id: str) -> RequestOutput:
+        group = self._groups[request_id]
+        finished = all(r.status.finished for r in group)
+        outputs = []
+        for req in group:
+            detok = self._detokenizers[req.key]
+            done = req.status.finished
+            outputs.append(
+                CompletionOutput(
+                    index=req.sample_index,
+                    text=detok.visible_text(done),
+                    token_ids=list(req.output_token_ids),
+                    cumulative_logprob=sum(lp.logprob for lp in req.logprobs) if req.params.logprobs is not None else None,
+                    logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+                    finish_reason=req.status.value if done else None,
+                    stop_reason=req.stop_reason,
+                )
+            )
+        first = group[0]
+        out = RequestOutput(
+            request_id=request_id,
+            prompt=self._prompts[request_id],
+            prompt_token_ids=first.prompt_token_ids,
+            prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+        if finished:
+            self._forget(request_id)
+        return out
+
+    def _forget(self, request_id: str) -> None:
+        for req in self._groups.pop(request_id):
+            self._detokenizers.pop(req.key, None)
+        self._prompts.pop(request_id, None)
+
+    # -- sizing -----------------------------------------------------------------------------------------------------
+    def _num_pages_from_memory(self, dtype: Any) -> int:
+        cfg, config = self.model_config, self.config
+        kv_heads = sharding.kv_heads_per_pool(cfg.num_kv_heads, config.tensor_parallel_size)
+        page_bytes = 2 * cfg.num_layers * kv_heads * config.page_size * cfg.head_dim * np.dtype(dtype).itemsize
+        max_pages_per_seq = -(-self.max_model_len // config.page_size)
+        devices = self.mesh.devices.flat
+        stats = [d.memory_stats() for d in devices]
+        if all(s and "bytes_limit" in s for s in stats):
+            budget = sum(int(s["bytes_limit"] * config.gpu_memory_utilization) - s["bytes_in_use"] for s in stats)
+            return max(2, budget // page_bytes)
+        budget = int(config.kv_cache_memory_gb * 1e9)
+        return max(2, min(budget // page_bytes, config.max_num_seqs * max_pages_per_seq + 1))
+
+
+def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """EOS ids as vLLM gathers them: the config's, generation_config.json's and the tokenizer's."""
+    ids = set(cfg.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,118 @@
+"""Offline generation, vLLM style: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from jpaged.config import EngineConfig
+from jpaged.engine import LLMEngine, Prompt
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(**kwargs) if model is None else EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in prompt order.
+
+        Every prompt is validated before any is queued, so one bad prompt raises without leaving the rest queued.
+        """
+        if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+        ids: list[str] = []
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                ids.append(self.engine.add_request(None, prompt, params))
+        except ValueError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts: list[Prompt] = [
+            {"prompt_token_ids": ids, "prompt": text}
+            for text, ids in (
+                render_chat(
+                    self.engine, conv, chat_template, add_generation_prompt, chat_template_kwargs  # type: ignore[arg-type]
+                )
+                for conv in conversations
+            )
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+
+def render_chat(
+    engine: LLMEngine,
+    messages: list[dict[str, str]],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[str, list[int]]:
+    """Applies the chat template (the request's, the engine's --chat-template, or the tokenizer's own)."""
+    if not messages:
+        raise ValueError("messages must not be empty")
+    template = chat_template or _read_template(engine.config.chat_template)
+    tokenizer = engine.tokenizer
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "this model's tokenizer has no chat template; pass one with --chat-template (or chat_template=...)"
+        )
+    text = tokenizer.apply_chat_template(
+        messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **(chat_template_kwargs or {}),
+    )
+    # The template writes any BOS itself, so tokenizing must not add another.
+    return text, list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _read_template(template: str | None) -> str | None:
+    if template is None:
+        return None
+    path = Path(template)
+    return path.read_text() if "{" not in template and path.is_file() else template

@@ -1,0 +1,254 @@
+"""Turns a `SchedulerOutput` into device arrays, runs the one jitted step, and brings back only what the host needs.
+
+The step is `forward` + sampling, compiled once per padding bucket (token count T, sequence count B, and a few static
+switches: logprobs, prompt logprobs, penalties); the KV pages are donated, so every step updates them in place.
+What crosses to the host each step: the sampled token ids [B] (and logprobs when some request asked for them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jpaged import sharding
+from jpaged.models.config import ModelConfig
+from jpaged.models.metadata import AttentionMetadata
+from jpaged.page_pool import NULL_PAGE
+from jpaged.request import Logprob, Request
+from jpaged.sampler import SamplingMetadata, prompt_logprobs, sample
+from jpaged.sampling_params import MAX_LOGPROBS
+from jpaged.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+ForwardFn = Callable[..., tuple[jax.Array, Any]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    tokens: jax.Array  # [T] int32 token ids; padding rows hold 0
+    positions: jax.Array  # [T] int32 position of each token in its sequence
+    attn: AttentionMetadata
+    sample_rows: jax.Array  # [B] int32 which of the R logit rows each sequence samples from
+    prompt_targets: jax.Array  # [T] int32 next prompt token per row for prompt logprobs, -1 where none ([1] if unused)
+    sampling: SamplingMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    token_ids: np.ndarray  # [num scheduled] sampled token of each scheduled request (meaningful when it sampled)
+    logprobs: np.ndarray | None  # [num scheduled] logprob of that token
+    top_ids: np.ndarray | None  # [num scheduled, MAX_LOGPROBS]
+    top_logprobs: np.ndarray | None
+    prompt_logprobs: dict[int, list[Logprob | None]]  # batch row -> logprobs of this chunk's prompt positions
+
+
+def bucket(n: int, smallest: int, largest: int) -> int:
+    """The padded size for n: powers of two from `smallest`, capped at `largest`."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest) if n <= largest else n
+
+
+def _step(params, kv_pages, batch: StepInput, *, forward: ForwardFn, num_logprobs: int, want_prompt_logprobs: bool):
+    logits, kv_pages = forward(params, batch.tokens, batch.positions, kv_pages, batch.attn)
+    sampled = sample(logits[batch.sample_rows], batch.sampling, num_logprobs=num_logprobs)
+    prompt = prompt_logprobs(logits, batch.prompt_targets, num_logprobs=MAX_LOGPROBS) if want_prompt_logprobs else None
+    return kv_pages, sampled, prompt
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Any,
+        forward: ForwardFn,
+        mesh: Mesh,
+        *,
+        dtype: jnp.dtype,
+        num_pages: int,
+        page_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.cfg = cfg
+        self.params = params
+        self.mesh = mesh
+        self.page_size = page_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.num_compiles = 0
+        kv_heads = sharding.kv_heads_per_pool(cfg.num_kv_heads, mesh.shape[sharding.TP])
+        shape = (kv_heads, num_pages, page_size, cfg.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding.kv_pages_sharding(mesh))
+        self.kv_pages = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+        self._replicated = sharding.replicated(mesh)
+        self._step = jax.jit(
+            functools.partial(_step, forward=forward),
+            static_argnames=("num_logprobs", "want_prompt_logprobs"),
+            donate_argnames=("kv_pages",),
+        )
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv_pages)
+
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        batch, num_logprobs, want_prompt = self._pack(sched)
+        with jax.set_mesh(self.mesh):
+            self.kv_pages, sampled, prompt = self._step(
+                self.params, self.kv_pages, batch, num_logprobs=num_logprobs, want_prompt_logprobs=want_prompt
+            )
+        n = len(sched.requests)
+        token_ids = np.asarray(sampled.token_ids)[:n]
+        if num_logprobs:
+            logprobs, top_ids, top_lps = (np.asarray(a)[:n] for a in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
+        else:
+            logprobs = top_ids = top_lps = None
+        return StepResult(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            top_ids=top_ids,
+            top_logprobs=top_lps,
+            prompt_logprobs=self._unpack_prompt_logprobs(sched, prompt) if want_prompt else {},
+        )
+
+    # -- packing ----------------------------------------------------------------------------------------------------
+    def _pack(self, sched: SchedulerOutput) -> tuple[StepInput, int, bool]:
+        reqs, counts = sched.requests, sched.num_new_tokens
+        n_tok = sum(counts)
+        t_pad = bucket(n_tok, 16, self.max_num_batched_tokens)
+        b_pad = bucket(len(reqs), 4, self.max_num_seqs)
+        want_prompt = any(
+            r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens for r in reqs
+        )
+        num_logprobs = MAX_LOGPROBS if any(r.params.logprobs is not None for r in reqs) else 0
+
+        tokens = np.zeros(t_pad, np.int32)
+        positions = np.zeros(t_pad, np.int32)
+        slots = np.full(t_pad, NULL_PAGE * self.page_size, np.int32)
+        targets = np.full(t_pad if want_prompt else 1, -1, np.int32)
+        page_tables = np.full((b_pad, self.max_pages_per_seq), NULL_PAGE, np.int32)
+        seq_lens = np.zeros(b_pad, np.int32)
+        cu_q_lens = np.zeros(b_pad + 1, np.int32)
+        last_rows = np.zeros(b_pad, np.int32)
+        start = 0
+        for b, (req, n) in enumerate(zip(reqs, counts, strict=True)):
+            begin = req.num_computed_tokens
+            pos = np.arange(begin, begin + n, dtype=np.int32)
+            tokens[start : start + n] = req.token_ids[begin : begin + n]
+            positions[start : start + n] = pos
+            pages = np.asarray(req.pages, np.int32)
+            slots[start : start + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            page_tables[b, : len(req.pages)] = pages
+            seq_lens[b] = begin + n
+            cu_q_lens[b + 1] = start + n
+            last_rows[b] = start + n - 1
+            if want_prompt and req.params.prompt_logprobs is not None:
+                nxt = pos + 1
+                ok = nxt < req.num_prompt_tokens
+                targets[start : start + n][ok] = np.asarray(req.token_ids, np.int32)[nxt[ok]]
+            start += n
+        cu_q_lens[len(reqs) + 1 :] = start
+
+        if want_prompt:  # logits at every token row; each sequence samples from its last
+            logits_indices, sample_rows = np.arange(t_pad, dtype=np.int32), last_rows
+        else:
+            logits_indices, sample_rows = last_rows, np.arange(b_pad, dtype=np.int32)
+        attn = AttentionMetadata(
+            slot_mapping=slots,
+            page_tables=page_tables,
+            seq_lens=seq_lens,
+            cu_q_lens=cu_q_lens,
+            num_seqs=np.array([len(reqs)], np.int32),
+            logits_indices=logits_indices,
+        )
+        batch = StepInput(
+            tokens=tokens,
+            positions=positions,
+            attn=attn,
+            sample_rows=sample_rows,
+            prompt_targets=targets,
+            sampling=self._pack_sampling(reqs, b_pad),
+        )
+        return jax.device_put(batch, self._replicated), num_logprobs, want_prompt
+
+    def _pack_sampling(self, reqs: tuple[Request, ...], b_pad: int) -> SamplingMetadata:
+        def column(fn: Callable[[Request], Any], dtype: Any, pad: Any) -> np.ndarray:
+            out = np.full(b_pad, pad, dtype)
+            out[: len(reqs)] = [fn(r) for r in reqs]
+            return out
+
+        use_penalties = any(r.params.uses_penalties for r in reqs)
+        hist_len = self.max_model_len if use_penalties else 1
+        history = np.full((b_pad, hist_len), -1, np.int32)
+        if use_penalties:
+            for b, r in enumerate(reqs):
+                if r.params.uses_penalties:
+                    history[b, : r.num_tokens] = r.token_ids
+        biases = [_logit_bias(r) for r in reqs]
+        width = bucket(max((len(x) for x in biases), default=1), 8, 1 << 20)
+        bias_ids = np.full((b_pad, width), -1, np.int32)
+        bias_values = np.zeros((b_pad, width), np.float32)
+        for b, bias in enumerate(biases):
+            if bias:
+                bias_ids[b, : len(bias)] = list(bias)
+                bias_values[b, : len(bias)] = list(bias.values())
+        return SamplingMetadata(
+            temperature=column(lambda r: r.params.temperature, np.float32, 0.0),
+            top_p=column(lambda r: r.params.top_p, np.float32, 1.0),
+            top_k=column(lambda r: r.params.top_k, np.int32, 0),
+            min_p=column(lambda r: r.params.min_p, np.float32, 0.0),
+            seeds=column(lambda r: r.seed & 0xFFFFFFFF, np.uint32, 0),
+            sample_index=column(lambda r: r.sample_index, np.int32, 0),
+            positions=column(lambda r: r.num_tokens, np.int32, 0),
+            presence_penalty=column(lambda r: r.params.presence_penalty, np.float32, 0.0),
+            frequency_penalty=column(lambda r: r.params.frequency_penalty, np.float32, 0.0),
+            repetition_penalty=column(lambda r: r.params.repetition_penalty, np.float32, 1.0),
+            history=history,
+            prompt_lens=column(lambda r: r.num_prompt_tokens, np.int32, 0),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+        )
+
+    def _unpack_prompt_logprobs(self, sched: SchedulerOutput, prompt: Any) -> dict[int, list[Logprob | None]]:
+        target_lp, top_ids, top_lps = (np.asarray(a) for a in prompt)
+        out: dict[int, list[Logprob | None]] = {}
+        start = 0
+        for b, (req, n) in enumerate(zip(sched.requests, sched.num_new_tokens, strict=True)):
+            k = req.params.prompt_logprobs
+            if k is not None:
+                rows: list[Logprob | None] = [None] if req.num_computed_tokens == 0 else []
+                for t in range(start, start + n):
+                    pos = req.num_computed_tokens + (t - start) + 1  # the prompt position this row predicts
+                    if pos >= req.num_prompt_tokens:
+                        break
+                    top = tuple(zip(top_ids[t, :k].tolist(), top_lps[t, :k].tolist(), strict=True))
+                    rows.append(Logprob(req.token_ids[pos], float(target_lp[t]), top))
+                out[b] = rows
+            start += n
+        return out
+
+
+def _logit_bias(request: Request) -> dict[int, float]:
+    """The request's own logit_bias plus, until min_tokens are out, a ban on the tokens that would end it."""
+    bias = dict(request.params.logit_bias or {})
+    if request.num_output_tokens < request.params.min_tokens:
+        banned = set(request.params.stop_token_ids or ())
+        if not request.params.ignore_eos:
+            banned |= request.eos_token_ids
+        bias.update(dict.fromkeys(banned, float("-inf")))
+    return bias

@@ -1,0 +1,55 @@
+"""Mixtral: Llama's attention, norms and RoPE with a sparse mixture-of-experts feed-forward.
+
+Dimensions: T tokens, D model, F ffn, E experts, A = T * top-k token-expert assignments.
+
+Expert weights are stacked per layer (`expert_gate`/`expert_up` [E, D, F], `expert_down` [E, F, D], `router`
+[D, E]) so a later change can shard them across devices on E.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.models import llama
+from jpaged.models.config import ModelConfig
+
+
+def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """As HF's Mixtral: softmax over all experts in float32, keep the top k, renormalise them to sum to one."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)  # [T, k]
+    return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+
+
+def moe(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Grouped expert compute: assignments sorted by expert, one ragged matmul per projection, no token dropped."""
+    k = cfg.num_experts_per_tok
+    weights, experts = route(jnp.einsum("td,de->te", x, layer["router"]), k)
+    flat_experts = experts.reshape(-1)  # [A]
+    order = jnp.argsort(flat_experts, stable=True)  # [A] assignments grouped by expert
+    token_of = order // k  # [A] which token each sorted assignment came from
+    group_sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)  # [E]
+    xs = x[token_of]  # [A, D]
+    gate = jax.lax.ragged_dot(xs, layer["expert_gate"], group_sizes)  # [A, F]
+    up = jax.lax.ragged_dot(xs, layer["expert_up"], group_sizes)  # [A, F]
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, layer["expert_down"], group_sizes)  # [A, D]
+    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
+    return jnp.zeros_like(x).at[token_of].add(out)
+
+
+def moe_dense_reference(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Every expert on every token, weighted by the (sparse) routing: the plain definition, for tests."""
+    weights, experts = route(jnp.einsum("td,de->te", x, layer["router"]), cfg.num_experts_per_tok)
+    dense_w = jnp.zeros((x.shape[0], cfg.num_experts), jnp.float32)
+    dense_w = dense_w.at[jnp.arange(x.shape[0])[:, None], experts].set(weights)  # [T, E]
+    gate = jnp.einsum("td,edf->tef", x, layer["expert_gate"])
+    up = jnp.einsum("td,edf->tef", x, layer["expert_up"])
+    out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, layer["expert_down"])
+    return jnp.einsum("ted,te->td", out, dense_w.astype(out.dtype))
+
+
+def forward(params, tokens, positions, kv_pages, meta, *, cfg: ModelConfig, attn_impl: str = "auto"):
+    return llama.decoder_forward(
+        params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=moe, attn_impl=attn_impl
+    )
