@@ -76,20 +76,30 @@ class EngineConfig:
             raise FileNotFoundError(f"model folder {self.model!r} does not exist")
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """Adds `--max-model-len`-style flags, one per `EngineConfig` field."""
-    for field in dataclasses.fields(EngineConfig):
-        if field.name in exclude:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+    """Adds one `--field-name` flag per field of the dataclass `cls`, typed from its annotation."""
+    for field in dataclasses.fields(cls):
+        if field.name in exclude or field.name.startswith("_"):
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        kind = str(field.type)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        extra: dict[str, Any] = dict(field.metadata)
         if kind == "bool":
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=field.default, **field.metadata
-            )
-            continue
-        conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
-        parser.add_argument(flag, type=conv, default=field.default, **field.metadata)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **extra)
+        elif kind.startswith(("list", "str | list")):
+            item: Any = int if "int" in kind else str
+            parser.add_argument(flag, type=item, nargs="+", default=default, **extra)
+        elif kind.startswith("dict"):
+            continue  # not expressible as a flag (logit_bias): Python and HTTP only
+        else:
+            conv: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=conv, default=default, **extra)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Adds `--max-model-len`-style flags, one per `EngineConfig` field."""
+    add_dataclass_arguments(parser, EngineConfig, exclude)
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
