@@ -1,0 +1,43 @@
+"""Shared test setup: four fake CPU devices (for tensor-parallel tests), model paths, and the engine factory."""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before JAX initialises its backends: every test process sees four CPU devices.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MODELS = REPO.parent / "shared" / "models"
+STORIES = REPO / "jpaged" / "bundled" / "stories260K"
+HF_FIXTURES = REPO / "tests" / "fixtures" / "hf"
+
+
+def has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_pool_clean(llm) -> None:
+    """After a run every page is free (cached pages have ref count 0) and nothing is queued."""
+    engine = llm.engine
+    assert not engine.has_unfinished_requests()
+    assert engine.pool.all_free(), engine.pool.stats()
+    assert not engine._groups and not engine._detokenizers
