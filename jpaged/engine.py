@@ -12,14 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from jpaged import sharding
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import Detokenizer
-from jpaged.models import get_forward
 from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params, load_params, resolve_dtype
 from jpaged.outputs import CompletionOutput, RequestOutput
@@ -80,9 +78,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             cfg,
             params,
-            get_forward(cfg, attn_impl=config.attn_impl),
             self.mesh,
             dtype=dtype,
+            attn_impl=config.attn_impl,
             num_pages=num_pages,
             page_size=config.page_size,
             max_model_len=self.max_model_len,

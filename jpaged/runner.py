@@ -8,7 +8,6 @@ What crosses to the host each step: the sampled token ids [B] (and logprobs when
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jpaged import sharding
+from jpaged.models import get_forward
 from jpaged.models.config import ModelConfig
 from jpaged.models.metadata import AttentionMetadata
 from jpaged.page_pool import NULL_PAGE
@@ -28,9 +28,6 @@ from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-ForwardFn = Callable[..., tuple[jax.Array, Any]]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +57,22 @@ def bucket(n: int, smallest: int, largest: int) -> int:
     return min(size, largest) if n <= largest else n
 
 
-def _step(params, kv_pages, batch: StepInput, *, forward: ForwardFn, num_logprobs: int, want_prompt_logprobs: bool):
+def _step(
+    params, kv_pages, batch: StepInput, *, cfg: ModelConfig, attn_impl: str, num_logprobs: int, want_prompt_logprobs: bool
+):
+    forward = get_forward(cfg, attn_impl=attn_impl)
     logits, kv_pages = forward(params, batch.tokens, batch.positions, kv_pages, batch.attn)
     sampled = sample(logits[batch.sample_rows], batch.sampling, num_logprobs=num_logprobs)
     prompt = prompt_logprobs(logits, batch.prompt_targets, num_logprobs=MAX_LOGPROBS) if want_prompt_logprobs else None
     return kv_pages, sampled, prompt
+
+
+# One jitted step for the process: engines with the same model config and bucket shapes share compiled code.
+_jitted_step = jax.jit(
+    _step,
+    static_argnames=("cfg", "attn_impl", "num_logprobs", "want_prompt_logprobs"),
+    donate_argnames=("kv_pages",),
+)
 
 
 class ModelRunner:
@@ -72,10 +80,10 @@ class ModelRunner:
         self,
         cfg: ModelConfig,
         params: Any,
-        forward: ForwardFn,
         mesh: Mesh,
         *,
         dtype: jnp.dtype,
+        attn_impl: str,
         num_pages: int,
         page_size: int,
         max_model_len: int,
@@ -96,11 +104,7 @@ class ModelRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding.kv_pages_sharding(mesh))
         self.kv_pages = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         self._replicated = sharding.replicated(mesh)
-        self._step = jax.jit(
-            functools.partial(_step, forward=forward),
-            static_argnames=("num_logprobs", "want_prompt_logprobs"),
-            donate_argnames=("kv_pages",),
-        )
+        self.attn_impl = attn_impl
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -109,8 +113,14 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         batch, num_logprobs, want_prompt = self._pack(sched)
         with jax.set_mesh(self.mesh):
-            self.kv_pages, sampled, prompt = self._step(
-                self.params, self.kv_pages, batch, num_logprobs=num_logprobs, want_prompt_logprobs=want_prompt
+            self.kv_pages, sampled, prompt = _jitted_step(
+                self.params,
+                self.kv_pages,
+                batch,
+                cfg=self.cfg,
+                attn_impl=self.attn_impl,
+                num_logprobs=num_logprobs,
+                want_prompt_logprobs=want_prompt,
             )
         n = len(sched.requests)
         token_ids = np.asarray(sampled.token_ids)[:n]

@@ -44,6 +44,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # since start, for stats and metrics
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -106,6 +107,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
