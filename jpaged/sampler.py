@@ -1,0 +1,211 @@
+"""On-device sampling: one row of logits and that row's parameters in, one token out.
+
+Legend: B rows, V vocabulary, L history length, M bias entries, K logprobs.
+
+Everything is a pure function of arrays traced inside the engine's jitted step, so a new mix of sampling
+parameters neither recompiles nor syncs with the host. The pipeline follows vLLM: logit bias -> penalties ->
+(greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p -> draw. Logprobs are those of the raw logits.
+
+Reproducibility: a row's draw depends only on its own logits and its own key,
+fold_in(fold_in(key(seed), sample_index), position), never on a batch key or on the row index. The Gumbel
+noise is drawn in vocabulary order (not sorted order) and filtered tokens are masked rather than removed, so
+a seeded request yields the same tokens whatever shares its batch, and top_k >= V draws exactly as top_k = 0.
+Threefry is named explicitly because other PRNG implementations (rbg) do not promise the same bits under vmap.
+
+Three `lax.cond`s skip work the batch does not need: the penalties when no row has one, the sort when no row
+filters, the noise when every row is greedy. Both branches of each give identical results for every row, so they
+are optimisations, not behaviour; on an H200 (B=256, V=128k) they take a step from 3.2 ms to 0.5 ms when no row
+filters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+GREEDY_TEMPERATURE = 1e-5  # temperature <= this samples greedily, as vLLM's _SAMPLING_EPS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingMetadata:
+    temperature: jax.Array  # [B] float32; <= GREEDY_TEMPERATURE means greedy (argmax)
+    top_p: jax.Array  # [B] float32 in (0, 1]; 1 = off
+    top_k: jax.Array  # [B] int32; <= 0 = off (>= V is off too)
+    min_p: jax.Array  # [B] float32 in [0, 1]; 0 = off
+    seeds: jax.Array  # [B] uint32 each request's own seed (the engine draws one for unseeded requests)
+    sample_index: jax.Array  # [B] int32 which of a request's n samples this row is (0..n-1)
+    positions: jax.Array  # [B] int32 position of the token being sampled (= number of tokens before it)
+    presence_penalty: jax.Array  # [B] float32; 0 = off; over output tokens (OpenAI)
+    frequency_penalty: jax.Array  # [B] float32; 0 = off; over output tokens (OpenAI)
+    repetition_penalty: jax.Array  # [B] float32; 1 = off; over prompt and output tokens (HF/vLLM)
+    history: jax.Array  # [B, L] int32 prompt + output ids so far, -1 padded (L may be 1 without penalties)
+    prompt_lens: jax.Array  # [B] int32 the first prompt_lens[b] entries of history[b] are prompt tokens
+    bias_ids: jax.Array  # [B, M] int32 token ids to bias, -1 padded
+    bias_values: jax.Array  # [B, M] float32 added to the logits; -inf bans a token (min_tokens: EOS/stop ids)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: jax.Array  # [B] int32 sampled tokens
+    logprobs: jax.Array  # [B] float32 logprob of token_ids under log_softmax of the raw logits
+    top_ids: jax.Array  # [B, K] int32 the K most likely tokens of the raw logits, most likely first
+    top_logprobs: jax.Array  # [B, K] float32 their logprobs, descending
+
+
+def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int) -> SamplerOutput:
+    """Samples one token per row of `logits` [B, V] (any float dtype; computed in float32).
+
+    `num_logprobs` is static: 0 skips the top-K logprobs (top_ids/top_logprobs are then [B, 0]).
+    """
+    _check_inputs(logits, meta, num_logprobs)
+    raw = logits.astype(jnp.float32)
+    x = apply_logit_bias(raw, meta.bias_ids, meta.bias_values)
+    penalised = (meta.presence_penalty != 0) | (meta.frequency_penalty != 0) | (meta.repetition_penalty != 1)
+    x = lax.cond(jnp.any(penalised), apply_penalties, lambda x, meta: x, x, meta)  # off = exact identity
+    greedy = meta.temperature <= GREEDY_TEMPERATURE
+    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)  # first maximum, like a stable sort's rank 0
+
+    def draw() -> jax.Array:
+        temperature = jnp.where(greedy, 1.0, meta.temperature)  # greedy rows' draws are discarded; no x / 0
+        scaled = x / temperature[:, None]
+        top_k_on = (meta.top_k > 0) & (meta.top_k < x.shape[1])
+        filters = ~greedy & (top_k_on | (meta.top_p < 1) | (meta.min_p > 0))
+        keep = lax.cond(
+            jnp.any(filters),
+            lambda: top_k_top_p_min_p_mask(scaled, meta.top_k, meta.top_p, meta.min_p),
+            lambda: jnp.ones(scaled.shape, bool),
+        )
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[1:], jnp.float32))(row_keys(meta))
+        return jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+
+    drawn = lax.cond(jnp.all(greedy), lambda: greedy_ids, draw)
+    token_ids = jnp.where(greedy, greedy_ids, drawn)
+    logprobs, top_ids, top_logprobs = _raw_logprobs(raw, token_ids, num_logprobs)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
+
+
+def prompt_logprobs(
+    logits: jax.Array, targets: jax.Array, *, num_logprobs: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Logprobs of each prompt position's next token under the raw logits [T, V].
+
+    targets [T] int32 is the next token of each position, -1 where there is none (the target logprob is then
+    0 and meaningless). Returns (target logprob [T], top_ids [T, K], top_logprobs [T, K]). The [T, V]
+    log_softmax is never materialised, but the float32 logits are: chunk long prompts.
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"want logits [T, V] and targets [T]; got {logits.shape} and {targets.shape}")
+    _check_num_logprobs(num_logprobs, logits.shape[1])
+    raw = logits.astype(jnp.float32)
+    chosen, top_ids, top_logprobs = _raw_logprobs(raw, jnp.maximum(targets, 0), num_logprobs)
+    return jnp.where(targets >= 0, chosen, 0.0), top_ids, top_logprobs
+
+
+def apply_logit_bias(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Array) -> jax.Array:
+    """Adds bias_values [B, M] at bias_ids [B, M] (-1 = padding; a repeated id gets the sum) to logits [B, V].
+
+    Ids outside [0, V) are dropped, not clipped: the engine validates requests' ids against the vocabulary.
+    """
+    rows = jnp.arange(logits.shape[0])[:, None]
+    ids = jnp.where(bias_ids >= 0, bias_ids, logits.shape[1])
+    return logits.at[rows, ids].add(bias_values.astype(logits.dtype), mode="drop")
+
+
+def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Repetition (prompt + output tokens), then frequency and presence (output tokens) penalties, as vLLM.
+
+    A token seen anywhere in history[b] has its logit divided by repetition_penalty if positive, else
+    multiplied; then frequency_penalty * (its count in the output) and presence_penalty * (1 if in the output)
+    are subtracted.
+    """
+    batch, vocab = logits.shape
+    rows = jnp.arange(batch)[:, None]
+    in_output = lax.broadcasted_iota(jnp.int32, meta.history.shape, 1) >= meta.prompt_lens[:, None]
+    valid = meta.history >= 0
+    output_ids = jnp.where(valid & in_output, meta.history, vocab)  # vocab = out of range, dropped
+    prompt_ids = jnp.where(valid & ~in_output, meta.history, vocab)
+    counts = jnp.zeros((batch, vocab), jnp.int32).at[rows, output_ids].add(1, mode="drop")  # [B, V]
+    in_prompt = jnp.zeros((batch, vocab), bool).at[rows, prompt_ids].set(True, mode="drop")  # [B, V]
+
+    repetition = meta.repetition_penalty[:, None]
+    penalised = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    logits = jnp.where(in_prompt | (counts > 0), penalised, logits)
+    logits = logits - meta.frequency_penalty[:, None] * counts.astype(logits.dtype)
+    return logits - meta.presence_penalty[:, None] * (counts > 0).astype(logits.dtype)
+
+
+def top_k_top_p_min_p_mask(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Which tokens of temperature-scaled logits [B, V] survive top-k, then top-p, then min-p: [B, V] bool.
+
+    One descending sort per row. Each filter keeps a prefix of the sorted row, so together they keep its first
+    `num_kept` entries; mapping that prefix back to the vocabulary breaks ties towards the lower token id, as
+    argmax does, so top_k = 1 (or a tiny top_p) keeps exactly the greedy token. top-p is measured on the top-k
+    survivors renormalised; min-p keeps tokens with prob >= min_p * max prob, which no earlier filter changes.
+    """
+    vocab = scaled.shape[1]
+    desc = -jnp.sort(-scaled, axis=-1)  # [B, V] each row descending
+    rank = lax.broadcasted_iota(jnp.int32, desc.shape, 1)
+    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    in_top_k = rank < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
+    # Mass of strictly more likely tokens; an exclusive cumsum of non-negative floats never decreases.
+    mass_before = jnp.concatenate([jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
+    in_top_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)  # p = 1 is off despite cumsum rounding
+    in_min_p = desc - desc[:, :1] >= jnp.log(min_p)[:, None]  # log(0) = -inf keeps everything
+    num_kept = jnp.maximum(jnp.sum(in_top_k & in_top_p & in_min_p, axis=-1, keepdims=True), 1)  # [B, 1]
+
+    threshold = jnp.take_along_axis(desc, num_kept - 1, axis=-1)  # [B, 1] the last kept value
+    above = scaled > threshold
+    tied = scaled == threshold
+    room = num_kept - jnp.sum(above, axis=-1, keepdims=True)  # how many tied tokens fit, lowest ids first
+    return above | (tied & (jnp.cumsum(tied, axis=-1) <= room))
+
+
+def row_keys(meta: SamplingMetadata) -> jax.Array:
+    """[B] typed keys, each from its row's (seed, sample_index, position) alone."""
+
+    def one(seed: jax.Array, sample_index: jax.Array, position: jax.Array) -> jax.Array:
+        key = jax.random.key(seed, impl="threefry2x32")
+        return jax.random.fold_in(jax.random.fold_in(key, sample_index), position)
+
+    return jax.vmap(one)(meta.seeds, meta.sample_index, meta.positions)
+
+
+def _raw_logprobs(raw: jax.Array, token_ids: jax.Array, num_logprobs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log_softmax(raw [R, V]) at token_ids [R], and its top `num_logprobs` (ties: lower id first).
+
+    Computed as raw - logsumexp(raw), so no [R, V] log_softmax is written out.
+    """
+    lse = jax.nn.logsumexp(raw, axis=-1)  # [R]
+    chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
+    if num_logprobs == 0:
+        rows = raw.shape[0]
+        return chosen, jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32)
+    top_values, top_ids = lax.top_k(raw, num_logprobs)
+    return chosen, top_ids.astype(jnp.int32), top_values - lse[:, None]
+
+
+def _check_num_logprobs(num_logprobs: int, vocab: int) -> None:
+    if not isinstance(num_logprobs, int) or not 0 <= num_logprobs <= vocab:
+        raise ValueError(f"num_logprobs must be a static int in [0, {vocab}], got {num_logprobs!r}")
+
+
+def _check_inputs(logits: jax.Array, meta: SamplingMetadata, num_logprobs: int) -> None:
+    if logits.ndim != 2 or not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"logits must be a float [B, V] array, got {logits.dtype}{list(logits.shape)}")
+    batch, vocab = logits.shape
+    _check_num_logprobs(num_logprobs, vocab)
+    for field in dataclasses.fields(meta):
+        value = getattr(meta, field.name)
+        ndim = 2 if field.name in ("history", "bias_ids", "bias_values") else 1
+        if value.ndim != ndim or value.shape[0] != batch:
+            raise ValueError(f"meta.{field.name} must be {ndim}-D with {batch} rows, got {list(value.shape)}")
+    if meta.bias_ids.shape != meta.bias_values.shape:
+        raise ValueError(f"bias_ids {meta.bias_ids.shape} and bias_values {meta.bias_values.shape} differ")
+    if meta.seeds.dtype != jnp.uint32:
+        raise ValueError(f"meta.seeds must be uint32, got {meta.seeds.dtype}")
