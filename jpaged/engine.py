@@ -144,6 +144,8 @@ class LLMEngine:
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
             return prompt, list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:

@@ -1,0 +1,214 @@
+"""End-to-end behaviour of `LLM.generate` on the bundled stories260K model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import STORIES, assert_pool_clean
+
+from jpaged import LLM, SamplingParams
+
+KNOWN_GREEDY = (
+    ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball. "
+    "She wanted to play with it, but it was too high.\nLily"
+)
+EOS, BOS = 2, 1
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(max_num_seqs=16)
+
+
+@pytest.fixture(autouse=True)
+def _pool_is_clean_after_each_test(request):
+    yield
+    if "llm" in request.fixturenames:
+        assert_pool_clean(request.getfixturevalue("llm"))
+
+
+def greedy(**kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0.0, **kwargs)
+
+
+def test_bundled_model_greedy_matches_llama2c(llm):
+    out = llm.generate("Once upon a time", greedy(max_tokens=60))[0]
+    assert out.prompt_token_ids == [1, 403, 407, 261, 378]
+    assert out.outputs[0].text == KNOWN_GREEDY
+    assert len(out.outputs[0].token_ids) == 60 and out.outputs[0].finish_reason == "length"
+
+
+def test_token_id_prompts_equal_text_prompts(llm):
+    a = llm.generate("Once upon a time", greedy(max_tokens=10))[0]
+    b = llm.generate({"prompt_token_ids": [1, 403, 407, 261, 378]}, greedy(max_tokens=10))[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids and b.prompt is None
+
+
+def test_top_k_1_and_tiny_temperature_equal_greedy(llm):
+    ref = llm.generate("Once upon a time", greedy(max_tokens=30))[0].outputs[0].token_ids
+    top1 = llm.generate("Once upon a time", SamplingParams(temperature=1.5, top_k=1, max_tokens=30, seed=3))[0]
+    cold = llm.generate("Once upon a time", SamplingParams(temperature=1e-6, max_tokens=30, seed=3))[0]
+    assert top1.outputs[0].token_ids == ref and cold.outputs[0].token_ids == ref
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(llm):
+    p = dict(temperature=1.0, max_tokens=30)
+    a = llm.generate("Once upon a time", SamplingParams(seed=11, **p))[0].outputs[0].token_ids
+    b = llm.generate(["The dog", "Once upon a time"], SamplingParams(seed=11, **p))[1].outputs[0].token_ids
+    c = llm.generate("Once upon a time", SamplingParams(seed=12, **p))[0].outputs[0].token_ids
+    assert a == b and a != c
+
+
+def test_n_samples_differ_and_are_reproducible(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=20)
+    first = llm.generate("Once upon a time", params)[0]
+    again = llm.generate("Once upon a time", params)[0]
+    ids = [o.token_ids for o in first.outputs]
+    assert [o.index for o in first.outputs] == [0, 1, 2]
+    assert len({tuple(x) for x in ids}) == 3
+    assert ids == [o.token_ids for o in again.outputs]
+
+
+@pytest.mark.parametrize("stop", ["e gi", "named L", "."])
+def test_stop_strings_spanning_tokens_cut_the_text(llm, stop):
+    out = llm.generate("Once upon a time", greedy(max_tokens=60, stop=[stop, "never-there"]))[0].outputs[0]
+    assert out.text == KNOWN_GREEDY[: KNOWN_GREEDY.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    kept = llm.generate("Once upon a time", greedy(max_tokens=60, stop=stop, include_stop_str_in_output=True))
+    assert kept[0].outputs[0].text == KNOWN_GREEDY[: KNOWN_GREEDY.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_end_a_story_at_bos(llm):
+    out = llm.generate("Once upon a time", greedy(max_tokens=400, stop_token_ids=[BOS]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == BOS and out.token_ids[-1] == BOS
+    assert BOS not in out.token_ids[:-1]
+
+
+def test_eos_ignore_eos_and_min_tokens(llm):
+    force_eos = {EOS: 100.0}
+    stopped = llm.generate("Once upon a time", greedy(max_tokens=8, logit_bias=force_eos))[0].outputs[0]
+    assert stopped.token_ids == [EOS] and stopped.finish_reason == "stop"
+    ignored = llm.generate("Once upon a time", greedy(max_tokens=8, logit_bias=force_eos, ignore_eos=True))[0]
+    assert ignored.outputs[0].token_ids == [EOS] * 8 and ignored.outputs[0].finish_reason == "length"
+    held = llm.generate("Once upon a time", greedy(max_tokens=8, logit_bias=force_eos, min_tokens=5))[0].outputs[0]
+    assert len(held.token_ids) == 6 and EOS not in held.token_ids[:5] and held.token_ids[5] == EOS
+
+
+def test_max_tokens_none_runs_to_the_context_limit():
+    llm = LLM(max_model_len=32)
+    out = llm.generate([1, 403, 407], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 29 and out.outputs[0].finish_reason == "length"
+    assert_pool_clean(llm)
+
+
+def test_logprobs_are_consistent(llm):
+    out = llm.generate("Once upon a time", greedy(max_tokens=5, logprobs=3, prompt_logprobs=2))[0]
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == 5
+    for token, lp in zip(comp.token_ids, comp.logprobs, strict=True):
+        assert lp.token_id == token and len(lp.top) == 3
+        assert lp.top[0][0] == token and lp.top[0][1] == pytest.approx(lp.logprob)  # greedy picks the top one
+        assert [x[1] for x in lp.top] == sorted((x[1] for x in lp.top), reverse=True)
+    assert comp.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in comp.logprobs))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == 5
+    assert [lp.token_id for lp in out.prompt_logprobs[1:]] == out.prompt_token_ids[1:]
+    assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in out.prompt_logprobs[1:])
+
+
+def test_prefix_cache_hits_are_visible_in_pool_stats(llm):
+    before = llm.engine.pool.stats().prefix_cache_hits
+    prompt = [1, *range(10, 60)]
+    first = llm.generate({"prompt_token_ids": prompt}, greedy(max_tokens=4))[0]
+    second = llm.generate({"prompt_token_ids": prompt}, greedy(max_tokens=4))[0]
+    assert second.num_cached_tokens == 48 and first.num_cached_tokens == 0
+    assert llm.engine.pool.stats().prefix_cache_hits - before == 48
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids
+
+
+def test_chat_needs_a_template_and_uses_one_when_given(llm, tmp_path):
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    with pytest.raises(ValueError, match="chat template"):
+        llm.chat(messages)
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    out = llm.chat(messages, greedy(max_tokens=60), chat_template=template)[0]
+    assert out.prompt_token_ids == [1, 403, 407, 261, 378]
+    assert out.outputs[0].text == KNOWN_GREEDY
+
+
+# -- bad input: a clear error naming the problem, and the engine keeps serving ---------------------------------------
+@pytest.mark.parametrize(
+    "prompt,match",
+    [
+        ("", "empty"),
+        ({"prompt_token_ids": []}, "empty"),
+        ({"prompt_token_ids": [1, 512]}, "outside the vocabulary"),
+        ({"prompt_token_ids": [1, -3]}, "outside the vocabulary"),
+        ({"prompt_token_ids": [1] * 600}, "maximum context length is 512"),
+        (3.5, "must be a string"),
+    ],
+)
+def test_bad_prompts_are_rejected_and_others_still_served(llm, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(["Once upon a time", prompt], greedy(max_tokens=4))
+    assert_pool_clean(llm)  # the good prompt of the batch was not left queued
+    assert llm.generate("Once upon a time", greedy(max_tokens=60))[0].outputs[0].text == KNOWN_GREEDY
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        SamplingParams(**kwargs)
+
+
+def test_out_of_vocab_stop_token_ids_are_rejected(llm):
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate("Once", greedy(stop_token_ids=[9999]))
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LLM(str(tmp_path))
+
+
+def test_unsupported_architecture_and_missing_weights(tmp_path):
+    model = tmp_path / "gpt2"
+    shutil.copytree(STORIES, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
+        LLM(str(model))
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        LLM(str(model))
+
+
+def test_dummy_weights_and_bfloat16_run():
+    llm = LLM(load_format="dummy", dtype="bfloat16", max_model_len=64)
+    out = llm.generate("Once upon a time", greedy(max_tokens=8, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 8
+    assert llm.engine.runner.params["embed"].dtype == np.dtype("bfloat16") or str(
+        llm.engine.runner.params["embed"].dtype
+    ) == "bfloat16"
+    assert_pool_clean(llm)
