@@ -51,6 +51,9 @@ class EngineConfig:
     attn_impl: str = dataclasses.field(
         default="auto", metadata=_help("attention kernel: auto, pallas or reference")
     )
+    skip_tokenizer_init: bool = dataclasses.field(
+        default=False, metadata=_help("load no tokenizer: prompts must be token ids and outputs carry no text")
+    )
     chat_template: str | None = dataclasses.field(
         default=None, metadata=_help("Jinja chat template file (or text) for models without one")
     )

@@ -15,7 +15,8 @@ _PROMPT_CONTEXT = 6  # prompt tokens replayed into the stream so the first outpu
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """With no tokenizer (skip_tokenizer_init), the text stays empty."""
         self._tokenizer = tokenizer
         self._stream = DecodeStream(
             ids=prompt_token_ids[-_PROMPT_CONTEXT:], skip_special_tokens=params.skip_special_tokens
@@ -28,6 +29,8 @@ class Detokenizer:
 
     def add(self, token_id: int) -> str | None:
         """Appends a token's text; returns the stop string it completed (the text is then cut there), or None."""
+        if self._tokenizer is None:
+            return None
         chunk = self._stream.step(self._tokenizer, token_id)
         if not chunk:
             return None

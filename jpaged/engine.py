@@ -53,7 +53,9 @@ class LLMEngine:
             logger.info("sliding window of %d tokens over max_model_len %d", cfg.sliding_window, self.max_model_len)
         sharding.check_model_fits(cfg.num_heads, cfg.num_kv_heads, config.tensor_parallel_size)
 
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        self.tokenizer: PreTrainedTokenizerBase | None = (
+            None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        )
         self.eos_token_ids = frozenset(_eos_ids(model_dir, cfg, self.tokenizer))
         self.mesh = sharding.make_mesh(config.tensor_parallel_size)
         dtype = resolve_dtype(config.dtype, model_dir)
@@ -104,6 +106,8 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, but the engine runs with skip_tokenizer_init")
         self._validate_prompt(token_ids)
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
             bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]  # type: ignore[union-attr]
@@ -126,7 +130,7 @@ class LLMEngine:
         ]
         self._groups[request_id] = group
         self._prompts[request_id] = text
-        backend = self.tokenizer.backend_tokenizer
+        backend = self.tokenizer.backend_tokenizer if self.tokenizer is not None else None
         for req in group:
             self._detokenizers[req.key] = Detokenizer(backend, token_ids, params)
             self.scheduler.add(req)
@@ -146,6 +150,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("the engine runs with skip_tokenizer_init: prompts must be token ids")
             return prompt, list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -254,13 +260,13 @@ class LLMEngine:
         return max(2, min(budget // page_bytes, config.max_num_seqs * max_pages_per_seq + 1))
 
 
-def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
     """EOS ids as vLLM gathers them: the config's, generation_config.json's and the tokenizer's."""
     ids = set(cfg.eos_token_ids)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids |= set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

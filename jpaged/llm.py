@@ -96,6 +96,8 @@ def render_chat(
         raise ValueError("messages must not be empty")
     template = chat_template or _read_template(engine.config.chat_template)
     tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer, but the engine runs with skip_tokenizer_init")
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "this model's tokenizer has no chat template; pass one with --chat-template (or chat_template=...)"

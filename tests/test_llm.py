@@ -212,3 +212,14 @@ def test_dummy_weights_and_bfloat16_run():
         llm.engine.runner.params["embed"].dtype
     ) == "bfloat16"
     assert_pool_clean(llm)
+
+
+def test_skip_tokenizer_init_takes_token_ids_only():
+    llm = LLM(skip_tokenizer_init=True, max_model_len=64)
+    out = llm.generate({"prompt_token_ids": [1, 403, 407, 261, 378]}, greedy(max_tokens=10))[0]
+    assert out.outputs[0].text == "" and len(out.outputs[0].token_ids) == 10
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate("Once upon a time")
+    with pytest.raises(ValueError, match="stop strings"):
+        llm.generate([1, 2, 3], greedy(stop="x"))
+    assert_pool_clean(llm)
