@@ -1,0 +1,173 @@
+"""Server throughput at saturation as a percentage of offline `LLM.generate` on the same requests.
+
+    python benchmarks/offline_vs_server.py --num-requests 200 --input-len 32 --output-len 32
+
+Builds one list of requests (random token-id prompts, greedy, exactly `--output-len` tokens each with ignore_eos),
+then:
+  1. offline: `LLM(**engine flags).generate(...)` on all of them, once to compile, once timed;
+  2. server: starts `python -m jpaged serve` with the same engine flags on a free loopback port, and sends all of
+     them at once (request rate inf) through benchmarks/serving.py, once to compile, once timed.
+It prints both throughputs and their ratio (goal: the server at >= 90% of offline), and writes them with `--json-out`.
+
+Engine flags are EngineConfig's (`--max-num-seqs`, `--max-num-batched-tokens`, ...), generated from it; the same
+values reach both sides. The load generator runs in this process while the server runs in its own, so on a machine
+with few cores the client's CPU time competes with the server's (use `--backend http`, the lighter client, there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving  # the sibling load generator
+
+from jpaged.config import EngineConfig, add_cli_arguments
+
+
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields given on the command line with a non-default value."""
+    out = {}
+    for field in dataclasses.fields(EngineConfig):
+        value = getattr(args, field.name, None)
+        if value is not None and value != field.default:
+            out[field.name] = value
+    return out
+
+
+def serve_argv(overrides: dict[str, Any]) -> list[str]:
+    """`jpaged serve` flags for the same engine settings (its flags are generated from EngineConfig too)."""
+    argv: list[str] = []
+    for name, value in overrides.items():
+        if name == "model":
+            argv.insert(0, str(value))  # `jpaged serve [MODEL]`
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(overrides: dict[str, Any], *, startup_timeout: float = 600.0) -> Iterator[str]:
+    """Starts `python -m jpaged serve` on a free loopback port; yields its base URL once /health is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "jpaged", "serve", *serve_argv(overrides), "--host", "127.0.0.1", "--port", str(port)]
+    base_url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}\n{log.read()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(base_url + "/health", timeout=2.0).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"server not healthy after {startup_timeout:.0f} s: {' '.join(cmd)}")
+                time.sleep(0.25)
+            yield base_url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_offline(requests: Sequence[serving.BenchRequest], overrides: dict[str, Any]) -> dict[str, Any]:
+    from jpaged import LLM, SamplingParams
+
+    llm = LLM(**overrides)
+    prompts: list[Any] = [{"prompt_token_ids": list(req.prompt)} for req in requests]
+    params = [SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True) for req in requests]
+    llm.generate(prompts, params)  # compile every bucket this run meets
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    duration = time.perf_counter() - start
+    output_tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    input_tokens = sum(len(out.prompt_token_ids) for out in outputs)
+    return {
+        "duration_s": duration,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(outputs) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (input_tokens + output_tokens) / duration,
+    }
+
+
+def run_server(requests: Sequence[serving.BenchRequest], overrides: dict[str, Any], backend: str) -> dict[str, Any]:
+    with running_server(overrides) as base_url:
+        bench = lambda: asyncio.run(serving.run_benchmark(base_url, requests, backend=backend, request_rate=math.inf))
+        bench()  # compile every bucket this run meets
+        results, duration, _ = bench()
+    return serving.summarize(results, duration, requests)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("openai", "http"), default="http", help="the load generator's client")
+    parser.add_argument("--json-out", type=Path, default=None, help="write both results and the ratio here")
+    serving.add_load_arguments(parser)
+    engine = parser.add_argument_group("engine (both sides)")
+    add_cli_arguments(engine, exclude=("seed",))  # type: ignore[arg-type]
+    args = parser.parse_args(argv)
+    if args.prompt is not None:
+        parser.error("offline_vs_server compares token-id prompts only; drop --prompt")
+
+    overrides = engine_overrides(args)
+    requests = serving.build_requests(args)
+    offline = run_offline(requests, overrides)
+    server = run_server(requests, overrides, args.backend)
+    ratio = server["output_throughput"] / offline["output_throughput"]
+    print(serving.format_table(server, title=f"Server ({args.backend} client, all at once)"))
+    width = 48
+    print(f"{' Offline LLM.generate ':=^{width}}")
+    for key, name in (
+        ("duration_s", "Duration (s)"),
+        ("request_throughput", "Request throughput (req/s)"),
+        ("output_throughput", "Output token throughput (tok/s)"),
+        ("total_token_throughput", "Total token throughput (tok/s)"),
+    ):
+        print(f"{name:<36}{offline[key]:>12.2f}")
+    print(f"{'Server / offline (output tok/s)':<36}{ratio:>11.1%}")
+    print("=" * width)
+    record = {
+        "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
+        "seed": args.seed, "backend": args.backend, "engine": overrides, "offline": offline, "server": server,
+        "server_vs_offline": ratio, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    record = main()
+    sys.exit(1 if record["server"]["failed"] else 0)
