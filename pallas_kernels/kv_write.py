@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
 from jpaged.kernels.paged_attention import pallas_out_struct
 
 IMPLS = ("xla", "pallas")
@@ -27,9 +28,7 @@ def _validate(k_pages, v_pages, k_new, v_new, slot_mapping) -> None:
     if k_pages.ndim != 4:
         raise ValueError(f"k_pages must be [K, P, S, H], got shape {k_pages.shape}")
     if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
-        raise ValueError(
-            f"v_pages {v_pages.shape} {v_pages.dtype} must match k_pages {k_pages.shape} {k_pages.dtype}"
-        )
+        raise ValueError(f"v_pages {v_pages.shape} {v_pages.dtype} must match k_pages {k_pages.shape} {k_pages.dtype}")
     num_kv_heads, _, _, head_dim = k_pages.shape
     if k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
         raise ValueError(f"k_new must be [T, K={num_kv_heads}, H={head_dim}], got shape {k_new.shape}")

@@ -22,7 +22,14 @@ Two implementations of one contract:
 GPU (Triton) constraints of the kernel, checked by `pallas_gpu_unsupported_reason`; `impl="auto"` falls
 back to the reference when one fails, `impl="pallas"` raises: H a power of two >= 16; S a power of two;
 block_q * G and pages_per_block * S >= 16; dtypes float32, bfloat16 or float16. G need not be a power of
-two (q is padded to the next one: a copy of q, never of the pages).
+two (q is padded to the next one: a copy of q, never of the pages). float32 products follow
+jax_default_matmul_precision (TF32 on GPUs unless it says "highest"). Compiling on GPU warns that jax 0.11.2 deprecates
+the Pallas Triton backend; nothing in jax replaces it for paged attention yet.
+
+Measured on one H200 (bf16, S = 16, default tuning, decode at full context, K/V bytes read once / time):
+Llama-3-8B heads (32/8, H 128) B 64 ctx 2048: 0.26 ms = 2.1 TB/s; B 256 ctx 1024: 0.46 ms = 2.35 TB/s;
+B 16 ctx 16k: 0.66 ms = 1.6 TB/s (no split over the context yet, so few long sequences underfill the GPU).
+Llama-2-7B heads (32/32) B 64 ctx 2048: 0.92 ms = 2.3 TB/s. JAX's own kernel: 0.40 / 0.68 / 0.74 / 1.16 ms.
 """
 
 from __future__ import annotations
