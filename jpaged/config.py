@@ -51,6 +51,9 @@ class EngineConfig:
     attn_impl: str = dataclasses.field(
         default="auto", metadata=_help("attention kernel: auto, pallas or reference")
     )
+    warmup: bool = dataclasses.field(
+        default=False, metadata=_help("compile every step bucket at start-up (the server always does)")
+    )
     skip_tokenizer_init: bool = dataclasses.field(
         default=False, metadata=_help("load no tokenizer: prompts must be token ids and outputs carry no text")
     )

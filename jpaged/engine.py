@@ -89,6 +89,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
+        if config.warmup:
+            self.runner.warm_up()
         logger.info(
             "KV pool: %d pages of %d tokens (%.3f GB)", num_pages, config.page_size, self.runner.kv_cache_bytes / 1e9
         )

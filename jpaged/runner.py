@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from jpaged import sharding
 from jpaged.models import get_forward
@@ -49,12 +51,25 @@ class StepResult:
     prompt_logprobs: dict[int, list[Logprob | None]]  # batch row -> logprobs of this chunk's prompt positions
 
 
-def bucket(n: int, smallest: int, largest: int) -> int:
-    """The padded size for n: powers of two from `smallest`, capped at `largest`."""
-    size = smallest
-    while size < n:
-        size *= 2
-    return min(size, largest) if n <= largest else n
+MIN_TOKEN_BUCKET = 16
+
+
+def buckets(smallest: int, largest: int) -> list[int]:
+    """Padding sizes: powers of two from `smallest`, then `largest` itself."""
+    sizes = [smallest]
+    while sizes[-1] * 2 < largest:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != largest:
+        sizes.append(largest)
+    return sizes
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    """The smallest size in `sizes` that holds n."""
+    for size in sizes:
+        if n <= size:
+            return size
+    raise ValueError(f"{n} is larger than the largest bucket {sizes[-1]}")
 
 
 def _step(
@@ -98,7 +113,9 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.num_compiles = 0
+        # Sequences never outnumber tokens, so the sequence padding follows the token bucket: one compiled
+        # variant per token bucket instead of one per (tokens, sequences) pair.
+        self.token_buckets = buckets(min(MIN_TOKEN_BUCKET, max_num_batched_tokens), max_num_batched_tokens)
         kv_heads = sharding.kv_heads_per_pool(cfg.num_kv_heads, mesh.shape[sharding.TP])
         shape = (kv_heads, num_pages, page_size, cfg.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding.kv_pages_sharding(mesh))
@@ -136,12 +153,30 @@ class ModelRunner:
             prompt_logprobs=self._unpack_prompt_logprobs(sched, prompt) if want_prompt else {},
         )
 
+    def warm_up(self) -> float:
+        """Compiles the step for every token bucket (the common variant: no logprobs, penalties or prompt
+        logprobs) by running it on an all-padding batch, which only writes into the null page."""
+        start = time.perf_counter()
+        for t_pad in tqdm(self.token_buckets, desc="Compiling step buckets", disable=len(self.token_buckets) < 4):
+            t0 = time.perf_counter()
+            batch, _, _ = self._pack(SchedulerOutput(requests=(), num_new_tokens=(), preempted=()), t_pad=t_pad)
+            with jax.set_mesh(self.mesh):
+                self.kv_pages, sampled, _ = _jitted_step(
+                    self.params, self.kv_pages, batch, cfg=self.cfg, attn_impl=self.attn_impl,
+                    num_logprobs=0, want_prompt_logprobs=False,
+                )  # fmt: skip
+            jax.block_until_ready(sampled.token_ids)
+            logger.info("compiled step bucket T=%d B=%d in %.2f s", t_pad, min(t_pad, self.max_num_seqs),
+                        time.perf_counter() - t0)  # fmt: skip
+        elapsed = time.perf_counter() - start
+        logger.info("warm-up: %d buckets compiled in %.1f s", len(self.token_buckets), elapsed)
+        return elapsed
+
     # -- packing ----------------------------------------------------------------------------------------------------
-    def _pack(self, sched: SchedulerOutput) -> tuple[StepInput, int, bool]:
+    def _pack(self, sched: SchedulerOutput, t_pad: int | None = None) -> tuple[StepInput, int, bool]:
         reqs, counts = sched.requests, sched.num_new_tokens
-        n_tok = sum(counts)
-        t_pad = bucket(n_tok, 16, self.max_num_batched_tokens)
-        b_pad = bucket(len(reqs), 4, self.max_num_seqs)
+        t_pad = t_pad or bucket(sum(counts), self.token_buckets)
+        b_pad = min(t_pad, self.max_num_seqs)
         want_prompt = any(
             r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens for r in reqs
         )
@@ -210,7 +245,7 @@ class ModelRunner:
                 if r.params.uses_penalties:
                     history[b, : r.num_tokens] = r.token_ids
         biases = [_logit_bias(r) for r in reqs]
-        width = bucket(max((len(x) for x in biases), default=1), 8, 1 << 20)
+        width = bucket(max((len(x) for x in biases), default=1), _BIAS_WIDTHS)
         bias_ids = np.full((b_pad, width), -1, np.int32)
         bias_values = np.zeros((b_pad, width), np.float32)
         for b, bias in enumerate(biases):
@@ -251,6 +286,9 @@ class ModelRunner:
                 out[b] = rows
             start += n
         return out
+
+
+_BIAS_WIDTHS = [8, 64, 512, 4096, 1 << 20]
 
 
 def _logit_bias(request: Request) -> dict[int, float]:
