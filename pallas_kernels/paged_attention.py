@@ -9,8 +9,8 @@ seq_lens[b] - q_len_b + i and attends causally (and within the sliding window wh
 cu_q_lens[num_seqs] are padding and come back as zeros.
 
 Two implementations of one contract:
-- `paged_attention_reference`: plain jnp, one token at a time under `vmap`, chunked so that the gathered
-  K/V stay bounded. It is the engine's CPU path and the oracle of the tests.
+- `paged_attention_reference`: plain jnp over the same query blocks as the kernel, under `vmap`, chunked so
+  that the gathered K/V stay bounded. It is the engine's CPU path and the oracle of the tests.
 - the Pallas kernel (Triton lowering, like vLLM's "unified attention"): the grid runs over (query blocks,
   kv heads). Each query block holds at most `block_q` tokens of exactly one sequence, so the wrapper turns
   cu_q_lens into a block -> (sequence, first row, rows, first position) table with jnp. A program loads its
@@ -47,7 +47,7 @@ IMPLS = ("auto", "reference", "pallas")
 # Finite, so fully masked rows never compute inf - inf = nan; exp(MASK_VALUE - a real score) underflows to 0.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Most gathered K (and as many V) elements the reference materialises per token chunk (64 MiB in float32).
+# Most gathered K (or score) elements the reference materialises per chunk of query blocks (64 MiB in float32).
 _REFERENCE_GATHER_BUDGET = 1 << 24
 
 
@@ -146,34 +146,50 @@ def paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
 ) -> jax.Array:  # [T, N, H]
-    """Plain jnp ragged paged attention: each token gathers its sequence's pages and runs a masked softmax."""
+    """Plain jnp ragged paged attention, in query blocks of one sequence each (as the kernel splits them).
+
+    Each block gathers its sequence's pages once and runs a masked softmax over all L positions. The block size
+    follows the average query length T // B (1 for pure decode, up to 64 for long prefill chunks), so decode
+    rows waste no work and a prefill chunk gathers its pages T / 64 times rather than once per token.
+    """
     _validate(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     kv_len = page_tables.shape[1] * page_size  # L
     group = num_heads // num_kv_heads
-    seq, pos, valid = _token_positions(seq_lens, cu_q_lens, num_seqs, num_tokens)
+    block_q = min(64, 1 << (max(1, num_tokens // page_tables.shape[0]) - 1).bit_length())
+    seq, start, length, first_pos = _query_blocks(
+        seq_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, block_q=block_q
+    )  # [num_blocks] each
+    rows = start[:, None] + jnp.arange(block_q)  # [num_blocks, block_q]
+    rows = jnp.where(jnp.arange(block_q) < length[:, None], rows, num_tokens)  # unused rows -> out of range
+    q_blocks = q.at[rows].get(mode="fill", fill_value=0)  # [num_blocks, block_q, N, H]
 
-    def attend_one(q_t, seq_t, pos_t, valid_t):  # q_t [N, H]; scalars
-        pages = page_tables[seq_t]  # [max_pages]
+    def attend_block(q_b, seq_b, first_pos_b):  # q_b [block_q, N, H]; scalars
+        pages = page_tables[seq_b]  # [max_pages]
         k = k_pages[:, pages].reshape(num_kv_heads, kv_len, head_dim)  # [K, L, H]
         v = v_pages[:, pages].reshape(num_kv_heads, kv_len, head_dim)  # [K, L, H]
-        qg = q_t.reshape(num_kv_heads, group, head_dim)  # [K, G, H]
-        scores = jnp.einsum("kgh,klh->kgl", qg, k, preferred_element_type=jnp.float32) * sm_scale
+        qg = q_b.reshape(block_q, num_kv_heads, group, head_dim)  # [block_q, K, G, H]
+        scores = jnp.einsum("qkgh,klh->kgql", qg, k, preferred_element_type=jnp.float32) * sm_scale
+        q_pos = first_pos_b + jnp.arange(block_q)  # [block_q]
         kv_pos = jnp.arange(kv_len)  # [L]
-        visible = kv_pos <= pos_t
+        visible = kv_pos[None, :] <= q_pos[:, None]  # [block_q, L]
         if sliding_window is not None:
-            visible &= kv_pos > pos_t - sliding_window
-        scores = jnp.where(visible, scores, MASK_VALUE)  # [K, G, L]
+            visible &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+        scores = jnp.where(visible, scores, MASK_VALUE)  # [K, G, block_q, L]
         probs = jnp.where(visible, jnp.exp(scores - scores.max(axis=-1, keepdims=True)), 0.0)
-        probs = probs / probs.sum(axis=-1, keepdims=True)
-        out = jnp.einsum("kgl,klh->kgh", probs, v.astype(jnp.float32), preferred_element_type=jnp.float32)
-        return jnp.where(valid_t, out.reshape(num_heads, head_dim), 0.0).astype(q.dtype)
+        probs = probs / jnp.maximum(probs.sum(axis=-1, keepdims=True), 1e-30)  # unused rows see nothing
+        out = jnp.einsum("kgql,klh->qkgh", probs, v.astype(jnp.float32), preferred_element_type=jnp.float32)
+        return out.reshape(block_q, num_heads, head_dim).astype(q.dtype)
 
-    chunk = max(1, _REFERENCE_GATHER_BUDGET // (num_kv_heads * kv_len * head_dim))
-    if chunk >= num_tokens:
-        return jax.vmap(attend_one)(q, seq, pos, valid)
-    return jax.lax.map(lambda xs: attend_one(*xs), (q, seq, pos, valid), batch_size=chunk)
+    chunk = max(1, _REFERENCE_GATHER_BUDGET // (num_kv_heads * kv_len * max(head_dim, block_q * group)))
+    if chunk >= seq.shape[0]:
+        out_blocks = jax.vmap(attend_block)(q_blocks, seq, first_pos)
+    else:
+        out_blocks = jax.lax.map(lambda xs: attend_block(*xs), (q_blocks, seq, first_pos), batch_size=chunk)
+    # Every real row lies in exactly one block; padding rows are in none and stay 0.
+    out = jnp.zeros_like(q)
+    return out.at[rows.reshape(-1)].set(out_blocks.reshape(-1, num_heads, head_dim), mode="drop")
 
 
 def _paged_attention_kernel(

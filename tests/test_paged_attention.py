@@ -163,8 +163,24 @@ def test_reference_sliding_window(sliding_window):
     assert_close(out, naive_attention(batch, sm_scale=0.3, sliding_window=sliding_window))
 
 
-def test_reference_in_token_chunks(monkeypatch):
-    """Past the gather budget the reference maps over token chunks (with a remainder chunk)."""
+@pytest.mark.parametrize(
+    "seqs",
+    [
+        [(0, 1), (6, 1), (17, 1), (40, 1), (7, 1)],  # decode only: query blocks of one token
+        [(5, 150)],  # one long prefill chunk: blocks of 64 tokens
+        [(0, 70), (3, 1), (9, 33)],  # mixed
+    ],
+    ids=["decode", "prefill", "mixed"],
+)
+def test_reference_block_sizes(seqs):
+    rng = np.random.default_rng(len(seqs))
+    batch = make_batch(rng, seqs, page_size=8, group=2, num_pad_seqs=0, num_pad_tokens=0)
+    out = paged_attention(*batch.args(), sm_scale=0.3, impl="reference")
+    assert_close(out, naive_attention(batch, sm_scale=0.3))
+
+
+def test_reference_in_chunks(monkeypatch):
+    """Past the gather budget the reference maps over chunks of query blocks (with a remainder chunk)."""
     rng = np.random.default_rng(7)
     batch = make_batch(rng, length_mix(8), page_size=8, group=2)
     num_kv_heads, _, page_size, head_dim = batch.k_pages.shape
