@@ -1,0 +1,421 @@
+"""The engine behind the server: one thread owns the `LLMEngine`, asyncio talks to it through a queue and callbacks.
+
+Who owns what
+- The engine thread (`AsyncEngine.start` creates it) owns the `LLMEngine`: every call into it — `add_request`,
+  `abort_request`, `step` — happens on that thread, because the engine is not thread-safe and a step is a blocking JAX
+  call. It also writes the heartbeat fields and the `EngineStats` snapshot (one reference swap, read from any thread).
+- The event-loop thread owns `_streams` (request id → `_Stream`), the futures of pending submissions, and
+  `_unstarted` (the admission count). Nothing on it ever blocks on the engine.
+
+How a request flows
+1. `add_request` (loop) registers a `_Stream`, puts `_Add` on `_inbox` (a thread-safe `queue.SimpleQueue`) and awaits
+   a future.
+2. The engine thread drains `_inbox` before every step. It calls `engine.add_request` and resolves the future through
+   `loop.call_soon_threadsafe` — with the `ValueError` if validation failed, which the server answers with a 400.
+3. After each step the thread hands the step's outputs to the loop in ONE `call_soon_threadsafe` call; `_dispatch`
+   gives each output to its request's `_Stream`. A stream keeps only the newest output: outputs are cumulative, so a
+   slow reader skips intermediate ones without losing anything.
+4. When a reader stops early (client gone, task cancelled), the stream's iterator puts `_Abort` on `_inbox`; the
+   thread aborts before its next step, so the request's pages are free within one step.
+
+Failures
+- A `ValueError` from `add_request` fails that request only. Any other exception there is a bug: that request fails
+  with it (the server answers 500), the engine's half-made request is aborted, and the loop carries on.
+- An exception from `step` kills the loop: after a failed step the engine's state is unknown (the KV pages were
+  donated to it), so every in-flight request fails with `EngineDeadError`, new requests are refused, and `health()`
+  says so. The traceback goes to the log, never to a client.
+- `health()` is also unhealthy when the thread has work but has shown no progress for `stall_timeout_s` (a hung step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from jpaged.engine import LLMEngine, Prompt
+
+logger = logging.getLogger(__name__)
+
+_STATS_INTERVAL_S = 0.1  # the stats snapshot is refreshed at most this often while stepping (and always when idle)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped (a step raised, or the engine was shut down); no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting_requests` requests already; the client should retry later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """What /metrics reports about the engine, as of the engine thread's last snapshot."""
+
+    num_running: int = 0  # sequences in the running batch
+    num_waiting: int = 0  # sequences waiting to be scheduled (new or preempted)
+    kv_cache_usage: float = 0.0  # fraction of KV pages held by requests (cached free pages count as free)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens found
+    num_preemptions: int = 0  # since start
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    healthy: bool
+    reason: str = ""  # why not, for the 503's message
+
+
+class EngineClient(Protocol):
+    """What the HTTP server needs from an engine; `AsyncEngine` is the real one, tests pass fakes."""
+
+    tokenizer: PreTrainedTokenizerBase | None  # None when the engine runs without one (token-id prompts only)
+    max_model_len: int
+    model_path: str
+
+    def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        chat_template: str | None,
+        add_generation_prompt: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> tuple[str, list[int]]: ...
+
+    async def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def health(self) -> Health: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    accepted: asyncio.Future[None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class _Aborted(Exception):
+    """Ends a stream that `AsyncEngine.abort` stopped."""
+
+
+class _Stream:
+    """One request's outputs on the loop side: the newest output, or the error that ended it."""
+
+    __slots__ = ("error", "event", "latest")
+
+    def __init__(self) -> None:
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.event = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        self.latest = output
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def get(self) -> RequestOutput:
+        await self.event.wait()
+        if self.latest is not None:
+            output, self.latest = self.latest, None
+            if self.error is None:
+                self.event.clear()
+            return output
+        assert self.error is not None
+        raise self.error
+
+
+class AsyncEngine:
+    """Runs an `LLMEngine`'s step loop on its own thread and serves it to asyncio (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        max_waiting_requests: int | None = None,
+        stall_timeout_s: float = 120.0,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.engine = engine
+        self.max_model_len: int = engine.max_model_len
+        self.model_path: str = str(engine.config.model)
+        # The loop thread tokenizes with its own copy: the engine thread decodes with the engine's concurrently.
+        self.tokenizer: PreTrainedTokenizerBase | None = (
+            None
+            if engine.tokenizer is None
+            else AutoTokenizer.from_pretrained(engine.config.tokenizer or engine.config.model)
+        )
+        self.max_waiting_requests = max_waiting_requests
+        self.stall_timeout_s = stall_timeout_s
+
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Loop thread only:
+        self._streams: dict[str, _Stream] = {}
+        self._unstarted: set[str] = set()  # accepted requests that have not produced an output yet
+        self._accepting: dict[str, asyncio.Future[None]] = {}  # submissions the engine thread has not answered
+        # Written by the engine thread, read anywhere:
+        self._dead: BaseException | None = None
+        self._idle = True  # blocked on an empty inbox with no unfinished requests
+        self._heartbeat = time.monotonic()
+        self._stats = EngineStats()
+        self._stats_time = 0.0
+
+    # -- lifecycle (loop thread) ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the engine thread; call from the event loop that will consume the outputs."""
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already started")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="jpaged-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is None:
+            return
+        self._inbox.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    # -- requests (loop thread) ----------------------------------------------------------------------------------
+    async def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Queues a request and waits until the engine accepted it; returns the iterator of its outputs.
+
+        Raises ValueError (the engine rejected it), QueueFullError or EngineDeadError. The iterator aborts the
+        request if it is closed or cancelled before the request finished.
+        """
+        if self._dead is not None or self._thread is None or self._loop is None:
+            raise EngineDeadError(self._death_reason())
+        if self.max_waiting_requests is not None and len(self._unstarted) >= self.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = _Stream()
+        self._streams[request_id] = stream
+        self._unstarted.add(request_id)
+        accepted: asyncio.Future[None] = self._loop.create_future()
+        self._accepting[request_id] = accepted
+        self._inbox.put(_Add(request_id, prompt, params, accepted))
+        try:
+            await accepted
+        except BaseException as exc:
+            self._forget(request_id)
+            if isinstance(exc, asyncio.CancelledError):
+                self._inbox.put(_Abort(request_id))  # it may already be in the engine
+            raise
+        finally:
+            self._accepting.pop(request_id, None)
+        return self._iterate(request_id, stream)
+
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """`add_request` and its outputs in one async generator (errors surface at the first iteration)."""
+        outputs = await self.add_request(request_id, prompt, params)
+        async for output in outputs:
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request; its output iterator ends without a finished output."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._unstarted.discard(request_id)
+            stream.fail(_Aborted())
+            self._inbox.put(_Abort(request_id))
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                try:
+                    output = await stream.get()
+                except _Aborted:
+                    return
+                finished = output.finished
+                yield output
+        finally:
+            if not finished and self._streams.get(request_id) is stream:
+                self.abort(request_id)
+            else:
+                self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._unstarted.discard(request_id)
+
+    # -- status (any thread) -------------------------------------------------------------------------------------
+    def health(self) -> Health:
+        if self._dead is not None or self._thread is None or not self._thread.is_alive():
+            return Health(False, self._death_reason())
+        silent_for = time.monotonic() - self._heartbeat
+        if not self._idle and silent_for > self.stall_timeout_s:
+            return Health(False, f"the engine loop has made no progress for {silent_for:.0f} s")
+        return Health(True)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def num_unstarted(self) -> int:
+        return len(self._unstarted)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        chat_template: str | None,
+        add_generation_prompt: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> tuple[str, list[int]]:
+        from jpaged.llm import render_chat
+
+        # render_chat reads only `.config` and `.tokenizer`; the view gives it the loop thread's tokenizer.
+        view: Any = _ChatView(self.engine.config, self.tokenizer)
+        return render_chat(view, messages, chat_template, add_generation_prompt, chat_template_kwargs)
+
+    def _death_reason(self) -> str:
+        if self._thread is None:
+            return "the engine loop has not started"
+        if self._dead is not None:
+            return "the engine loop has stopped" if isinstance(self._dead, EngineDeadError) else (
+                f"the engine loop died ({type(self._dead).__name__}); see the server log"
+            )
+        return "the engine loop has stopped"
+
+    # -- the engine thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while self._drain(block=not engine.has_unfinished_requests()):
+                if engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    self._heartbeat = time.monotonic()
+                    if outputs:
+                        self._call_soon(self._dispatch, outputs)
+                self._snapshot_stats(force=False)
+            self._dead = EngineDeadError("the engine loop has stopped")
+        except BaseException as exc:
+            logger.exception("the engine loop died; failing every in-flight request")
+            self._dead = exc
+            self._call_soon(self._fail_all, EngineDeadError(self._death_reason()))
+
+    def _drain(self, *, block: bool) -> bool:
+        """Applies every queued submission and abort; blocks for the first one when idle. False on shutdown."""
+        if block:
+            self._snapshot_stats(force=True)
+            self._idle = True
+            item = self._inbox.get()
+            self._heartbeat = time.monotonic()
+            self._idle = False
+        else:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+        while True:
+            if item is _STOP:
+                return False
+            self._apply(item)
+            self._heartbeat = time.monotonic()
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, item: _Add | _Abort) -> None:
+        if isinstance(item, _Abort):
+            self.engine.abort_request(item.request_id)
+            return
+        try:
+            self.engine.add_request(item.request_id, item.prompt, item.params)
+        except ValueError as exc:
+            self._call_soon(_resolve, item.accepted, exc)
+        except Exception as exc:
+            logger.exception("add_request(%r) failed", item.request_id)
+            self.engine.abort_request(item.request_id)
+            self._call_soon(_resolve, item.accepted, exc)
+        else:
+            self._call_soon(_resolve, item.accepted, None)
+
+    def _snapshot_stats(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._stats_time < _STATS_INTERVAL_S:
+            return
+        pool, scheduler = self.engine.pool.stats(), self.engine.scheduler
+        self._stats = EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=pool.usage,
+            prefix_cache_queries=pool.prefix_cache_queries,
+            prefix_cache_hits=pool.prefix_cache_hits,
+            num_preemptions=scheduler.num_preemptions,
+        )
+        self._stats_time = now
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # -- loop-thread callbacks -------------------------------------------------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:  # else it was aborted from this side; the engine will drop it
+                self._unstarted.discard(output.request_id)
+                stream.put(output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for future in self._accepting.values():
+            _resolve(future, error)
+        for stream in self._streams.values():
+            stream.fail(error)
+        self._unstarted.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChatView:
+    config: Any
+    tokenizer: Any
+
+
+def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the submitter was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

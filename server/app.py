@@ -1,0 +1,157 @@
+"""The app factory (`build_app`), API-key check, and `jpaged serve`'s flags and entry point (`run_server`).
+
+`build_app` takes anything that implements `EngineClient`, so tests can serve a fake engine; `run_server` builds the
+real one: an `LLMEngine` (step buckets compiled at start-up) behind an `AsyncEngine` thread, served by uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from jpaged.async_engine import EngineClient
+from jpaged.config import BUNDLED_MODEL, add_cli_arguments, config_from_args
+from jpaged.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
+from jpaged.server.logprobs import TokenStrings
+from jpaged.server.metrics import ServerMetrics
+from jpaged.server.routes import ROUTES, load_playground
+from jpaged.server.state import DEFAULT_MAX_BODY_BYTES, ServerState
+
+logger = logging.getLogger(__name__)
+
+UNAUTHENTICATED_PATHS = frozenset({"/health"})  # what a load balancer probes without credentials
+
+
+class APIKeyMiddleware:
+    """401 on every route but /health unless the request carries `Authorization: Bearer KEY`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        auth = Headers(scope=scope).get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if not auth:
+            message = (
+                "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
+                "(Authorization: Bearer YOUR_KEY)."
+            )
+        elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+            message = "Incorrect API key provided."
+        else:
+            await self.app(scope, receive, send)
+            return
+        response = APIError(401, message, headers={"WWW-Authenticate": "Bearer"}).response()
+        await response(scope, receive, send)
+
+
+def build_app(
+    engine: EngineClient,
+    *,
+    served_model_name: str | Sequence[str],
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    playground_html: str | None = None,
+) -> Starlette:
+    names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
+    if not names:
+        raise ValueError("served_model_name needs at least one name")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    middleware = [Middleware(APIKeyMiddleware, api_key=api_key)] if api_key else []
+    app = Starlette(
+        routes=ROUTES,
+        middleware=middleware,
+        exception_handlers={
+            APIError: handle_api_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.server = ServerState(
+        engine=engine,
+        served_model_names=names,
+        metrics=ServerMetrics(engine, names[0]),
+        token_strings=TokenStrings(engine.tokenizer) if engine.tokenizer is not None else None,
+        max_body_bytes=max_body_bytes,
+    )
+    app.state.playground_html = playground_html if playground_html is not None else load_playground()
+    return app
+
+
+# -- jpaged serve ----------------------------------------------------------------------------------------------------
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """`jpaged serve [MODEL]`: the engine's flags (from EngineConfig) plus vLLM's server flags."""
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="Hugging Face model folder (default: the bundled stories260K)")  # fmt: skip
+    add_cli_arguments(parser, exclude=("model", "warmup"))
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    server.add_argument("--served-model-name", nargs="+", default=None,
+                        help="name(s) clients use for the model; the first is used in responses "
+                             "(default: the MODEL argument, or stories260K)")  # fmt: skip
+    server.add_argument("--api-key", default=os.environ.get("JPAGED_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $JPAGED_API_KEY, else none)")  # fmt: skip
+    server.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="answer 503 with Retry-After when this many requests wait for the engine "
+                             "(default: no cap)")  # fmt: skip
+    server.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="answer 413 to larger request bodies")  # fmt: skip
+    server.add_argument("--engine-stall-timeout", type=float, default=120.0,
+                        help="seconds without progress, while the engine has work, after which "
+                             "/health is 503 (default: 120)")  # fmt: skip
+    server.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])  # fmt: skip
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jpaged.async_engine import AsyncEngine
+    from jpaged.engine import LLMEngine
+
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
+    model = args.model or str(BUNDLED_MODEL)
+    # Compile every step bucket before listening, so no request waits on a compile.
+    engine = LLMEngine(config_from_args(args, model=model, warmup=True))
+    async_engine = AsyncEngine(
+        engine, max_waiting_requests=args.max_waiting_requests, stall_timeout_s=args.engine_stall_timeout
+    )
+    names = args.served_model_name or [args.model or Path(model).name]
+    app = build_app(
+        async_engine,
+        served_model_name=names,
+        api_key=args.api_key,
+        max_body_bytes=args.max_request_body_bytes,
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"jpaged: serving {names[0]!r}; playground at http://{host}:{args.port}/ "
+          f"(OpenAI API at http://{host}:{args.port}/v1)", flush=True)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
+    return 0

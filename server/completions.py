@@ -1,0 +1,228 @@
+"""POST /v1/completions: the legacy text-completion API, streamed or not, for one prompt or a batch.
+
+Choice `i * n + j` is sample j of prompt i. `max_tokens` defaults to 16; `max_tokens: 0` with `echo` scores the prompt
+(the engine generates one token, which is dropped). `text_offset` counts characters of the returned text.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from jpaged.engine import Prompt
+from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.server.errors import bad_request
+from jpaged.server.generation import (
+    ClientDisconnected,
+    EventStream,
+    collect,
+    guard_stream,
+    merge,
+    sse,
+    submit,
+    until_disconnect,
+)
+from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
+from jpaged.server.protocol import CompletionRequest
+from jpaged.server.sampling import resolve_max_tokens, sampling_params
+from jpaged.server.state import ServerState, get_state, read_body
+
+
+async def create_completion(request: Request) -> Response:
+    state = get_state(request)
+    body = await read_body(request, CompletionRequest)
+    model = state.resolve_model(body.model)
+    if body.suffix is not None:
+        raise bad_request("suffix is not supported", param="suffix")
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
+    prompts = _prompts(state, body)
+    score_only = body.max_tokens == 0
+    longest = max(len(ids) for _, ids in prompts)
+    max_tokens = resolve_max_tokens(body.max_tokens, longest, state.engine.max_model_len, "prompt")
+    want_prompt_lps = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
+    params = sampling_params(
+        body,
+        max_tokens=max(max_tokens, 1),
+        logprobs=body.logprobs,
+        prompt_logprobs=max(want_prompt_lps) if want_prompt_lps else None,
+    )
+    if body.logprobs is not None or body.echo:
+        state.require_tokenizer("logprobs and echo")
+    request_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
+    view = _View(state, body, request_id, model, prompts, score_only)
+    engine_prompts: list[Prompt] = [{"prompt": text, "prompt_token_ids": ids} for text, ids in prompts]
+    streams = await submit(state, request_id, engine_prompts, params)
+    if body.stream:
+        return EventStream(guard_stream(view.stream(streams)))
+    try:
+        outputs = await until_disconnect(request, collect(streams))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(view.response(outputs))
+
+
+def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) per prompt; a text is None for token-id prompts when there is no tokenizer."""
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+        texts: list[str] = [prompt] if isinstance(prompt, str) else list(prompt)  # type: ignore[list-item]
+        if not texts:
+            raise bad_request("prompt must not be empty", param="prompt")
+        tokenizer = state.engine.tokenizer
+        if tokenizer is None:
+            raise bad_request("text prompts need a tokenizer; this server runs with --skip-tokenizer-init", "prompt")
+        return [(t, list(tokenizer(t, add_special_tokens=body.add_special_tokens).input_ids)) for t in texts]
+    id_lists: list[list[int]] = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)  # type: ignore[list-item]
+    if not id_lists:
+        raise bad_request("prompt must not be empty", param="prompt")
+    tokenizer = state.engine.tokenizer
+    return [(tokenizer.decode(ids) if tokenizer is not None else None, list(ids)) for ids in id_lists]
+
+
+class _View:
+    """Turns engine outputs into this request's response or stream chunks."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        body: CompletionRequest,
+        request_id: str,
+        model: str,
+        prompts: list[tuple[str | None, list[int]]],
+        score_only: bool,
+    ) -> None:
+        self.state, self.body, self.id, self.model = state, body, request_id, model
+        self.prompts = prompts
+        self.score_only = score_only
+        self.created = int(time.time())
+
+    def _echo_part(self, i: int, output: RequestOutput) -> tuple[str, list[int], list[Any]]:
+        text, ids = self.prompts[i]
+        lps: list[Any] = list(output.prompt_logprobs or [None] * len(ids))
+        return text or "", ids, lps
+
+    def _logprobs(self, ids: list[int], lps: list[Any], offset: int) -> dict[str, list[Any]] | None:
+        if self.body.logprobs is None:
+            return None
+        assert self.state.token_strings is not None
+        k = self.body.logprobs
+        lps = [None if lp is None else _trim(lp, k) for lp in lps]
+        return completion_logprobs(self.state.token_strings, ids, lps, offset)
+
+    def _generated(self, c: CompletionOutput) -> tuple[str, list[int], list[Any]]:
+        if self.score_only:
+            return "", [], []
+        return c.text, list(c.token_ids), list(c.logprobs or [None] * len(c.token_ids))
+
+    def _prompt_logprobs(self, output: RequestOutput) -> list[Any] | None:
+        if self.body.prompt_logprobs is None or output.prompt_logprobs is None or self.state.token_strings is None:
+            return None
+        k = self.body.prompt_logprobs
+        lps = [None if lp is None else _trim(lp, k) for lp in output.prompt_logprobs]
+        return prompt_logprobs(self.state.token_strings, output.prompt_token_ids, lps)
+
+    def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for i, output in enumerate(outputs):
+            for c in output.outputs:
+                text, ids, lps = self._generated(c)
+                if self.body.echo:
+                    p_text, p_ids, p_lps = self._echo_part(i, output)
+                    text, ids, lps = p_text + text, p_ids + ids, p_lps + lps
+                choices.append(
+                    {
+                        "index": i * self.body.n + c.index,
+                        "text": text,
+                        "logprobs": self._logprobs(ids, lps, 0),
+                        "finish_reason": "length" if self.score_only else c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                        "prompt_logprobs": self._prompt_logprobs(output),
+                    }
+                )
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self._usage(outputs),
+            "system_fingerprint": None,
+        }
+
+    def _usage(self, outputs: list[RequestOutput | None]) -> dict[str, Any]:
+        prompt = sum(len(ids) for _, ids in self.prompts)
+        completion = 0 if self.score_only else sum(len(c.token_ids) for o in outputs if o for c in o.outputs)
+        cached = sum(o.num_cached_tokens for o in outputs if o)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = usage
+        return sse(chunk)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.body.stream_options and self.body.stream_options.include_usage)
+
+    async def stream(self, streams: list[Any]):  # type: ignore[no-untyped-def]
+        n = self.body.n
+        sent_chars: dict[int, int] = {}  # choice index -> generated characters sent
+        sent_tokens: dict[int, int] = {}  # choice index -> generated tokens sent
+        offsets: dict[int, int] = {}  # choice index -> characters sent in all (echo included): the next text_offset
+        finished: set[int] = set()
+        last: list[RequestOutput | None] = [None] * len(streams)
+        async for i, output in merge(streams):
+            last[i] = output
+            for c in output.outputs:
+                index = i * n + c.index
+                if index in finished:
+                    continue
+                first = index not in offsets
+                text, ids, lps = self._generated(c)
+                delta = text[sent_chars.get(index, 0) :]
+                new_ids = ids[sent_tokens.get(index, 0) :]
+                new_lps = lps[sent_tokens.get(index, 0) :]
+                done = c.finish_reason is not None
+                if not (delta or done or first or (new_ids and self.body.logprobs is not None)):
+                    continue
+                sent_chars[index], sent_tokens[index] = len(text), len(ids)
+                if first and self.body.echo:
+                    p_text, p_ids, p_lps = self._echo_part(i, output)
+                    delta, new_ids, new_lps = p_text + delta, p_ids + new_ids, p_lps + new_lps
+                offset = offsets.get(index, 0)
+                offsets[index] = offset + len(delta)
+                choice: dict[str, Any] = {
+                    "index": index,
+                    "text": delta,
+                    "logprobs": self._logprobs(new_ids, new_lps, offset),
+                    "finish_reason": ("length" if self.score_only else c.finish_reason) if done else None,
+                    "stop_reason": c.stop_reason if done else None,
+                }
+                if first and self.body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._prompt_logprobs(output)
+                if done:
+                    finished.add(index)
+                yield self._chunk([choice])
+        if self.include_usage:
+            yield self._chunk([], self._usage(last))
+
+
+def _trim(lp: Any, k: int) -> Any:
+    return lp if len(lp.top) <= k else type(lp)(lp.token_id, lp.logprob, lp.top[:k])

@@ -1,0 +1,198 @@
+"""Running a request's prompts through the engine for a route: submission, merged outputs, streaming, disconnects.
+
+A route submits every prompt first (`submit`), so a bad one fails the whole request with nothing left running, and
+then either streams (`EventStream`) or collects (`collect_until_disconnect`). Either way, a client that leaves aborts
+its requests in the engine: a stream's body iterator is cancelled and closed, which closes the engine iterators,
+which abort; a non-streaming request races its collection against the client's `http.disconnect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from jpaged.async_engine import EngineDeadError, QueueFullError
+from jpaged.engine import Prompt
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+from jpaged.server.errors import APIError, bad_request, internal_error
+from jpaged.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+async def submit(
+    state: ServerState, request_id: str, prompts: Sequence[Prompt], params: SamplingParams
+) -> list[AsyncIterator[RequestOutput]]:
+    """Queues every prompt (engine id `{request_id}-{i}`); on any failure aborts the ones already queued."""
+    arrival = time.monotonic()
+    streams: list[AsyncIterator[RequestOutput]] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            outputs = await state.engine.add_request(f"{request_id}-{i}", prompt, params)
+            streams.append(state.metrics.track(outputs, arrival))
+    except BaseException as exc:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        if isinstance(exc, ValueError):
+            param = "prompt" if "prompt" in str(exc) else None
+            raise bad_request(sentence(str(exc)), param=param) from None
+        if isinstance(exc, QueueFullError):
+            raise APIError(503, sentence(f"{exc}; retry later"), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        if isinstance(exc, EngineDeadError):
+            raise APIError(503, sentence(str(exc)), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise
+    return streams
+
+
+async def merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with their position; closes all when closed early."""
+    if len(streams) == 1:
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                await queue.put((i, output, None))
+            await queue.put((i, None, None))
+        except Exception as exc:
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output is None:
+                remaining -= 1
+                continue
+            yield i, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def collect(streams: Sequence[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """The final output of each request, in order."""
+    final: list[RequestOutput | None] = [None] * len(streams)
+    async for i, output in merge(streams):
+        final[i] = output
+    if any(out is None or not out.finished for out in final):
+        raise RuntimeError("a request ended without a finished output")
+    return final  # type: ignore[return-value]
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnect[T](request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it if the client disconnects first (then raises ClientDisconnected)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+DONE = sse("[DONE]")
+
+
+async def guard_stream(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Ends every stream with `data: [DONE]`; an error after the headers went out becomes an error event first."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        error = exc if isinstance(exc, APIError) and exc.status < 500 else None
+        if error is None:
+            if not isinstance(exc, EngineDeadError):
+                logger.error("error while streaming a response", exc_info=exc)
+            error = internal_error()
+            if isinstance(exc, EngineDeadError):
+                error = APIError(500, sentence(f"The request failed: {exc}"))
+        yield sse(error.envelope())
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    yield DONE
+
+
+class EventStream(Response):
+    """A `text/event-stream` response whose body iterator is always closed, and cancelled if the client leaves."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        sender, watcher = asyncio.ensure_future(stream()), asyncio.ensure_future(watch())
+        try:
+            done, _ = await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, watcher):
+                task.cancel()
+            await asyncio.gather(sender, watcher, return_exceptions=True)
+            await self.events.aclose()  # type: ignore[attr-defined]
+        if sender in done and not sender.cancelled() and sender.exception() is not None:
+            exc = sender.exception()
+            if not isinstance(exc, OSError):  # OSError: the client went away mid-send
+                raise exc  # type: ignore[misc]
+
+
+def sentence(text: str) -> str:
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."

@@ -1,0 +1,136 @@
+"""Prometheus metrics with vLLM's names under `jpaged:` (`jpaged:num_requests_running` ↔ `vllm:num_requests_running`).
+
+Two sources:
+- the engine's state (running/waiting sequences, KV usage, prefix-cache counters, preemptions) is read from the
+  engine's latest `EngineStats` snapshot when /metrics is scraped (`_EngineCollector`);
+- per-request latencies and token counts are observed on the way out, by wrapping each request's output iterator
+  (`ServerMetrics.track`), so they measure what the HTTP client experiences.
+
+Each app gets its own registry, so several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from jpaged.async_engine import EngineClient
+from jpaged.outputs import RequestOutput
+
+PREFIX = "jpaged:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets (seconds), so dashboards built for vLLM read jpaged's histograms the same way.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)  # fmt: skip
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
+        self._engine = engine
+        self._labels = {"model_name": model_name}
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.stats()
+        gauges = (
+            ("num_requests_running", "Sequences in the running batch.", stats.num_running),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting),
+            ("kv_cache_usage_perc", "Fraction of KV-cache pages in use (1 = full).", stats.kv_cache_usage),
+        )
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=list(self._labels))
+            family.add_metric(list(self._labels.values()), value)
+            yield family
+        counters = (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
+            ("num_preemptions", "Sequences preempted to free KV pages.", stats.num_preemptions),
+        )
+        for name, doc, value in counters:
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=list(self._labels))
+            counter.add_metric(list(self._labels.values()), value)
+            yield counter
+
+
+class ServerMetrics:
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, label = self.registry, ["model_name"]
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefill tokens processed.", label, registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", label, registry=r)
+        self.request_success = Counter(
+            PREFIX + "request_success", "Requests finished, by reason.", [*label, "finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time to first token.", label, buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "Time per output token after the first.",
+            label,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            label,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.request_prompt_tokens = Histogram(
+            PREFIX + "request_prompt_tokens", "Prompt tokens per request.", label, buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.request_generation_tokens = Histogram(
+            PREFIX + "request_generation_tokens",
+            "Generated tokens per request.",
+            label,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.registry.register(_EngineCollector(engine, model_name))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def track(self, outputs: AsyncIterator[RequestOutput], arrival: float) -> AsyncIterator[RequestOutput]:
+        """Passes `outputs` through, observing TTFT, time per output token, end-to-end latency and token counts."""
+        m = self.model_name
+        last_time: float | None = None
+        generated = 0
+        prompt_len = 0
+        try:
+            async for output in outputs:
+                now = time.monotonic()
+                count = sum(len(c.token_ids) for c in output.outputs)
+                new = count - generated
+                if last_time is None:
+                    prompt_len = len(output.prompt_token_ids)
+                    self.prompt_tokens.labels(m).inc(prompt_len)
+                    self.ttft.labels(m).observe(now - arrival)
+                elif new > 0:
+                    self.tpot.labels(m).observe((now - last_time) / new)
+                if new > 0:
+                    self.generation_tokens.labels(m).inc(new)
+                    generated, last_time = count, now
+                elif last_time is None:
+                    last_time = now
+                if output.finished:
+                    self.e2e.labels(m).observe(now - arrival)
+                    self.request_prompt_tokens.labels(m).observe(prompt_len)
+                    self.request_generation_tokens.labels(m).observe(generated)
+                    for completion in output.outputs:
+                        self.request_success.labels(m, completion.finish_reason or "abort").inc()
+                yield output
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]

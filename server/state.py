@@ -1,0 +1,71 @@
+"""What every route needs, made once per app: the engine, the served names, limits, metrics and token strings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from jpaged.async_engine import EngineClient
+from jpaged.server.errors import APIError, bad_request, from_validation_error, model_not_found
+from jpaged.server.logprobs import TokenStrings
+from jpaged.server.metrics import ServerMetrics
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class ServerState:
+    engine: EngineClient
+    served_model_names: tuple[str, ...]  # the first is the one responses name when a request names none
+    metrics: ServerMetrics
+    token_strings: TokenStrings | None  # None when the engine runs without a tokenizer
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    def resolve_model(self, model: str | None) -> str:
+        """The model name a response carries; 404 when the request names a model this server does not serve."""
+        if model is None:
+            return self.served_model_names[0]
+        if model not in self.served_model_names:
+            raise model_not_found(model)
+        return model
+
+    def require_tokenizer(self, what: str) -> TokenStrings:
+        if self.token_strings is None:
+            raise bad_request(f"{what} needs a tokenizer, but this server runs with --skip-tokenizer-init")
+        return self.token_strings
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server  # type: ignore[no-any-return]
+
+
+async def read_body[M: BaseModel](request: Request, schema: type[M]) -> M:
+    """Reads and validates a JSON body: 413 beyond the size limit, 400 for anything malformed."""
+    limit = get_state(request).max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    except (ValueError, RecursionError, json.JSONDecodeError) as exc:  # e.g. nesting too deep for the parser
+        raise bad_request(f"The request body could not be parsed: {exc}") from None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.")
