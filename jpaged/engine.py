@@ -249,15 +249,29 @@ class LLMEngine:
 
     # -- sizing -----------------------------------------------------------------------------------------------------
     def _num_pages_from_memory(self, dtype: Any) -> int:
+        """Pages that fit in the memory left after the weights: on accelerators `gpu_memory_utilization` of what
+        the allocator may use, minus what is in use and a reserve for the step's activations; on CPU
+        `kv_cache_memory_gb`, capped at what `max_num_seqs` full-length sequences could ever hold."""
         cfg, config = self.model_config, self.config
         kv_heads = sharding.kv_heads_per_pool(cfg.num_kv_heads, config.tensor_parallel_size)
         page_bytes = 2 * cfg.num_layers * kv_heads * config.page_size * cfg.head_dim * np.dtype(dtype).itemsize
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        devices = self.mesh.devices.flat
-        stats = [d.memory_stats() for d in devices]
-        if all(s and "bytes_limit" in s for s in stats):
-            budget = sum(int(s["bytes_limit"] * config.gpu_memory_utilization) - s["bytes_in_use"] for s in stats)
-            return max(2, budget // page_bytes)
+        stats = [d.memory_stats() or {} for d in self.mesh.devices.flat]
+        if all("bytes_limit" in s for s in stats):
+            # Logits of the largest token bucket dominate the step's temporaries; keep room for them twice over.
+            reserve = 2 * config.max_num_batched_tokens * cfg.vocab_size * 4 + (1 << 30)
+            per_device = min(
+                int(s["bytes_limit"] * config.gpu_memory_utilization) - s["bytes_in_use"] - reserve for s in stats
+            )
+            logger.info("KV sizing: memory stats %s", stats[0])
+            budget = per_device * len(stats)
+            if budget < 2 * page_bytes:
+                raise ValueError(
+                    f"no memory left for KV pages: {stats[0]['bytes_in_use'] / 1e9:.1f} GB in use of an allocator "
+                    f"limit of {stats[0]['bytes_limit'] / 1e9:.1f} GB (gpu_memory_utilization="
+                    f"{config.gpu_memory_utilization}); raise it, set XLA_PYTHON_CLIENT_MEM_FRACTION, or pass num_pages"
+                )
+            return int(budget // page_bytes)
         budget = int(config.kv_cache_memory_gb * 1e9)
         return max(2, min(budget // page_bytes, config.max_num_seqs * max_pages_per_seq + 1))
 
