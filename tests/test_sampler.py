@@ -15,6 +15,7 @@ from jpaged.sampler import (
     apply_penalties,
     prompt_logprobs,
     sample,
+    top_k,
     top_k_top_p_min_p_mask,
 )
 
@@ -175,8 +176,8 @@ def test_different_position_sample_index_or_seed_gives_different_draws():
 def test_top_k_at_least_vocab_draws_exactly_as_top_k_off():
     logits = np.random.default_rng(3).normal(size=(64, 32)).astype(np.float32)
     off = tokens(logits, make_meta(64, top_k=0, positions=np.arange(64)))
-    for top_k in (32, 33, 10**6):
-        np.testing.assert_array_equal(tokens(logits, make_meta(64, top_k=top_k, positions=np.arange(64))), off)
+    for k in (32, 33, 10**6):
+        np.testing.assert_array_equal(tokens(logits, make_meta(64, top_k=k, positions=np.arange(64))), off)
 
 
 # --- distributions ---
@@ -362,6 +363,18 @@ def test_logprobs_are_those_of_the_raw_logits(dtype):
     none = sample_jit(logits, meta, num_logprobs=0)
     assert none.top_ids.shape == (batch, 0) and none.top_logprobs.shape == (batch, 0)
     np.testing.assert_array_equal(np.asarray(none.token_ids), ids)
+
+
+@pytest.mark.parametrize("vocab", [100, 128 * 48, 128 * 48 + 5])
+@pytest.mark.parametrize("k", [1, 20])
+def test_chunked_top_k_equals_lax_top_k_with_ties(vocab, k):
+    rng = np.random.default_rng(vocab + k)
+    for x in (rng.normal(size=(8, vocab)), rng.integers(0, 3, size=(8, vocab))):  # distinct values, then many ties
+        x = jnp.asarray(x, jnp.float32)
+        got = jax.jit(top_k, static_argnames="k")(x, k=k)
+        want = jax.lax.top_k(x, k)
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
 
 def test_prompt_logprobs_match_numpy():
