@@ -21,6 +21,9 @@ class Detokenizer:
         self._stream = DecodeStream(
             ids=prompt_token_ids[-_PROMPT_CONTEXT:], skip_special_tokens=params.skip_special_tokens
         )
+        self._skip_special = params.skip_special_tokens
+        self._output_ids: list[int] = []
+        self._full_decode: str | None = None  # set once the stream gave up: decode the whole output instead
         self._stops: list[str] = list(params.stop or [])
         self._include_stop = params.include_stop_str_in_output
         # Text that might be the start of a stop string is held back from streamed output until it is decided.
@@ -31,7 +34,8 @@ class Detokenizer:
         """Appends a token's text; returns the stop string it completed (the text is then cut there), or None."""
         if self._tokenizer is None:
             return None
-        chunk = self._stream.step(self._tokenizer, token_id)
+        self._output_ids.append(token_id)
+        chunk = self._next_chunk(token_id)
         if not chunk:
             return None
         search_from = max(0, len(self.text) - self._hold)
@@ -44,6 +48,19 @@ class Detokenizer:
         index, stop = min(hits)
         self.text = self.text[: index + (len(stop) if self._include_stop else 0)]
         return stop
+
+    def _next_chunk(self, token_id: int) -> str | None:
+        assert self._tokenizer is not None
+        if self._full_decode is None:
+            try:
+                return self._stream.step(self._tokenizer, token_id)
+            except Exception:  # noqa: BLE001 - tokenizers raises a plain Exception on byte runs that are not UTF-8
+                self._full_decode = self.text
+        # Slow but total: invalid bytes decode to U+FFFD, as in tokenizer.decode.
+        full = self._tokenizer.decode(self._output_ids, skip_special_tokens=self._skip_special)
+        chunk = full[len(self._full_decode) :] if full.startswith(self._full_decode) else ""
+        self._full_decode = full
+        return chunk
 
     def visible_text(self, finished: bool) -> str:
         if finished or not self._hold:
