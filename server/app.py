@@ -20,9 +20,15 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from jpaged.async_engine import EngineClient
+from jpaged.async_engine import EngineClient, EngineDeadError
 from jpaged.config import BUNDLED_MODEL, add_cli_arguments, config_from_args
-from jpaged.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
+from jpaged.server.errors import (
+    APIError,
+    handle_api_error,
+    handle_engine_dead,
+    handle_http_exception,
+    handle_unexpected,
+)
 from jpaged.server.logprobs import TokenStrings
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.routes import ROUTES, load_playground
@@ -87,6 +93,7 @@ def build_app(
         exception_handlers={
             APIError: handle_api_error,
             HTTPException: handle_http_exception,
+            EngineDeadError: handle_engine_dead,
             Exception: handle_unexpected,
         },
         lifespan=lifespan,

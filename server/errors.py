@@ -89,9 +89,11 @@ def from_validation_error(exc: ValidationError) -> APIError:
     if first["type"] == "model_type" and not first["loc"]:
         return bad_request("The request body must be a JSON object.")
     loc = _field_path(first["loc"])
-    same_field = [e for e in errors if e["loc"][:1] == first["loc"][:1]]
-    if len(same_field) > 1 and first["loc"][:1] in (("prompt",), ("stop",), ("content",)):
-        message = f"{loc}: {_UNION_HINTS[str(first['loc'][0])]}"
+    tags = [i for i, p in enumerate(first["loc"]) if _is_tag(p)]
+    union = first["loc"][: tags[0]] if tags else ()
+    if union and str(union[-1]) in _UNION_HINTS:  # one message for the field, not one per union branch
+        loc = _field_path(union)
+        message = f"{loc}: {_UNION_HINTS[str(union[-1])]}"
     elif first["type"] == "missing":
         message = f"{loc}: this field is required"
     else:
@@ -108,10 +110,13 @@ _UNION_HINTS = {
 }
 
 
+def _is_tag(part: Any) -> bool:
+    """A union-branch tag pydantic puts in an error's location ("str", "list[int]", "TextContentPart")."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
-    # Drop the union-branch tags pydantic adds ("str", "list[int]", ...): the client never wrote them.
-    parts = [str(p) for p in loc if isinstance(p, int) or (not any(c in p for c in "[]") and p not in ("str", "int"))]
-    return ".".join(parts) or "body"
+    return ".".join(str(p) for p in loc if not _is_tag(p)) or "body"
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -140,6 +145,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     if status == 422:  # nothing of ours raises it, but a 422 must never reach a client
         status = 400
     return APIError(status, message, headers=dict(exc.headers or {})).response()
+
+
+async def handle_engine_dead(request: Request, exc: Exception) -> Response:
+    """A request in flight when the engine loop died (new requests get a 503 before they start)."""
+    return APIError(500, f"The request failed: {exc}.").response()
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:

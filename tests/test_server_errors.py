@@ -1,0 +1,362 @@
+"""Every error the server sends: status, OpenAI's envelope with a string code, and a message that says what to fix.
+
+Validation errors run against the real bundled-model server; failures of the engine itself (500s, a dead or stalled
+loop, a full queue) against a real server in front of a fake engine that fails on cue."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from test_server_support import (
+    API_KEY,
+    MODEL_NAME,
+    FakeLLMEngine,
+    RunningServer,
+    fake_server,
+    shared_server,
+    wait_idle,
+)
+
+from jpaged.server.routes import ROUTES
+
+
+@pytest.fixture(scope="module")
+def server() -> RunningServer:
+    return shared_server()
+
+
+@pytest.fixture(scope="module")
+def chat_server() -> RunningServer:
+    return shared_server(chat_template=True)
+
+
+def post(server: RunningServer, path: str, body: object, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=120,
+                      **kwargs)  # fmt: skip
+
+
+def assert_error(resp: httpx.Response, status: int, *fragments: str, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert isinstance(error["code"], str) and isinstance(error["type"], str) and error["message"]
+    for fragment in fragments:
+        assert fragment in error["message"], (fragment, error["message"])
+    if param is not None:
+        assert error["param"] == param, error
+    assert "Traceback" not in resp.text and 'File "' not in resp.text
+    return error
+
+
+# -- 400: the request itself -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "x",}', "not valid JSON"),
+        ("", "empty"),
+        ("[1, 2]", "JSON object"),
+        ('"a string"', "JSON object"),
+        ("null", "JSON object"),
+    ],
+)
+def test_malformed_bodies(server: RunningServer, body: str, fragment: str):
+    assert_error(post(server, "/v1/completions", body), 400, fragment)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("temperature", "hot", "valid number"),
+        ("n", "2", "valid integer"),
+        ("n", 1.5, "valid integer"),
+        ("stream", "yes", "valid boolean"),
+        ("max_tokens", 2.5, "valid integer"),
+        ("prompt", {"text": "x"}, "must be a string, a list of strings"),
+        ("prompt", [1, "a"], "must be a string, a list of strings"),
+        ("stop", 3, "must be a string or a list of strings"),
+        ("logit_bias", [1], "should be an object"),
+        ("seed", "1", "valid integer"),
+        ("stream_options", {"include_usage": "yes"}, "valid boolean"),
+        ("temperature", 2.5, "less than or equal to 2"),
+        ("top_p", 0, "greater than 0"),
+        ("top_p", 1.5, "less than or equal to 1"),
+        ("n", 0, "greater than or equal to 1"),
+        ("n", 1000, "less than or equal to 128"),
+        ("logprobs", 6, "less than or equal to 5"),
+        ("max_tokens", -1, "greater than or equal to 0"),
+        ("presence_penalty", 3, "less than or equal to 2"),
+        ("frequency_penalty", -2.5, "greater than or equal to -2"),
+        ("seed", -1, "greater than or equal to 0"),
+        ("min_p", 2, "less than or equal to 1"),
+        ("prompt_logprobs", 21, "less than or equal to 20"),
+        ("top_k", -2, "greater than or equal to -1"),
+        ("min_tokens", -1, "greater than or equal to 0"),
+    ],
+)
+def test_wrong_types_and_out_of_range_values(server: RunningServer, field: str, value: object, fragment: str):
+    body = {"prompt": "Once", "max_tokens": 2} | {field: value}
+    error = assert_error(post(server, "/v1/completions", body), 400, fragment)
+    assert error["param"].split(".")[0] == field and field in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment", "param"),
+    [
+        ({"prompt": []}, "prompt must not be empty", "prompt"),
+        ({"prompt": [[]]}, "must be a string", "prompt"),
+        ({"prompt": [999999]}, "outside the vocabulary", "prompt"),
+        ({"prompt": "x", "stop": [""]}, "stop", "stop"),
+        ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias keys must be token ids", "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"99999": 1}}, "outside the vocabulary", None),
+        ({"prompt": "x", "stop_token_ids": [99999]}, "outside the vocabulary", None),
+        ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens", "min_tokens"),
+        ({"prompt": "x", "max_tokens": 0}, "only with echo", "max_tokens"),
+        ({"prompt": "x", "suffix": "y"}, "suffix is not supported", "suffix"),
+        ({"prompt": "x", "n": 1, "best_of": 3}, "best_of must equal n", "best_of"),
+        ({}, "prompt: this field is required", "prompt"),
+    ],
+)
+def test_invalid_completion_requests(server: RunningServer, body: dict, fragment: str, param: str | None):
+    assert_error(post(server, "/v1/completions", body), 400, fragment, param=param)
+
+
+def test_prompt_beyond_the_context(server: RunningServer):
+    long_prompt = "Once upon a time " * 200  # ~800 tokens > 512
+    error = assert_error(post(server, "/v1/completions", {"prompt": long_prompt}), 400,
+                         "This model's maximum context length is 512 tokens. However, your request has")  # fmt: skip
+    assert error["code"] == "context_length_exceeded"
+    error = assert_error(post(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 510}), 400)
+    assert error["message"] == (
+        "This model's maximum context length is 512 tokens. However, you requested 515 tokens (5 in the messages, "
+        "510 in the completion). Please reduce the length of the messages or completion."
+    )
+
+
+def test_chat_validation(chat_server: RunningServer):
+    ok = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"messages": []}, "messages", "at least 1 item"),
+        ({"messages": "hi"}, "messages", "valid array"),
+        ({"messages": [{"content": "hi"}]}, "messages.0.role", "required"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "must be a string, a list of text"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None, "text"),
+        ({"messages": ok, "logprobs": "yes"}, "logprobs", "valid boolean"),
+        ({"messages": ok, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ({"messages": ok, "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+        ({"messages": ok, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+        ({"messages": ok, "tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({"messages": ok, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"messages": ok, "chat_template": "{% for %}"}, "messages", "chat template"),
+        ({"messages": ok, "chat_template_kwargs": 3}, "chat_template_kwargs", "should be an object"),
+    ]
+    for body, param, fragment in cases:
+        assert_error(post(chat_server, "/v1/chat/completions", body), 400, fragment, param=param)
+    long_messages = [{"role": "user", "content": "Once upon a time " * 200}]
+    assert_error(post(chat_server, "/v1/chat/completions", {"messages": long_messages}), 400,
+                 "maximum context length is 512 tokens. However, your request has", param="messages")  # fmt: skip
+    error = assert_error(post(chat_server, "/v1/chat/completions", {"messages": ok, "max_tokens": 600}), 400)
+    assert "However, you requested" in error["message"] and "600 in the completion" in error["message"]
+
+
+def test_chat_without_a_template_is_a_clear_400(server: RunningServer):
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 400 and "chat template" in info.value.message
+    assert "--chat-template" in info.value.message
+
+
+def test_unknown_model_is_a_404(server: RunningServer, chat_server: RunningServer):
+    client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-9", prompt="hi")
+    assert info.value.code == "model_not_found" and "The model `gpt-9` does not exist." in info.value.message
+    for srv, path, body in [
+        (chat_server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        (server, "/tokenize", {"model": "gpt-9", "prompt": "x"}),
+        (server, "/detokenize", {"model": "gpt-9", "tokens": [1]}),
+    ]:
+        assert_error(post(srv, path, body), 404, "The model `gpt-9` does not exist.", param="model")
+    assert_error(httpx.get(server.base_url + "/models/gpt-9"), 404, "The model `gpt-9` does not exist.")
+
+
+def test_unknown_routes_and_methods(server: RunningServer):
+    assert_error(httpx.get(server.url + "/v1/nothing"), 404, "/v1/nothing")
+    assert_error(httpx.get(server.base_url + "/completions"), 405, "GET")
+    assert_error(post(server, "/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}), 400,
+                 "exactly one of prompt and messages")  # fmt: skip
+    assert_error(post(server, "/detokenize", {"tokens": [100000]}), 400, "outside the vocabulary")
+
+
+def test_the_server_keeps_serving_after_errors(server: RunningServer):
+    ok = post(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == ", there was"
+    assert httpx.get(server.url + "/health").status_code == 200
+    values = wait_idle(server)
+    assert values["jpaged:kv_cache_usage_perc"] == 0
+
+
+# -- 401 / 413 / 429-503 / 500 with a fake engine ----------------------------------------------------------------
+@pytest.fixture
+def fake() -> Iterator[tuple[RunningServer, FakeLLMEngine]]:
+    running, engine = fake_server(stall_timeout_s=0.5)
+    yield running, engine
+    if engine.block is not None:
+        engine.block.set()
+    running.stop()
+
+
+def test_every_route_but_health_needs_the_api_key():
+    running, _ = fake_server(api_key=API_KEY)
+    try:
+        paths = [(method, route.path.replace("{model:path}", MODEL_NAME)) for route in ROUTES
+                 for method in sorted(route.methods - {"HEAD"})]  # fmt: skip
+        assert len(paths) >= 11
+        for method, path in paths:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+                resp = httpx.request(method, running.url + path, headers=headers, json={})
+                if path == "/health":
+                    assert resp.status_code == 200
+                    continue
+                error = assert_error(resp, 401, "API key")
+                assert error["code"] == "invalid_api_key" and resp.headers["www-authenticate"] == "Bearer"
+            resp = httpx.request(method, running.url + path, headers={"Authorization": f"Bearer {API_KEY}"}, json={})
+            assert resp.status_code != 401, (method, path)
+        good = openai.OpenAI(base_url=running.base_url, api_key=API_KEY, max_retries=0)
+        assert [m.id for m in good.models.list().data] == [MODEL_NAME]
+        assert good.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2).choices[0].text == " a a"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=running.base_url, api_key="sk-wrong", max_retries=0).models.list()
+    finally:
+        running.stop()
+
+
+def test_oversized_bodies_are_413():
+    running, _ = fake_server(max_body_bytes=1000)
+    try:
+        big = {"prompt": "x" * 2000}
+        assert_error(post(running, "/v1/completions", big), 413, "1000 bytes")
+
+        def chunks():  # no Content-Length: the limit is enforced while reading
+            for _ in range(10):
+                yield b" " * 300
+            yield b'{"prompt": "x"}'
+
+        resp = httpx.post(running.url + "/v1/completions", content=chunks())
+        assert_error(resp, 413, "larger than")
+        assert post(running, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_a_full_waiting_queue_is_503_with_retry_after():
+    running, engine = fake_server(max_waiting_requests=2)
+    engine.block = threading.Event()
+    try:
+        results: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(
+                post(running, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code))
+            for _ in range(2)
+        ]  # fmt: skip
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while running.engine.num_unstarted < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        resp = post(running, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        assert_error(resp, 503, "waiting queue is full", "retry later")
+        assert resp.headers["retry-after"] == "1"
+        engine.block.set()
+        for t in threads:
+            t.join()
+        assert results == [200, 200]
+        assert post(running, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
+    finally:
+        engine.block.set()
+        running.stop()
+
+
+def test_an_unexpected_error_is_a_500_without_internals(fake):
+    running, engine = fake
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    engine.add_request = explode  # type: ignore[method-assign]
+    resp = post(running, "/v1/completions", {"prompt": "x"})
+    error = assert_error(resp, 500)
+    assert "secret" not in resp.text and error["type"] == "server_error"
+    client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model=MODEL_NAME, prompt="x")
+    assert httpx.get(running.url + "/health").status_code == 200  # a failed request is not a dead engine
+
+
+def test_an_engine_failure_mid_stream_sends_an_error_event_then_done(fake):
+    running, engine = fake
+    engine.never_finish = True
+    engine.step_delay_s = 0.01
+    body = {"prompt": "x", "stream": True, "max_tokens": 400}
+    with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line)
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["text"]
+        engine.fail_step = RuntimeError("device lost: secret")
+        rest = [line for line in lines if line]
+    events = [line.removeprefix("data: ") for line in rest]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "internal_error" and "engine loop died" in error["message"]
+    assert "secret" not in error["message"]
+    health = httpx.get(running.url + "/health")
+    assert_error(health, 503, "RuntimeError")
+    assert_error(post(running, "/v1/completions", {"prompt": "x"}), 503, "engine loop died")
+
+
+def test_an_engine_failure_fails_waiting_non_streaming_requests_with_500(fake):
+    running, engine = fake
+    engine.never_finish = True
+    engine.step_delay_s = 0.01
+    timer = threading.Timer(0.3, lambda: setattr(engine, "fail_step", RuntimeError("boom")))
+    timer.start()
+    resp = post(running, "/v1/completions", {"prompt": "x", "max_tokens": 400})
+    assert_error(resp, 500, "engine loop died")
+
+
+def test_health_is_503_while_the_engine_is_stalled_with_work(fake):
+    running, engine = fake
+    assert httpx.get(running.url + "/health").status_code == 200
+    engine.block = threading.Event()
+    worker = threading.Thread(target=lambda: post(running, "/v1/completions", {"prompt": "x", "max_tokens": 2}))
+    worker.start()
+    time.sleep(0.8)  # > stall_timeout_s
+    assert_error(httpx.get(running.url + "/health"), 503, "no progress")
+    assert httpx.get(running.url + "/metrics").status_code == 200  # the HTTP side stays responsive
+    engine.block.set()
+    worker.join()
+    assert httpx.get(running.url + "/health").status_code == 200
+
+
+def test_client_disconnect_aborts_non_streaming_requests(fake):
+    running, engine = fake
+    engine.never_finish = True
+    engine.step_delay_s = 0.01
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400}, timeout=0.3)
+    deadline = time.monotonic() + 5
+    while not engine.aborted:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.01)
+    assert not engine.requests
