@@ -2,12 +2,12 @@
 
     python benchmarks/offline_vs_server.py --num-requests 200 --input-len 32 --output-len 32
 
-Builds one list of requests (random token-id prompts, greedy, exactly `--output-len` tokens each with ignore_eos),
-then:
-  1. offline: `LLM(**engine flags).generate(...)` on all of them, once to compile, once timed;
-  2. server: starts `python -m jpaged serve` with the same engine flags on a free loopback port, and sends all of
-     them at once (request rate inf) through benchmarks/serving.py, once to compile, once timed.
-It prints both throughputs and their ratio (goal: the server at >= 90% of offline), and writes them with `--json-out`.
+Runs an offline `LLM(**engine flags)` in this process and starts `python -m jpaged serve` with the same engine flags
+on a free loopback port; both compile their step buckets first and take one untimed warm-up round. Then, for each of
+`--rounds` rounds, one fresh list of requests (random token-id prompts, greedy, exactly `--output-len` tokens each
+with ignore_eos) goes through `LLM.generate` and then, all at once (request rate inf), through the server via
+benchmarks/serving.py. It prints each round and the ratio of the median output throughputs (goal: the server at
+>= 90% of offline), and writes every round with `--json-out`.
 
 Engine flags are EngineConfig's (`--max-num-seqs`, `--max-num-batched-tokens`, ...), generated from it; the same
 values reach both sides. The load generator runs in this process while the server runs in its own, so on a machine
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,13 +102,12 @@ def running_server(overrides: dict[str, Any], *, startup_timeout: float = 600.0)
                 proc.wait()
 
 
-def run_offline(requests: Sequence[serving.BenchRequest], overrides: dict[str, Any]) -> dict[str, Any]:
-    from jpaged import LLM, SamplingParams
+def offline_round(llm: Any, requests: Sequence[serving.BenchRequest]) -> dict[str, Any]:
+    """One timed `LLM.generate` over every request."""
+    from jpaged import SamplingParams
 
-    llm = LLM(**overrides)
     prompts: list[Any] = [{"prompt_token_ids": list(req.prompt)} for req in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True) for req in requests]
-    llm.generate(prompts, params)  # compile every bucket this run meets
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     duration = time.perf_counter() - start
@@ -122,46 +122,84 @@ def run_offline(requests: Sequence[serving.BenchRequest], overrides: dict[str, A
     }
 
 
-def run_server(requests: Sequence[serving.BenchRequest], overrides: dict[str, Any], backend: str) -> dict[str, Any]:
-    with running_server(overrides) as base_url:
-        bench = lambda: asyncio.run(serving.run_benchmark(base_url, requests, backend=backend, request_rate=math.inf))
-        bench()  # compile every bucket this run meets
-        results, duration, _ = bench()
+def server_round(base_url: str, requests: Sequence[serving.BenchRequest], backend: str) -> dict[str, Any]:
+    """Every request sent at once to the server; the load generator's summary."""
+    run = serving.run_benchmark(base_url, requests, backend=backend, request_rate=math.inf)
+    results, duration, _ = asyncio.run(run)
     return serving.summarize(results, duration, requests)
+
+
+def compare(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A warm-up round on each side, then `--rounds` timed rounds, offline and server alternating so that load from
+    elsewhere on the machine falls on both. Each round has its own prompts (the same on both sides), so no round
+    finds the previous one's prompts in the prefix cache."""
+    from jpaged import LLM
+
+    def prompts(seed: int) -> list[serving.BenchRequest]:
+        return serving.random_token_prompts(
+            args.num_requests, args.input_len, args.output_len, vocab_size=args.vocab_size, seed=seed
+        )
+
+    warmup = prompts(args.seed + 10_000)
+    rounds = [prompts(args.seed + r) for r in range(args.rounds)]
+    llm = LLM(**(overrides | {"warmup": True}))  # the server compiles its step buckets at start-up too
+    offline_round(llm, warmup)
+    offline: list[dict[str, Any]] = []
+    server: list[dict[str, Any]] = []
+    with running_server(overrides) as base_url:
+        server_round(base_url, warmup, args.backend)
+        for r, requests in enumerate(rounds):
+            offline.append(offline_round(llm, requests))
+            server.append(server_round(base_url, requests, args.backend))
+            ratio = server[-1]["output_throughput"] / offline[-1]["output_throughput"]
+            print(
+                f"round {r + 1}/{args.rounds}: offline {offline[-1]['output_throughput']:.1f} tok/s, "
+                f"server {server[-1]['output_throughput']:.1f} tok/s ({server[-1]['failed']} failed): {ratio:.1%}",
+                flush=True,
+            )
+    return offline, server
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("openai", "http"), default="http", help="the load generator's client")
-    parser.add_argument("--json-out", type=Path, default=None, help="write both results and the ratio here")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds on each side (the median counts)")
+    parser.add_argument("--json-out", type=Path, default=None, help="write every round and the ratio here")
     serving.add_load_arguments(parser)
     engine = parser.add_argument_group("engine (both sides)")
-    add_cli_arguments(engine, exclude=("seed",))  # type: ignore[arg-type]
+    add_cli_arguments(engine, exclude=("seed", "warmup"))  # type: ignore[arg-type]
     args = parser.parse_args(argv)
     if args.prompt is not None:
         parser.error("offline_vs_server compares token-id prompts only; drop --prompt")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
 
     overrides = engine_overrides(args)
-    requests = serving.build_requests(args)
-    offline = run_offline(requests, overrides)
-    server = run_server(requests, overrides, args.backend)
-    ratio = server["output_throughput"] / offline["output_throughput"]
-    print(serving.format_table(server, title=f"Server ({args.backend} client, all at once)"))
+    offline, server = compare(args, overrides)
+    median = lambda rows: statistics.median(row["output_throughput"] for row in rows)
+    ratio = median(server) / median(offline)
+    middle = sorted(server, key=lambda row: row["output_throughput"])[len(server) // 2]
+    print(serving.format_table(middle, title=f"Server, median round ({args.backend} client, all at once)"))
     width = 48
-    print(f"{' Offline LLM.generate ':=^{width}}")
+    print(f"{' Offline LLM.generate, median round ':=^{width}}")
+    row = sorted(offline, key=lambda row: row["output_throughput"])[len(offline) // 2]
     for key, name in (
         ("duration_s", "Duration (s)"),
         ("request_throughput", "Request throughput (req/s)"),
         ("output_throughput", "Output token throughput (tok/s)"),
         ("total_token_throughput", "Total token throughput (tok/s)"),
     ):
-        print(f"{name:<36}{offline[key]:>12.2f}")
-    print(f"{'Server / offline (output tok/s)':<36}{ratio:>11.1%}")
+        print(f"{name:<36}{row[key]:>12.2f}")
+    print(f"{'Server / offline (median tok/s)':<36}{ratio:>11.1%}")
     print("=" * width)
     record = {
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
-        "seed": args.seed, "backend": args.backend, "engine": overrides, "offline": offline, "server": server,
-        "server_vs_offline": ratio, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": args.seed, "rounds": args.rounds, "backend": args.backend, "engine": overrides,
+        "offline": offline, "server": server, "server_vs_offline": ratio,
+        "server_vs_offline_per_round": [
+            s["output_throughput"] / o["output_throughput"] for s, o in zip(server, offline, strict=True)
+        ],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -170,4 +208,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     record = main()
-    sys.exit(1 if record["server"]["failed"] else 0)
+    sys.exit(1 if any(row["failed"] for row in record["server"]) else 0)
