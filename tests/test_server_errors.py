@@ -360,3 +360,18 @@ def test_client_disconnect_aborts_non_streaming_requests(fake):
         assert time.monotonic() < deadline, "the request was not aborted"
         time.sleep(0.01)
     assert not engine.requests
+
+
+def test_client_disconnect_aborts_streams(fake):
+    running, engine = fake
+    engine.never_finish = True
+    engine.step_delay_s = 0.01
+    with httpx.stream("POST", running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "stream": True},
+                      timeout=30) as resp:  # fmt: skip
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line).startswith("data: {")
+    deadline = time.monotonic() + 5
+    while not engine.aborted:
+        assert time.monotonic() < deadline, "the stream's request was not aborted"
+        time.sleep(0.01)
+    assert not engine.requests and running.engine.num_unstarted == 0
