@@ -54,7 +54,7 @@ class Detokenizer:
         if self._full_decode is None:
             try:
                 return self._stream.step(self._tokenizer, token_id)
-            except Exception:  # noqa: BLE001 - tokenizers raises a plain Exception on byte runs that are not UTF-8
+            except Exception:
                 self._full_decode = self.text
         # Slow but total: invalid bytes decode to U+FFFD, as in tokenizer.decode.
         full = self._tokenizer.decode(self._output_ids, skip_special_tokens=self._skip_special)

@@ -114,7 +114,9 @@ class LLMEngine:
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
             bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]  # type: ignore[union-attr]
             if bad:
-                raise ValueError(f"{name} holds token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}")
+                raise ValueError(
+                    f"{name} holds token ids outside the vocabulary (size {self.model_config.vocab_size}): {bad[:5]}"
+                )
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
@@ -222,7 +224,9 @@ class LLMEngine:
                     index=req.sample_index,
                     text=detok.visible_text(done),
                     token_ids=list(req.output_token_ids),
-                    cumulative_logprob=sum(lp.logprob for lp in req.logprobs) if req.params.logprobs is not None else None,
+                    cumulative_logprob=sum(lp.logprob for lp in req.logprobs)
+                    if req.params.logprobs is not None
+                    else None,
                     logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
                     finish_reason=req.status.value if done else None,
                     stop_reason=req.stop_reason,

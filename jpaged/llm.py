@@ -66,7 +66,11 @@ class LLM:
             {"prompt_token_ids": ids, "prompt": text}
             for text, ids in (
                 render_chat(
-                    self.engine, conv, chat_template, add_generation_prompt, chat_template_kwargs  # type: ignore[arg-type]
+                    self.engine,
+                    conv,
+                    chat_template,
+                    add_generation_prompt,
+                    chat_template_kwargs,  # type: ignore[arg-type]
                 )
                 for conv in conversations
             )

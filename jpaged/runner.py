@@ -31,6 +31,7 @@ from jpaged.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepInput:
@@ -73,7 +74,14 @@ def bucket(n: int, sizes: list[int]) -> int:
 
 
 def _step(
-    params, kv_pages, batch: StepInput, *, cfg: ModelConfig, attn_impl: str, num_logprobs: int, want_prompt_logprobs: bool
+    params,
+    kv_pages,
+    batch: StepInput,
+    *,
+    cfg: ModelConfig,
+    attn_impl: str,
+    num_logprobs: int,
+    want_prompt_logprobs: bool,
 ):
     forward = get_forward(cfg, attn_impl=attn_impl)
     logits, kv_pages = forward(params, batch.tokens, batch.positions, kv_pages, batch.attn)
@@ -142,7 +150,9 @@ class ModelRunner:
         n = len(sched.requests)
         token_ids = np.asarray(sampled.token_ids)[:n]
         if num_logprobs:
-            logprobs, top_ids, top_lps = (np.asarray(a)[:n] for a in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
+            logprobs, top_ids, top_lps = (
+                np.asarray(a)[:n] for a in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
+            )
         else:
             logprobs = top_ids = top_lps = None
         return StepResult(

@@ -59,8 +59,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"architecture {self.architecture!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"architecture {self.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
@@ -69,8 +68,7 @@ class ModelConfig:
             )
         if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise UnsupportedModelError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_local_experts "
-                f"({self.num_experts})"
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_local_experts ({self.num_experts})"
             )
 
     @property

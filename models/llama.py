@@ -140,6 +140,4 @@ def forward(
     cfg: ModelConfig,
     attn_impl: str = "auto",
 ) -> tuple[jax.Array, KVPages]:
-    return decoder_forward(
-        params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=mlp, attn_impl=attn_impl
-    )
+    return decoder_forward(params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=mlp, attn_impl=attn_impl)

@@ -88,7 +88,11 @@ def _param_shapes(cfg: ModelConfig, tp: int) -> dict[str, Any]:
         layer |= {"router": (d, e), "expert_gate": (e, d, f), "expert_up": (e, d, f), "expert_down": (e, f, d)}
     else:
         layer |= {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
-    shapes: dict[str, Any] = {"embed": (v, d), "final_norm": (d,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
+    shapes: dict[str, Any] = {
+        "embed": (v, d),
+        "final_norm": (d,),
+        "layers": [dict(layer) for _ in range(cfg.num_layers)],
+    }
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (v, d)
     return shapes
@@ -138,7 +142,9 @@ def load_params(
                         params["layers"][i][name] = jax.device_put(w.astype(dtype), shardings["layers"][i][name])
     for (i, name), by_expert in experts.items():
         if sorted(by_expert) != list(range(cfg.num_experts)):
-            raise ValueError(f"layer {i}: expected experts 0..{cfg.num_experts - 1} for {name}, found {sorted(by_expert)}")
+            raise ValueError(
+                f"layer {i}: expected experts 0..{cfg.num_experts - 1} for {name}, found {sorted(by_expert)}"
+            )
         stacked = np.stack([by_expert[e] for e in range(cfg.num_experts)])
         params["layers"][i][name] = jax.device_put(stacked.astype(dtype), shardings["layers"][i][name])
     _check_complete(params, expected, model_dir)

@@ -14,7 +14,9 @@ import jax
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
-    slot_mapping: jax.Array  # [T] int32 page_id * page_size + offset where each token's K/V is written; padding -> page 0
+    slot_mapping: (
+        jax.Array
+    )  # [T] int32 page_id * page_size + offset where each token's K/V is written; padding -> page 0
     page_tables: jax.Array  # [B, max_pages] int32 pages of each sequence in order; unused entries -> page 0
     seq_lens: jax.Array  # [B] int32 KV length of each sequence after this step's tokens are written
     cu_q_lens: jax.Array  # [B + 1] int32 sequence b's tokens are rows cu_q_lens[b]:cu_q_lens[b+1] of the batch

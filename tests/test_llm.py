@@ -187,7 +187,7 @@ def test_out_of_vocab_stop_token_ids_are_rejected(llm):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLM(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         LLM(str(tmp_path))
 
 
@@ -196,7 +196,7 @@ def test_unsupported_architecture_and_missing_weights(tmp_path):
     shutil.copytree(STORIES, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps(config | {"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*not supported"):
         LLM(str(model))
     (model / "config.json").write_text(json.dumps(config))
     (model / "model.safetensors").unlink()
@@ -208,9 +208,10 @@ def test_dummy_weights_and_bfloat16_run():
     llm = LLM(load_format="dummy", dtype="bfloat16", max_model_len=64)
     out = llm.generate("Once upon a time", greedy(max_tokens=8, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 8
-    assert llm.engine.runner.params["embed"].dtype == np.dtype("bfloat16") or str(
-        llm.engine.runner.params["embed"].dtype
-    ) == "bfloat16"
+    assert (
+        llm.engine.runner.params["embed"].dtype == np.dtype("bfloat16")
+        or str(llm.engine.runner.params["embed"].dtype) == "bfloat16"
+    )
     assert_pool_clean(llm)
 
 

@@ -8,8 +8,9 @@ from jpaged.sampling_params import SamplingParams
 
 
 def make_request(tokens: list[int], rid: str = "r", index: int = 0) -> Request:
-    return Request(request_id=rid, prompt_token_ids=tokens, params=SamplingParams(), seed=0, max_tokens=8,
-                   sample_index=index)
+    return Request(
+        request_id=rid, prompt_token_ids=tokens, params=SamplingParams(), seed=0, max_tokens=8, sample_index=index
+    )
 
 
 def test_null_page_is_never_handed_out():
@@ -47,7 +48,7 @@ def test_prefix_hit_shares_full_pages_and_counts_refs():
     assert pool.lookup_prefix(first) == 0
     assert pool.allocate(first, len(prompt))
     pool.cache_full_pages(first, len(prompt))
-    second = make_request(prompt[:9] + [7, 7], "b")
+    second = make_request([*prompt[:9], 7, 7], "b")
     assert pool.lookup_prefix(second) == 8
     assert second.pages == first.pages[:2]
     assert all(pool.ref_count(p) == 2 for p in second.pages)
@@ -93,5 +94,5 @@ def test_hash_is_chained_over_the_prefix():
 
 @pytest.mark.parametrize("num_pages,page_size", [(1, 4), (4, 0)])
 def test_rejects_bad_sizes(num_pages, page_size):
-    with pytest.raises(ValueError, match="num_pages|page_size"):
+    with pytest.raises(ValueError, match=r"num_pages|page_size"):
         PagePool(num_pages, page_size)

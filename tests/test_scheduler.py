@@ -7,8 +7,9 @@ from jpaged.scheduler import Scheduler
 
 
 def make(rid: str, n: int) -> Request:
-    return Request(request_id=rid, prompt_token_ids=list(range(3, 3 + n)), params=SamplingParams(), seed=0,
-                   max_tokens=100)
+    return Request(
+        request_id=rid, prompt_token_ids=list(range(3, 3 + n)), params=SamplingParams(), seed=0, max_tokens=100
+    )
 
 
 def run_step(sched: Scheduler, out) -> None:

@@ -1,0 +1,93 @@
+"""Mixtral's sparse feed-forward: the grouped (ragged-dot) path equals the dense definition for any routing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SHARED_MODELS, STORIES, assert_pool_clean
+
+from jpaged import LLM, SamplingParams
+from jpaged.models.config import ModelConfig, RopeConfig
+from jpaged.models.mixtral import moe, moe_dense_reference, route
+
+
+def tiny_config(num_experts: int, top_k: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="MixtralForCausalLM", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,
+        num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-5, rope=RopeConfig(), max_position_embeddings=64,
+        tie_word_embeddings=True, num_experts=num_experts, num_experts_per_tok=top_k,
+    )  # fmt: skip
+
+
+def random_layer(cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
+    e, d, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    k = jax.random.split(key, 4)
+    return {
+        "router": jax.random.normal(k[0], (d, e)),
+        "expert_gate": jax.random.normal(k[1], (e, d, f)) * 0.3,
+        "expert_up": jax.random.normal(k[2], (e, d, f)) * 0.3,
+        "expert_down": jax.random.normal(k[3], (e, f, d)) * 0.3,
+    }
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (4, 2), (8, 2), (8, 8)])
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+def test_grouped_equals_dense(num_experts, top_k, num_tokens):
+    cfg = tiny_config(num_experts, top_k)
+    layer = random_layer(cfg, jax.random.key(num_experts * 100 + top_k))
+    x = jax.random.normal(jax.random.key(num_tokens), (num_tokens, cfg.hidden_size))
+    np.testing.assert_allclose(moe(layer, x, cfg), moe_dense_reference(layer, x, cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_uneven_routing_one_expert_takes_all_another_none():
+    cfg = tiny_config(4, 2)
+    layer = random_layer(cfg, jax.random.key(0))
+    # A router that always prefers experts 3 then 1: experts 0 and 2 get no tokens at all.
+    layer["router"] = jnp.zeros_like(layer["router"]).at[:, 3].set(1.0).at[:, 1].set(0.5)
+    x = jnp.abs(jax.random.normal(jax.random.key(1), (33, cfg.hidden_size)))
+    _, experts = route(jnp.einsum("td,de->te", x, layer["router"]), 2)
+    counts = np.bincount(np.asarray(experts).ravel(), minlength=4)
+    assert counts[3] == 33 and counts[0] == counts[2] == 0
+    np.testing.assert_allclose(moe(layer, x, cfg), moe_dense_reference(layer, x, cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_router_weights_are_renormalised_top_k():
+    weights, experts = route(jnp.array([[0.0, 1.0, 2.0, 3.0]]), 2)
+    p = np.exp([3.0, 2.0]) / np.exp([3.0, 2.0]).sum()
+    np.testing.assert_allclose(weights[0], p, rtol=1e-6)
+    assert experts[0].tolist() == [3, 2]
+
+
+def test_identical_experts_give_the_dense_models_text():
+    identical = SHARED_MODELS / "stories260K-moe-identical"
+    if not identical.is_dir():
+        pytest.skip("shared/ is not beside the repository")
+    params = SamplingParams(temperature=0.0, max_tokens=60)
+    dense = LLM(str(STORIES)).generate("Once upon a time", params)[0].outputs[0]
+    moe_llm = LLM(str(identical))
+    sparse = moe_llm.generate("Once upon a time", params)[0].outputs[0]
+    assert sparse.text == dense.text and sparse.token_ids == dense.token_ids
+    assert_pool_clean(moe_llm)
+
+
+PERTURBED = SHARED_MODELS / "stories260K-moe-perturbed"
+PROMPTS = [{"prompt_token_ids": [1, *range(10 + i, 30 + 2 * i)]} for i in range(12)]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def alone() -> list[list[int]]:
+    if not PERTURBED.is_dir():
+        pytest.skip("shared/ is not beside the repository")
+    llm = LLM(str(PERTURBED), max_model_len=64)
+    return [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_mixtral_serves_with_tensor_parallelism_and_preemption(tp, alone):
+    llm = LLM(str(PERTURBED), max_model_len=64, tensor_parallel_size=tp, num_pages=10, page_size=8)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_pool_clean(llm)
