@@ -125,8 +125,7 @@ def offline_round(llm: Any, requests: Sequence[serving.BenchRequest]) -> dict[st
 def server_round(base_url: str, requests: Sequence[serving.BenchRequest], backend: str) -> dict[str, Any]:
     """Every request sent at once to the server; the load generator's summary."""
     run = serving.run_benchmark(base_url, requests, backend=backend, request_rate=math.inf)
-    results, duration, _ = asyncio.run(run)
-    return serving.summarize(results, duration, requests)
+    return serving.summarize(asyncio.run(run), requests)
 
 
 def compare(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

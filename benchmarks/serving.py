@@ -43,6 +43,14 @@ class BenchRequest:
     output_len: int  # max_tokens, with ignore_eos
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchRun:
+    results: list[RequestResult]  # in request order
+    duration_s: float  # wall time from the first send to the last reply
+    client_cpu_s: float  # CPU time this process (the load generator) spent meanwhile
+    model: str  # the model name sent
+
+
 @dataclasses.dataclass(kw_only=True)
 class RequestResult:
     ok: bool = False
@@ -190,8 +198,8 @@ async def run_benchmark(
     max_concurrency: int | None = None,
     api_key: str | None = None,
     seed: int = 0,
-) -> tuple[list[RequestResult], float, str]:
-    """Sends every request and returns (results in request order, wall seconds from first send to last reply, model)."""
+) -> BenchRun:
+    """Sends every request (at `request_rate` per second, Poisson; inf: all at once) and times the replies."""
     if backend not in ("openai", "http"):
         raise ValueError(f"backend must be 'openai' or 'http', got {backend!r}")
     if not request_rate > 0:
@@ -228,11 +236,11 @@ async def run_benchmark(
             async with gate:
                 return await send(req)
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         tasks = [asyncio.create_task(one(req)) async for req in _arrivals(requests, request_rate, seed)]
         results = list(await asyncio.gather(*tasks))
-        duration = time.perf_counter() - start
-    return results, duration, model
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return BenchRun(results=results, duration_s=duration, client_cpu_s=cpu, model=model)
 
 
 def _stats_ms(values: Sequence[float]) -> dict[str, float]:
@@ -245,8 +253,9 @@ def _stats_ms(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def summarize(results: Sequence[RequestResult], duration: float, requests: Sequence[BenchRequest]) -> dict[str, Any]:
-    """The run's numbers as a flat JSON-able dict (the `--json-out` file)."""
+def summarize(run: BenchRun, requests: Sequence[BenchRequest]) -> dict[str, Any]:
+    """The run's numbers as a JSON-able dict (the `--json-out` file)."""
+    results, duration = run.results, run.duration_s
     done = [r for r in results if r.ok]
     input_tokens = sum(r.prompt_len for r in done)
     output_tokens = sum(r.output_tokens for r in done)
@@ -261,6 +270,8 @@ def summarize(results: Sequence[RequestResult], duration: float, requests: Seque
             r.output_tokens != req.output_len for r, req in zip(results, requests, strict=True) if r.ok
         ),
         "duration_s": duration,
+        # The load generator's own CPU time: where it shares few cores with the server, this is taken from it.
+        "client_cpu_s": run.client_cpu_s,
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
         "request_throughput": len(done) / duration if duration > 0 else 0.0,
@@ -278,6 +289,7 @@ def format_table(summary: dict[str, Any], title: str = "Serving benchmark") -> s
         ("Successful requests", f"{summary['completed']}"),
         ("Failed requests", f"{summary['failed']}"),
         ("Benchmark duration (s)", f"{summary['duration_s']:.2f}"),
+        ("Load generator CPU time (s)", f"{summary['client_cpu_s']:.2f}"),
         ("Total input tokens", f"{summary['total_input_tokens']}"),
         ("Total generated tokens", f"{summary['total_output_tokens']}"),
         ("Request throughput (req/s)", f"{summary['request_throughput']:.2f}"),
@@ -357,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     requests = build_requests(args)
-    results, duration, model = asyncio.run(
+    run = asyncio.run(
         run_benchmark(
             args.base_url,
             requests,
@@ -369,9 +381,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
         )
     )
-    summary = summarize(results, duration, requests) | {
+    summary = summarize(run, requests) | {
         "backend": args.backend,
-        "model": model,
+        "model": run.model,
         "base_url": args.base_url,
         "request_rate": args.request_rate,
         "max_concurrency": args.max_concurrency,

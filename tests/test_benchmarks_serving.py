@@ -30,8 +30,8 @@ serving = _load("serving")
 offline_vs_server = _load("offline_vs_server")
 
 SUMMARY_FIELDS = {
-    "num_requests", "completed", "failed", "errors", "output_len_mismatches", "duration_s", "total_input_tokens",
-    "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
+    "num_requests", "completed", "failed", "errors", "output_len_mismatches", "duration_s", "client_cpu_s",
+    "total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
     "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms",
 }  # fmt: skip
 LATENCY_STATS = {"mean", "p50", "p90", "p99"}
@@ -56,7 +56,7 @@ def test_summary_arithmetic():
         serving.RequestResult(ok=True, prompt_len=4, output_tokens=3, ttft=0.3, itl=[0.2, 0.2], latency=0.7),
         serving.RequestResult(error="HTTP 503: busy", prompt_len=4),
     ]
-    s = serving.summarize(results, 2.0, reqs)
+    s = serving.summarize(serving.BenchRun(results=results, duration_s=2.0, client_cpu_s=0.5, model="m"), reqs)
     assert s.keys() >= SUMMARY_FIELDS
     assert (s["completed"], s["failed"], s["errors"], s["output_len_mismatches"]) == (2, 1, ["HTTP 503: busy"], 1)
     assert (s["total_input_tokens"], s["total_output_tokens"]) == (8, 8)
