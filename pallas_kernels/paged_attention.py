@@ -88,6 +88,19 @@ class AttentionTuning:
         return f"bq{self.block_q}_ppb{self.pages_per_block}_w{self.num_warps}_s{self.num_stages}"
 
 
+def default_tuning(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int) -> AttentionTuning:
+    """The tuning for a shape family, chosen from static shapes.
+
+    Decode-shaped batches (no more tokens than sequences: one query per sequence) put just enough queries in a
+    block to fill the 16 rows a Triton dot needs with the G heads that share a KV head, so no KV page is read for
+    rows that hold nothing; prefill-shaped batches use bigger query blocks to reuse each page across queries.
+    """
+    group_padded = 1 << (num_heads // num_kv_heads - 1).bit_length()
+    if num_tokens <= num_seqs:
+        return AttentionTuning(block_q=max(1, 16 // group_padded), pages_per_block=4)
+    return AttentionTuning(block_q=16, pages_per_block=4)
+
+
 def _validate(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sliding_window) -> None:
     """Static shape/dtype checks only (values are traced)."""
     if q.ndim != 3:
@@ -372,7 +385,8 @@ def paged_attention(
     _validate(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sliding_window)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    tuning = AttentionTuning() if tuning is None else tuning
+    if tuning is None:
+        tuning = default_tuning(q.shape[0], page_tables.shape[0], q.shape[1], k_pages.shape[0])
     if impl == "auto":
         use_pallas = _on_gpu() and pallas_gpu_unsupported_reason(q, k_pages, tuning) is None
         impl = "pallas" if use_pallas else "reference"
