@@ -1,0 +1,62 @@
+"""On a GPU: a random ~1B-shaped Llama in bf16 gives HF transformers' logits (relative error <= 2e-2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.gpu
+
+
+def test_llama_1b_logits_match_hf_in_bf16(tmp_path):
+    pytest.importorskip("torch")
+    model = tmp_path / "llama-1b"
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "hf_logits_gpu.py"),
+            str(REPO / "benchmarks/configs/llama-1b"),
+            str(model),
+        ],
+        check=True,
+        env=env,
+        timeout=600,
+    )
+    import jax
+    import jax.numpy as jnp
+
+    from jpaged import LLM
+    from jpaged.models import get_forward
+    from jpaged.models.metadata import AttentionMetadata
+
+    llm = LLM(str(model), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=256, num_pages=64)
+    runner = llm.engine.runner
+    forward = jax.jit(get_forward(llm.engine.model_config, attn_impl="pallas"))
+    prompts = json.loads((model / "prompts.json").read_text())
+    want_all = np.load(model / "hf_logits.npz")
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        pages = -(-n // llm.engine.config.page_size)
+        meta = AttentionMetadata(
+            slot_mapping=jnp.arange(n, dtype=jnp.int32) + llm.engine.config.page_size,  # pages 1.. in order
+            page_tables=jnp.arange(1, pages + 1, dtype=jnp.int32)[None, :],
+            seq_lens=jnp.array([n], jnp.int32),
+            cu_q_lens=jnp.array([0, n], jnp.int32),
+            num_seqs=jnp.array([1], jnp.int32),
+            logits_indices=jnp.arange(n, dtype=jnp.int32),
+        )
+        with jax.set_mesh(runner.mesh):
+            logits, runner.kv_pages = forward(
+                runner.params, jnp.array(prompt, jnp.int32), jnp.arange(n, dtype=jnp.int32), runner.kv_pages, meta
+            )
+        got, want = np.asarray(logits, np.float32), want_all[f"arr_{i}"]
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel <= 2e-2, f"prompt {i}: relative error {rel:.3e}"
+        assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
