@@ -4,13 +4,14 @@ Playwright against a real server with the bundled model. Skipped only where /usr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from test_server_support import shared_server, wait_idle
+from test_server_support import API_KEY, MODEL_NAME, fake_server, shared_server, wait_idle
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Debian's chromium, kept off the network and away from anything a headless CI box lacks. Never `playwright install`.
@@ -20,12 +21,6 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 GREEDY_START = ", there was a little girl named Lily"  # the bundled model after "Once upon a time"
 TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def server_url() -> str:
-    """The bundled model (no chat template, no API key) behind the server suite's shared uvicorn server."""
-    return shared_server().url
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +34,28 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture
-def page(browser: Browser, server_url: str) -> Iterator[Page]:
+@contextlib.contextmanager
+def playground(browser: Browser, url: str, *, models_listed: bool = True) -> Iterator[Page]:
+    """The page at `url` in a fresh browser context; fails on any uncaught JavaScript exception."""
     context = browser.new_context()
     page = context.new_page()
     page_errors: list[str] = []
     page.on("pageerror", lambda exc: page_errors.append(str(exc)))
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(server_url + "/")
-    expect(page.locator("#model option")).not_to_have_count(0)  # /v1/models answered
+    response = page.goto(url + "/")
+    assert response is not None and response.status == 200, response and response.status
+    if models_listed:
+        expect(page.locator("#model option")).not_to_have_count(0)  # /v1/models answered
     yield page
     context.close()
-    assert not page_errors, page_errors  # no uncaught JavaScript exceptions
+    assert not page_errors, page_errors
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """The bundled model, no chat template, no API key: the server suite's shared server."""
+    with playground(browser, shared_server().url) as page:
+        yield page
 
 
 def test_completion_streams_the_greedy_text(page: Page):
@@ -101,3 +106,46 @@ def test_stop_aborts_the_stream(page: Page):
     # The aborted fetch closed the connection, and the server let the request go.
     values = wait_idle(shared_server())
     assert values["jpaged:num_requests_running"] == 0 and values["jpaged:kv_cache_usage_perc"] == 0
+
+
+def test_chat_keeps_the_conversation(browser: Browser):
+    with playground(browser, shared_server(chat_template=True).url) as page:
+        page.select_option("#mode", "chat")
+        page.fill("#system", "You tell short stories.")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "12")
+        for turn, message in enumerate(["Tell me a story.", "And then?"], start=1):
+            page.fill("#prompt", message)
+            page.click("#send")
+            expect(page.locator("#output .turn.assistant .content")).to_have_count(turn)
+            expect(page.locator("#output .turn.assistant .content").nth(turn - 1)).not_to_be_empty()
+            expect(page.locator("#send")).to_be_enabled()
+            expect(page.locator("#prompt")).to_have_value("")
+        expect(page.locator("#output .turn.user .content")).to_have_text(["Tell me a story.", "And then?"])
+        expect(page.locator("#error")).to_be_empty()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server/app.py asks for the key on GET / too, so with --api-key a browser cannot load the playground "
+    "(a navigation sends no Authorization header); the page holds no data and should be exempt, like /health",
+)
+def test_api_key_is_sent_and_remembered(browser: Browser):
+    running, _ = fake_server(api_key=API_KEY)
+    try:
+        with playground(browser, running.url, models_listed=False) as page:
+            expect(page.locator("#error")).to_contain_text("HTTP 401")  # /v1/models without the key
+            page.fill("#api-key", API_KEY)
+            page.press("#api-key", "Tab")  # change: store it and list the models again
+            expect(page.locator("#model")).to_have_value(MODEL_NAME)
+            expect(page.locator("#error")).to_be_empty()
+            page.fill("#prompt", "Hi")
+            page.fill("#max-tokens", "3")
+            page.click("#send")
+            expect(page.locator("#output .completion-text")).to_have_text(" a a a")  # the fake engine's tokens
+            page.reload()
+            expect(page.locator("#api-key")).to_have_value(API_KEY)
+            expect(page.locator("#model")).to_have_value(MODEL_NAME)
+            expect(page.locator("#error")).to_be_empty()
+    finally:
+        running.stop()
