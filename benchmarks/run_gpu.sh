@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Every benchmark of issue 5, in sequence, on one H200 inside one 10-minute device command.
+#
+#   bash benchmarks/run_gpu.sh                 # from the repo root; results under $OUT (default /tmp/jpaged-bench-out)
+#
+# All four sections fit the 10 minutes only if each takes about what it should; where they do not, split them over
+# two device calls, each figure still measured beside its baseline in one call:
+#   SECTIONS="hf jpaged" bash benchmarks/run_gpu.sh        # throughput: HF and jpaged on the same requests
+#   SECTIONS="kernels latency" bash benchmarks/run_gpu.sh   # kernels against JAX's own; single-stream latency
+# and run benchmarks/summary.py / plot.py over both results.json files afterwards.
+#
+# Assumes the caller already made jpaged's dependencies importable (pip install --target /tmp/site .whl/*.whl;
+# export PYTHONPATH=/tmp/site:$PWD); benchmarks/_bootstrap.py maps jpaged.models/kernels/server from the checkout.
+# Each step gets a time limit cut to what is left of BUDGET_S; a step that runs out is killed (with its children)
+# and the next one runs. Every script merges its record into $OUT/results.json as soon as it has one, so a killed
+# step keeps what it finished. $OUT ends with at most 5 files: results.json, run.log, summary.md and two PNGs.
+#
+# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"), MODEL (llama2-7b), JPAGED_RUNS
+# ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256),
+# HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
+# KERNEL_GRID (quick), CONTEXT_SWEEP (512,1024,2048,4096,8192,16384; empty: none), MAX_MODEL_LEN (2048),
+# JPAGED_COMMIT (the commit to record: the copied tree has no .git), PYTHON (python3), EXTRA_ENGINE_ARGS (flags
+# for both jpaged processes, e.g. "--attn-impl pallas"), KERNEL_ARGS / TP_ARGS / LATENCY_ARGS (extra flags for
+# kernels.py / every throughput.py call / latency.py), JAX_CACHE (0).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/jpaged-bench-out}
+mkdir -p "$OUT"
+RESULTS=$OUT/results.json
+LOG=$OUT/run.log
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-560}
+SECTIONS=${SECTIONS:-"kernels hf jpaged latency"}
+MODEL=${MODEL:-llama2-7b}
+JPAGED_RUNS=${JPAGED_RUNS:-"fixed:128 sharegpt-synthetic:256 fixed:512"}
+HF_FIXED_N=${HF_FIXED_N:-128}
+HF_FIXED_BATCH=${HF_FIXED_BATCH:-128}
+HF_SHAREGPT_N=${HF_SHAREGPT_N:-256}
+HF_SHAREGPT_BATCH=${HF_SHAREGPT_BATCH:-64}
+HF_SHAREGPT_MAX_BATCHES=${HF_SHAREGPT_MAX_BATCHES:-1}
+KERNEL_GRID=${KERNEL_GRID:-quick}
+CONTEXT_SWEEP=${CONTEXT_SWEEP-512,1024,2048,4096,8192,16384}
+MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
+EXTRA_ENGINE_ARGS=${EXTRA_ENGINE_ARGS:-}
+KERNEL_ARGS=${KERNEL_ARGS:-}
+TP_ARGS=${TP_ARGS:-}
+LATENCY_ARGS=${LATENCY_ARGS:-}
+
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TF_CPP_MIN_LOG_LEVEL=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# JAX's persistent compilation cache stays off unless JAX_CACHE=1 (then a later process reuses what an earlier one
+# compiled); off, every process compiles cold, so the warm-up times are cold ones.
+if [[ "${JAX_CACHE:-0}" == 1 ]]; then
+  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jpaged-jax-cache}
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}
+fi
+
+START=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, what is left), logging to run.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local remaining
+  remaining=$(left)
+  if ((remaining < 30)); then
+    echo "== $name: skipped, ${remaining}s of the budget left" | tee -a "$LOG"
+    return 0
+  fi
+  ((limit > remaining)) && limit=$remaining
+  echo "== $name (limit ${limit}s, $(($(date +%s) - START))s elapsed): $*" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $(($(date +%s) - t0))s$([[ $rc == 124 ]] && echo ' (TIME LIMIT: killed)')" | tee -a "$LOG"
+}
+
+echo "== start $(date -u +%FT%TZ), budget ${BUDGET_S}s, sections: $SECTIONS, model $MODEL" | tee "$LOG"
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 | tee -a "$LOG"
+
+if want kernels; then
+  # shellcheck disable=SC2086
+  step kernels 170 "$PY" benchmarks/kernels.py --grid "$KERNEL_GRID" ${CONTEXT_SWEEP:+--context-sweep "$CONTEXT_SWEEP"} \
+    $KERNEL_ARGS --json-out "$RESULTS" --json-key kernels
+fi
+
+if want hf; then  # HF first and alone: JAX is not running, so torch has the GPU to itself
+  # shellcheck disable=SC2086
+  step hf-fixed 80 "$PY" benchmarks/throughput.py --engine hf --model "$MODEL" --run "fixed:$HF_FIXED_N" \
+    --batch-size "$HF_FIXED_BATCH" $TP_ARGS --json-out "$RESULTS" --json-key hf_fixed
+  # shellcheck disable=SC2086
+  step hf-sharegpt 100 "$PY" benchmarks/throughput.py --engine hf --model "$MODEL" \
+    --run "sharegpt-synthetic:$HF_SHAREGPT_N" --batch-size "$HF_SHAREGPT_BATCH" \
+    --hf-max-batches "$HF_SHAREGPT_MAX_BATCHES" $TP_ARGS --json-out "$RESULTS" --json-key hf_sharegpt
+fi
+
+if want jpaged; then
+  runs=()
+  for r in $JPAGED_RUNS; do runs+=(--run "$r"); done
+  # shellcheck disable=SC2086
+  step jpaged-throughput 230 "$PY" benchmarks/throughput.py --engine jpaged --model "$MODEL" "${runs[@]}" \
+    --max-model-len "$MAX_MODEL_LEN" $EXTRA_ENGINE_ARGS $TP_ARGS --json-out "$RESULTS" --json-key jpaged_throughput
+fi
+
+if want latency; then
+  # No bucket warm-up here (the throughput run reports it): the first request of each length is discarded instead.
+  # shellcheck disable=SC2086
+  step latency 100 "$PY" benchmarks/latency.py --model "$MODEL" --no-warmup --iters 2 $EXTRA_ENGINE_ARGS $LATENCY_ARGS \
+    --json-out "$RESULTS" --json-key latency
+fi
+
+echo "== done after $(($(date +%s) - START))s" | tee -a "$LOG"
+timeout 60 "$PY" benchmarks/plot.py "$RESULTS" --out-dir "$OUT" 2>&1 | tee -a "$LOG"
+timeout 30 "$PY" benchmarks/summary.py "$RESULTS" --out "$OUT/summary.md" 2>&1 | tee -a "$LOG"
