@@ -130,6 +130,7 @@ class ModelRunner:
         self.kv_pages = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         self._replicated = sharding.replicated(mesh)
         self.attn_impl = attn_impl
+        self.warmup_seconds: float | None = None  # set by warm_up()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -178,7 +179,7 @@ class ModelRunner:
             jax.block_until_ready(sampled.token_ids)
             logger.info("compiled step bucket T=%d B=%d in %.2f s", t_pad, min(t_pad, self.max_num_seqs),
                         time.perf_counter() - t0)  # fmt: skip
-        elapsed = time.perf_counter() - start
+        elapsed = self.warmup_seconds = time.perf_counter() - start
         logger.info("warm-up: %d buckets compiled in %.1f s", len(self.token_buckets), elapsed)
         return elapsed
 
