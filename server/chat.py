@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jinja2
@@ -176,7 +177,7 @@ class _View:
             chunk["usage"] = usage
         return sse(chunk)
 
-    async def stream(self, streams: list[Any]):  # type: ignore[no-untyped-def]
+    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
         n = self.body.n
         for index in range(n):  # the role first, as OpenAI sends it
             delta = {"role": "assistant", "content": self.echo}

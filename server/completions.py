@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -67,21 +68,22 @@ async def create_completion(request: Request) -> Response:
 
 
 def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-    """(text, token ids) per prompt; a text is None for token-id prompts when there is no tokenizer."""
+    """(text, token ids) per prompt. Token-id prompts are decoded only for echo (the text is otherwise unused)."""
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
-        texts: list[str] = [prompt] if isinstance(prompt, str) else list(prompt)  # type: ignore[list-item]
+        texts: list[str] = [prompt] if isinstance(prompt, str) else list(prompt)
         if not texts:
             raise bad_request("prompt must not be empty", param="prompt")
         tokenizer = state.engine.tokenizer
         if tokenizer is None:
             raise bad_request("text prompts need a tokenizer; this server runs with --skip-tokenizer-init", "prompt")
         return [(t, list(tokenizer(t, add_special_tokens=body.add_special_tokens).input_ids)) for t in texts]
-    id_lists: list[list[int]] = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)  # type: ignore[list-item]
+    id_lists: list[list[int]] = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
     if not id_lists:
         raise bad_request("prompt must not be empty", param="prompt")
     tokenizer = state.engine.tokenizer
-    return [(tokenizer.decode(ids) if tokenizer is not None else None, list(ids)) for ids in id_lists]
+    decode = body.echo and tokenizer is not None
+    return [(tokenizer.decode(ids) if decode else None, list(ids)) for ids in id_lists]
 
 
 class _View:
@@ -117,7 +119,8 @@ class _View:
     def _generated(self, c: CompletionOutput) -> tuple[str, list[int], list[Any]]:
         if self.score_only:
             return "", [], []
-        return c.text, list(c.token_ids), list(c.logprobs or [None] * len(c.token_ids))
+        lps: list[Any] = list(c.logprobs) if c.logprobs is not None else [None] * len(c.token_ids)
+        return c.text, list(c.token_ids), lps
 
     def _prompt_logprobs(self, output: RequestOutput) -> list[Any] | None:
         if self.body.prompt_logprobs is None or output.prompt_logprobs is None or self.state.token_strings is None:
@@ -154,7 +157,7 @@ class _View:
             "system_fingerprint": None,
         }
 
-    def _usage(self, outputs: list[RequestOutput | None]) -> dict[str, Any]:
+    def _usage(self, outputs: Sequence[RequestOutput | None]) -> dict[str, Any]:
         prompt = sum(len(ids) for _, ids in self.prompts)
         completion = 0 if self.score_only else sum(len(c.token_ids) for o in outputs if o for c in o.outputs)
         cached = sum(o.num_cached_tokens for o in outputs if o)
@@ -181,7 +184,7 @@ class _View:
     def include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
-    async def stream(self, streams: list[Any]):  # type: ignore[no-untyped-def]
+    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
         n = self.body.n
         sent_chars: dict[int, int] = {}  # choice index -> generated characters sent
         sent_tokens: dict[int, int] = {}  # choice index -> generated tokens sent

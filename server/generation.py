@@ -79,13 +79,13 @@ async def merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterato
     try:
         remaining = len(tasks)
         while remaining:
-            i, output, error = await queue.get()
+            i, item, error = await queue.get()
             if error is not None:
                 raise error
-            if output is None:
+            if item is None:
                 remaining -= 1
                 continue
-            yield i, output
+            yield i, item
     finally:
         for task in tasks:
             task.cancel()

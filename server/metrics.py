@@ -99,38 +99,42 @@ class ServerMetrics:
             registry=r,
         )
         self.registry.register(_EngineCollector(engine, model_name))
+        # The children for this model, bound once: `.labels()` per observation costs a lock and a dict lookup.
+        m = model_name
+        self._prompt_tokens, self._generation_tokens = self.prompt_tokens.labels(m), self.generation_tokens.labels(m)
+        self._ttft, self._tpot, self._e2e = self.ttft.labels(m), self.tpot.labels(m), self.e2e.labels(m)
+        self._request_prompt_tokens = self.request_prompt_tokens.labels(m)
+        self._request_generation_tokens = self.request_generation_tokens.labels(m)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     async def track(self, outputs: AsyncIterator[RequestOutput], arrival: float) -> AsyncIterator[RequestOutput]:
         """Passes `outputs` through, observing TTFT, time per output token, end-to-end latency and token counts."""
-        m = self.model_name
         last_time: float | None = None
-        generated = 0
+        generated = 0  # tokens of all samples
+        longest = 0  # tokens of the longest sample: the n samples of a request decode side by side
         prompt_len = 0
         try:
             async for output in outputs:
                 now = time.monotonic()
                 count = sum(len(c.token_ids) for c in output.outputs)
-                new = count - generated
+                steps = max(len(c.token_ids) for c in output.outputs) - longest
                 if last_time is None:
                     prompt_len = len(output.prompt_token_ids)
-                    self.prompt_tokens.labels(m).inc(prompt_len)
-                    self.ttft.labels(m).observe(now - arrival)
-                elif new > 0:
-                    self.tpot.labels(m).observe((now - last_time) / new)
-                if new > 0:
-                    self.generation_tokens.labels(m).inc(new)
-                    generated, last_time = count, now
-                elif last_time is None:
-                    last_time = now
+                    self._prompt_tokens.inc(prompt_len)
+                    self._ttft.observe(now - arrival)
+                elif steps > 0:
+                    self._tpot.observe((now - last_time) / steps)
+                if count > generated:
+                    self._generation_tokens.inc(count - generated)
+                generated, longest, last_time = count, longest + max(steps, 0), now
                 if output.finished:
-                    self.e2e.labels(m).observe(now - arrival)
-                    self.request_prompt_tokens.labels(m).observe(prompt_len)
-                    self.request_generation_tokens.labels(m).observe(generated)
+                    self._e2e.observe(now - arrival)
+                    self._request_prompt_tokens.observe(prompt_len)
+                    self._request_generation_tokens.observe(generated)
                     for completion in output.outputs:
-                        self.request_success.labels(m, completion.finish_reason or "abort").inc()
+                        self.request_success.labels(self.model_name, completion.finish_reason or "abort").inc()
                 yield output
         finally:
             await outputs.aclose()  # type: ignore[attr-defined]

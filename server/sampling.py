@@ -41,6 +41,8 @@ def sampling_params(
     prompt_logprobs: int | None,
 ) -> SamplingParams:
     """The engine's parameters for `request`; the engine's own validation errors become 400s naming the field."""
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options can only be set when stream is true", param="stream_options")
     if request.best_of is not None and request.best_of != request.n:
         raise bad_request("best_of must equal n: jpaged returns every sample it generates", param="best_of")
     logit_bias = None

@@ -41,7 +41,8 @@ class ServerState:
 
 
 def get_state(request: Request) -> ServerState:
-    return request.app.state.server  # type: ignore[no-any-return]
+    state: ServerState = request.app.state.server
+    return state
 
 
 async def read_body[M: BaseModel](request: Request, schema: type[M]) -> M:
