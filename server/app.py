@@ -72,6 +72,7 @@ def build_app(
     served_model_name: str | Sequence[str],
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    trust_request_chat_template: bool = False,
     playground_html: str | None = None,
 ) -> Starlette:
     names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
@@ -104,6 +105,7 @@ def build_app(
         metrics=ServerMetrics(engine, names[0]),
         token_strings=TokenStrings(engine.tokenizer) if engine.tokenizer is not None else None,
         max_body_bytes=max_body_bytes,
+        trust_request_chat_template=trust_request_chat_template,
     )
     app.state.playground_html = playground_html if playground_html is not None else load_playground()
     return app
@@ -132,6 +134,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--engine-stall-timeout", type=float, default=120.0,
                         help="seconds without progress, while the engine has work, after which "
                              "/health is 503 (default: 120)")  # fmt: skip
+    server.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let requests bring their own chat_template (a template is code that runs "
+                             "on the server)")  # fmt: skip
+    server.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per request")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])  # fmt: skip
 
@@ -156,9 +162,17 @@ def run_server(args: argparse.Namespace) -> int:
         served_model_name=names,
         api_key=args.api_key,
         max_body_bytes=args.max_request_body_bytes,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"jpaged: serving {names[0]!r}; playground at http://{host}:{args.port}/ "
           f"(OpenAI API at http://{host}:{args.port}/v1)", flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_graceful_shutdown=5,
+    )
     return 0

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: messages through the chat template, streamed or not.
 
 `max_completion_tokens` (or the older `max_tokens`) defaults to the rest of the context. A model without a chat
-template answers 400 unless the server has `--chat-template` or the request brings `chat_template`.
+template answers 400 unless the server has `--chat-template`, or the request brings `chat_template` and the server
+trusts request templates (`--trust-request-chat-template`: a template is code, and a slow one would stall the server).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import jinja2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -73,12 +73,19 @@ def render_messages(
 ) -> tuple[str, list[int]]:
     """The prompt text and token ids of a conversation; 400 for anything the template cannot render."""
     state.require_tokenizer("chat")
+    if chat_template is not None and not state.trust_request_chat_template:
+        raise bad_request(
+            "chat_template in a request is refused; start the server with --trust-request-chat-template to allow it",
+            param="chat_template",
+        )
     plain = [_plain_message(m) for m in messages]
     try:
         return state.engine.render_chat(plain, chat_template, add_generation_prompt, chat_template_kwargs)
-    except ValueError as exc:  # no template, or one the tokenizer refused
+    except ValueError as exc:  # no template, or arguments the tokenizer refused
         raise bad_request(sentence(str(exc)), param="messages") from None
-    except (TypeError, KeyError, jinja2.TemplateError) as exc:
+    except Exception as exc:
+        # The template runs on the request's messages and kwargs: whatever it raises (raise_exception, a missing
+        # key, a sandbox limit) is the request's problem, answered with the template's own words.
         raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from None
 
 

@@ -24,6 +24,7 @@ class ServerState:
     metrics: ServerMetrics
     token_strings: TokenStrings | None  # None when the engine runs without a tokenizer
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    trust_request_chat_template: bool = False  # a request's own chat_template runs only when True
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     def resolve_model(self, model: str | None) -> str:

@@ -155,7 +155,7 @@ def test_chat_validation(chat_server: RunningServer):
         ({"messages": ok, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
         ({"messages": ok, "tools": [{"type": "function"}]}, "tools", "not supported"),
         ({"messages": ok, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
-        ({"messages": ok, "chat_template": "{% for %}"}, "messages", "chat template"),
+        ({"messages": ok, "chat_template": "{{ messages }}"}, "chat_template", "--trust-request-chat-template"),
         ({"messages": ok, "chat_template_kwargs": 3}, "chat_template_kwargs", "should be an object"),
     ]
     for body, param, fragment in cases:
@@ -216,7 +216,7 @@ def fake() -> Iterator[tuple[RunningServer, FakeLLMEngine]]:
 
 
 def test_every_route_but_health_needs_the_api_key():
-    running, _ = fake_server(api_key=API_KEY)
+    running, _ = fake_server(app_kwargs={"api_key": API_KEY})
     try:
         paths = [(method, route.path.replace("{model:path}", MODEL_NAME)) for route in ROUTES
                  for method in sorted(route.methods - {"HEAD"})]  # fmt: skip
@@ -241,7 +241,7 @@ def test_every_route_but_health_needs_the_api_key():
 
 
 def test_oversized_bodies_are_413():
-    running, _ = fake_server(max_body_bytes=1000)
+    running, _ = fake_server(app_kwargs={"max_body_bytes": 1000})
     try:
         big = {"prompt": "x" * 2000}
         assert_error(post(running, "/v1/completions", big), 413, "1000 bytes")
@@ -375,3 +375,24 @@ def test_client_disconnect_aborts_streams(fake):
         assert time.monotonic() < deadline, "the stream's request was not aborted"
         time.sleep(0.01)
     assert not engine.requests and running.engine.num_unstarted == 0
+
+
+def test_request_chat_templates_run_only_when_trusted_and_fail_as_400():
+    running, _ = fake_server(app_kwargs={"trust_request_chat_template": True})
+    ok = [{"role": "user", "content": "hi"}]
+    try:
+        for template, fragment in [
+            ("{% for %}", "chat template"),
+            ("{{ raise_exception('no tools here') }}", "no tools here"),
+            ("{{ 1 / 0 }}", "division by zero"),
+            ("{% for i in range(10**9) %}x{% endfor %}", "Range too big"),
+            ("{{ messages[7].content }}", "chat template"),
+        ]:
+            body = {"messages": ok, "chat_template": template, "max_tokens": 1}
+            assert_error(post(running, "/v1/chat/completions", body), 400, fragment, param="messages")
+        body = {"messages": ok, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}", "max_tokens": 2}
+        resp = post(running, "/v1/chat/completions", body)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == " a a"
+        assert resp.json()["usage"]["prompt_tokens"] == 2  # "hi", no BOS: the template writes none
+    finally:
+        running.stop()

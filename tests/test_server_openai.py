@@ -372,7 +372,21 @@ def test_tokenize_detokenize_version_health_playground_openapi(server: RunningSe
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
                  "/metrics", "/version", "/"):  # fmt: skip
         assert path in spec["paths"], path
-    assert "CompletionRequest" in spec["components"]["schemas"]
+    schemas = spec["components"]["schemas"]
+    assert {"CompletionRequest", "ChatCompletionRequest", "CompletionResponse", "ErrorResponse"} <= set(schemas)
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            refs.update(v for k, v in node.items() if k == "$ref")
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs), refs
 
 
 def test_metrics_after_traffic(client: openai.OpenAI, server: RunningServer):
