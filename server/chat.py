@@ -31,7 +31,7 @@ from jpaged.server.generation import (
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
 from jpaged.server.protocol import ChatCompletionRequest, ChatMessage
 from jpaged.server.sampling import resolve_max_tokens, sampling_params
-from jpaged.server.state import ServerState, get_state, read_body
+from jpaged.server.state import ServerState, get_state, off_loop_if_long, read_body
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -39,7 +39,7 @@ async def create_chat_completion(request: Request) -> Response:
     body = await read_body(request, ChatCompletionRequest)
     model = state.resolve_model(body.model)
     _reject_unsupported(body)
-    text, token_ids = render_messages(
+    text, token_ids = await render_messages(
         state, body.messages, body.chat_template, body.add_generation_prompt, _template_kwargs(body)
     )
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -64,7 +64,7 @@ async def create_chat_completion(request: Request) -> Response:
     return JSONResponse(view.response(output))
 
 
-def render_messages(
+async def render_messages(
     state: ServerState,
     messages: list[ChatMessage],
     chat_template: str | None,
@@ -79,8 +79,11 @@ def render_messages(
             param="chat_template",
         )
     plain = [_plain_message(m) for m in messages]
+    size = sum(len(m["content"]) for m in plain)
     try:
-        return state.engine.render_chat(plain, chat_template, add_generation_prompt, chat_template_kwargs)
+        return await off_loop_if_long(
+            size, lambda: state.engine.render_chat(plain, chat_template, add_generation_prompt, chat_template_kwargs)
+        )
     except ValueError as exc:  # no template, or arguments the tokenizer refused
         raise bad_request(sentence(str(exc)), param="messages") from None
     except Exception as exc:

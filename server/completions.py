@@ -30,7 +30,7 @@ from jpaged.server.generation import (
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
 from jpaged.server.protocol import CompletionRequest
 from jpaged.server.sampling import resolve_max_tokens, sampling_params
-from jpaged.server.state import ServerState, get_state, read_body
+from jpaged.server.state import ServerState, get_state, off_loop_if_long, read_body
 
 
 async def create_completion(request: Request) -> Response:
@@ -41,7 +41,7 @@ async def create_completion(request: Request) -> Response:
         raise bad_request("suffix is not supported", param="suffix")
     if body.max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
-    prompts = _prompts(state, body)
+    prompts = await _prompts(state, body)
     score_only = body.max_tokens == 0
     longest = max(len(ids) for _, ids in prompts)
     max_tokens = resolve_max_tokens(body.max_tokens, longest, state.engine.max_model_len, "prompt")
@@ -67,7 +67,7 @@ async def create_completion(request: Request) -> Response:
     return JSONResponse(view.response(outputs))
 
 
-def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) per prompt. Token-id prompts are decoded only for echo (the text is otherwise unused)."""
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
@@ -77,7 +77,10 @@ def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str | No
         tokenizer = state.engine.tokenizer
         if tokenizer is None:
             raise bad_request("text prompts need a tokenizer; this server runs with --skip-tokenizer-init", "prompt")
-        return [(t, list(tokenizer(t, add_special_tokens=body.add_special_tokens).input_ids)) for t in texts]
+        special = body.add_special_tokens
+        return await off_loop_if_long(
+            sum(map(len, texts)), lambda: [(t, list(tokenizer(t, add_special_tokens=special).input_ids)) for t in texts]
+        )
     id_lists: list[list[int]] = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
     if not id_lists:
         raise bad_request("prompt must not be empty", param="prompt")

@@ -14,7 +14,7 @@ from jpaged.server.completions import create_completion
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.protocol import DetokenizeRequest, TokenizeRequest
-from jpaged.server.state import get_state, read_body
+from jpaged.server.state import get_state, off_loop_if_long, read_body
 
 _PLACEHOLDER = """<!doctype html><html lang="en"><meta charset="utf-8"><title>jpaged</title>
 <h1>jpaged</h1><p>The playground page is not installed. The OpenAI-compatible API is at <code>/v1</code>;
@@ -67,12 +67,14 @@ async def tokenize(request: Request) -> Response:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("send exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        _, tokens = render_messages(
+        _, tokens = await render_messages(
             state, body.messages, body.chat_template, body.add_generation_prompt, body.chat_template_kwargs
         )
     else:
-        tokenizer = state.engine.tokenizer
-        tokens = list(tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids)
+        tokenizer, prompt, special = state.engine.tokenizer, body.prompt, body.add_special_tokens
+        tokens = await off_loop_if_long(
+            len(prompt), lambda: list(tokenizer(prompt, add_special_tokens=special).input_ids)
+        )
     result: dict[str, object] = {"count": len(tokens), "max_model_len": state.engine.max_model_len, "tokens": tokens}
     if body.return_token_strs:
         result["token_strs"] = [strings.text(t) for t in tokens]

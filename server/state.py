@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -15,6 +17,7 @@ from jpaged.server.logprobs import TokenStrings
 from jpaged.server.metrics import ServerMetrics
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+OFF_LOOP_CHARS = 8192  # texts longer than this are tokenized on a worker thread, so the event loop keeps streaming
 
 
 @dataclasses.dataclass
@@ -39,6 +42,11 @@ class ServerState:
         if self.token_strings is None:
             raise bad_request(f"{what} needs a tokenizer, but this server runs with --skip-tokenizer-init")
         return self.token_strings
+
+
+async def off_loop_if_long[T](num_chars: int, fn: Callable[[], T]) -> T:
+    """Runs `fn` (tokenizing, rendering a template) here when its input is short, on a worker thread when long."""
+    return fn() if num_chars <= OFF_LOOP_CHARS else await asyncio.to_thread(fn)
 
 
 def get_state(request: Request) -> ServerState:

@@ -130,7 +130,7 @@ def test_invalid_completion_requests(server: RunningServer, body: dict, fragment
 
 
 def test_prompt_beyond_the_context(server: RunningServer):
-    long_prompt = "Once upon a time " * 200  # ~800 tokens > 512
+    long_prompt = "Once upon a time " * 600  # 10200 characters (tokenized off the loop), ~2400 tokens > 512
     error = assert_error(post(server, "/v1/completions", {"prompt": long_prompt}), 400,
                          "This model's maximum context length is 512 tokens. However, your request has")  # fmt: skip
     assert error["code"] == "context_length_exceeded"
@@ -160,7 +160,7 @@ def test_chat_validation(chat_server: RunningServer):
     ]
     for body, param, fragment in cases:
         assert_error(post(chat_server, "/v1/chat/completions", body), 400, fragment, param=param)
-    long_messages = [{"role": "user", "content": "Once upon a time " * 200}]
+    long_messages = [{"role": "user", "content": "Once upon a time " * 600}]
     assert_error(post(chat_server, "/v1/chat/completions", {"messages": long_messages}), 400,
                  "maximum context length is 512 tokens. However, your request has", param="messages")  # fmt: skip
     error = assert_error(post(chat_server, "/v1/chat/completions", {"messages": ok, "max_tokens": 600}), 400)
