@@ -1,9 +1,10 @@
 """Running a request's prompts through the engine for a route: submission, merged outputs, streaming, disconnects.
 
 A route submits every prompt first (`submit`), so a bad one fails the whole request with nothing left running, and
-then either streams (`EventStream`) or collects (`collect_until_disconnect`). Either way, a client that leaves aborts
-its requests in the engine: a stream's body iterator is cancelled and closed, which closes the engine iterators,
-which abort; a non-streaming request races its collection against the client's `http.disconnect`.
+then either streams (`EventStream` over `guard_stream`) or collects (`until_disconnect(request, collect(...))`).
+Either way, a client that leaves aborts its requests in the engine: a stream's body iterator is cancelled and closed,
+which closes the engine iterators, which abort; a non-streaming request races its collection against the client's
+`http.disconnect` and cancels it.
 """
 
 from __future__ import annotations
