@@ -174,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error("--rounds must be >= 1")
 
     overrides = engine_overrides(args)
+    load_before = os.getloadavg()
     offline, server = compare(args, overrides)
+    # Other work on the machine moves these numbers a lot on a few cores: keep the evidence with them.
+    machine = {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     median = lambda rows: statistics.median(row["output_throughput"] for row in rows)
     ratio = median(server) / median(offline)
     middle = sorted(server, key=lambda row: row["output_throughput"])[len(server) // 2]
@@ -190,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ):
         print(f"{name:<36}{row[key]:>12.2f}")
     print(f"{'Server / offline (median tok/s)':<36}{ratio:>11.1%}")
+    loads = f"{load_before[0]:.2f} / {machine['loadavg_after'][0]:.2f}"
+    print(f"{'Load average (1 min) before / after':<36}{loads:>12}  ({machine['cpus']} CPUs)")
     print("=" * width)
     record = {
         "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
@@ -198,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "server_vs_offline_per_round": [
             s["output_throughput"] / o["output_throughput"] for s, o in zip(server, offline, strict=True)
         ],
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(record, indent=2, default=str) + "\n")
