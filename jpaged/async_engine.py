@@ -268,10 +268,11 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
-            if not finished and self._streams.get(request_id) is stream:
-                self.abort(request_id)
-            else:
-                self._forget(request_id)
+            if self._streams.get(request_id) is stream:  # else aborted already, or the id was reused since
+                if finished:
+                    self._forget(request_id)
+                else:
+                    self.abort(request_id)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
