@@ -213,9 +213,20 @@ def _bundled_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(EngineConfig().model)
 
 
-def fake_server(*, app_kwargs: dict[str, Any] | None = None, **async_kwargs: Any) -> tuple[RunningServer, Any]:
+def fake_server(
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int | None = None,
+    app_kwargs: dict[str, Any] | None = None,
+    **async_kwargs: Any,
+) -> tuple[RunningServer, Any]:
     """A real uvicorn server in front of an `AsyncEngine` over a `FakeLLMEngine`: (server, fake engine).
-    `app_kwargs` go to `build_app`, the rest to `AsyncEngine`."""
+    `api_key`, `max_body_bytes` and `app_kwargs` go to `build_app`, the rest to `AsyncEngine`."""
     fake = FakeLLMEngine()
     engine = AsyncEngine(fake, **async_kwargs)  # type: ignore[arg-type]
-    return serve(build_app(engine, served_model_name=MODEL_NAME, **(app_kwargs or {})), engine), fake
+    kwargs = dict(app_kwargs or {})
+    if api_key is not None:
+        kwargs["api_key"] = api_key
+    if max_body_bytes is not None:
+        kwargs["max_body_bytes"] = max_body_bytes
+    return serve(build_app(engine, served_model_name=MODEL_NAME, **kwargs), engine), fake
