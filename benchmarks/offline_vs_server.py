@@ -176,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     overrides = engine_overrides(args)
     load_before = os.getloadavg()
     offline, server = compare(args, overrides)
+    load_after = os.getloadavg()
     # Other work on the machine moves these numbers a lot on a few cores: keep the evidence with them.
-    machine = {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    machine = {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after}
     median = lambda rows: statistics.median(row["output_throughput"] for row in rows)
     ratio = median(server) / median(offline)
     middle = sorted(server, key=lambda row: row["output_throughput"])[len(server) // 2]
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ):
         print(f"{name:<36}{row[key]:>12.2f}")
     print(f"{'Server / offline (median tok/s)':<36}{ratio:>11.1%}")
-    loads = f"{load_before[0]:.2f} / {machine['loadavg_after'][0]:.2f}"
+    loads = f"{load_before[0]:.2f} / {load_after[0]:.2f}"
     print(f"{'Load average (1 min) before / after':<36}{loads:>12}  ({machine['cpus']} CPUs)")
     print("=" * width)
     record = {
