@@ -36,7 +36,9 @@ from jpaged.server.state import DEFAULT_MAX_BODY_BYTES, ServerState
 
 logger = logging.getLogger(__name__)
 
-UNAUTHENTICATED_PATHS = frozenset({"/health"})  # what a load balancer probes without credentials
+# /health is what a load balancer probes without credentials; / is the playground page, which a browser opens
+# without an Authorization header and which holds no data (its API calls carry the key the user types in).
+UNAUTHENTICATED_PATHS = frozenset({"/health", "/"})
 
 
 class APIKeyMiddleware:

@@ -125,11 +125,6 @@ def test_chat_keeps_the_conversation(browser: Browser):
         expect(page.locator("#error")).to_be_empty()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/app.py asks for the key on GET / too, so with --api-key a browser cannot load the playground "
-    "(a navigation sends no Authorization header); the page holds no data and should be exempt, like /health",
-)
 def test_api_key_is_sent_and_remembered(browser: Browser):
     running, _ = fake_server(api_key=API_KEY)
     try:
