@@ -27,6 +27,11 @@ def main(config_dir: str, out_dir: str) -> None:
             ids = torch.tensor([p], device="cuda")
             logits.append(model(ids).logits[0].float().cpu().numpy())
     np.savez(out / "hf_logits.npz", *logits)
+    # The same weights in float32: the truth both bf16 runs approximate, to tell rounding noise from a bug.
+    model = model.float()
+    with torch.no_grad():
+        exact = [model(torch.tensor([p], device="cuda")).logits[0].cpu().numpy() for p in prompts]
+    np.savez(out / "hf_logits_f32.npz", *exact)
     (out / "prompts.json").write_text(json.dumps(prompts))
 
 
