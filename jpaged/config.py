@@ -49,6 +49,9 @@ class EngineConfig:
     tensor_parallel_size: int = dataclasses.field(default=1, metadata=_help("devices to shard the model over"))
     seed: int = dataclasses.field(default=0, metadata=_help("seed for requests that bring none"))
     attn_impl: str = dataclasses.field(default="auto", metadata=_help("attention kernel: auto, pallas or reference"))
+    async_scheduling: bool = dataclasses.field(
+        default=False, metadata=_help("schedule and pack step N+1 while the device runs step N")
+    )
     warmup: bool = dataclasses.field(
         default=False, metadata=_help("compile every step bucket at start-up (the server always does)")
     )

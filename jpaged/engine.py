@@ -23,7 +23,7 @@ from jpaged.models.loader import dummy_params, load_params, resolve_dtype
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.page_pool import PagePool
 from jpaged.request import Logprob, Request, RequestStatus
-from jpaged.runner import ModelRunner, StepResult
+from jpaged.runner import InFlight, ModelRunner, StepResult
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler, SchedulerOutput
 
@@ -99,6 +99,7 @@ class LLMEngine:
         self._prompts: dict[str, str | None] = {}
         self._detokenizers: dict[tuple[str, int], Detokenizer] = {}
         self._auto_ids = itertools.count()
+        self._inflight: InFlight | None = None  # async scheduling: the dispatched step not yet collected
 
     # -- requests ---------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
@@ -148,7 +149,7 @@ class LLMEngine:
         self._prompts.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -182,32 +183,73 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        result = self.runner.execute(sched) if not sched.is_empty() else None
-        return self._postprocess(sched, result)
+        """Schedules, dispatches and collects one step.
 
-    def _postprocess(self, sched: SchedulerOutput, result: StepResult | None) -> list[RequestOutput]:
-        touched: dict[str, None] = {}
+        With `async_scheduling`, the step dispatched here is collected by the next call: its device work overlaps
+        the host's collection of the previous step and the scheduling of the next. Requests are then scheduled
+        before their last sampled token reaches the host (the device feeds it in), so a request that turns out to
+        have stopped runs one extra step whose token is dropped.
+        """
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and not self._may_overlap():
+            outputs += self._collect()
+        sched = self.scheduler.schedule()
+        launched = self._dispatch(sched) if not sched.is_empty() else None
+        if self._inflight is not None:
+            outputs += self._collect()
+        self._inflight = launched
+        if not self.config.async_scheduling and self._inflight is not None:
+            outputs += self._collect()
+        return _merge(outputs)
+
+    def _may_overlap(self) -> bool:
+        # Penalties read every past token on the device-side history the host packs, so they need all of them.
+        return self.config.async_scheduling and not any(
+            r.params.uses_penalties for r in (*self.scheduler.running, *self.scheduler.waiting)
+        )
+
+    def _dispatch(self, sched: SchedulerOutput) -> InFlight:
+        launched = self.runner.dispatch(sched)
         for row, (req, n) in enumerate(zip(sched.requests, sched.num_new_tokens, strict=True)):
-            assert result is not None
             req.num_computed_tokens += n
-            self.pool.cache_full_pages(req, req.num_computed_tokens)
+            if req.num_computed_tokens == req.num_tokens:  # caught up: this step samples its next token
+                req.add_placeholder(row)
+        return launched
+
+    def _collect(self) -> list[RequestOutput]:
+        step, self._inflight = self._inflight, None
+        assert step is not None
+        return self._postprocess(step, self.runner.fetch(step))
+
+    def _postprocess(self, step: InFlight, result: StepResult) -> list[RequestOutput]:
+        touched: dict[str, None] = {}
+        sched = step.sched
+        for row, (req, n, begin) in enumerate(zip(sched.requests, sched.num_new_tokens, step.begins, strict=True)):
+            if req.status.finished:
+                continue  # aborted, or stopped by a token the host saw after this step was dispatched
+            if req.status is RequestStatus.RUNNING:  # not preempted since this step was dispatched
+                self.pool.cache_full_pages(req, begin + n)
             if row in result.prompt_logprobs:
-                req.prompt_logprobs.extend(result.prompt_logprobs[row])
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prompt chunk with more to come: nothing sampled yet
+                # Rows start at position 0 (None) or begin + 1; a recomputed prompt (after preemption) adds only
+                # the positions it had not reached before.
+                first = 0 if begin == 0 else begin + 1
+                req.prompt_logprobs.extend(result.prompt_logprobs[row][len(req.prompt_logprobs) - first :])
+            index = begin + n  # where this step's sample goes, if it sampled one
+            if req.pending.get(index) != row:
+                continue  # a prompt chunk with more to come, or a preempted request: nothing sampled
             token = int(result.token_ids[row])
-            req.append_token(token)
+            req.resolve(index, token)
             if result.logprobs is not None and req.params.logprobs is not None:
                 k = req.params.logprobs
                 top = tuple(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist(), strict=True))  # type: ignore[index]
                 req.logprobs.append(Logprob(token, float(result.logprobs[row]), top))
-            req.check_stop_token()
+            req.check_stop_token(index)
             stop = self._detokenizers[req.key].add(token)
             if stop is not None and not req.status.finished:
                 req.status = RequestStatus.FINISHED_STOPPED
                 req.stop_reason = stop
             if req.status.finished:
+                req.truncate_after(index)
                 self.scheduler.finish(req, req.status)
             touched[req.request_id] = None
         return [self._make_output(rid) for rid in touched]
@@ -223,7 +265,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=req.sample_index,
                     text=detok.visible_text(done),
-                    token_ids=list(req.output_token_ids),
+                    token_ids=req.known_output_token_ids,
                     cumulative_logprob=sum(lp.logprob for lp in req.logprobs)
                     if req.params.logprobs is not None
                     else None,
@@ -290,3 +332,9 @@ def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBa
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def _merge(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request: when two steps are collected in one call, the later output supersedes."""
+    latest = {o.request_id: o for o in outputs}
+    return list(latest.values())

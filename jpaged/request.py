@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from jpaged.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # a sampled token still on the device (async scheduling): the next step reads it there
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -52,6 +54,9 @@ class Request:
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at first schedule
     pages: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # Sampled tokens not yet on the host: token index -> the row of the step that samples it. At most two (the
+    # step being collected and the one just dispatched), always the last entries of token_ids.
+    pending: dict[int, int] = field(default_factory=dict)
     stop_reason: int | str | None = None
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)
@@ -76,16 +81,42 @@ class Request:
     def key(self) -> tuple[str, int]:
         return (self.request_id, self.sample_index)
 
+    @property
+    def known_output_token_ids(self) -> list[int]:
+        return self.output_token_ids[: len(self.output_token_ids) - len(self.pending)]
+
     def append_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self.token_ids.append(token_id)
+        index = self.add_placeholder(row=-1)
+        self.resolve(index, token_id)
+
+    def add_placeholder(self, row: int) -> int:
+        """Reserves the next token for what row `row` of the step being dispatched samples; returns its index."""
+        index = len(self.token_ids)
+        self.token_ids.append(PLACEHOLDER)
+        self.output_token_ids.append(PLACEHOLDER)
+        self.pending[index] = row
+        return index
+
+    def resolve(self, index: int, token_id: int) -> None:
+        self.token_ids[index] = token_id
+        self.output_token_ids[index - self.num_prompt_tokens] = token_id
+        del self.pending[index]
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
 
-    def check_stop_token(self) -> None:
-        """Finishes the request if its last token ends it (EOS, a stop token id, or the length limit)."""
-        last = self.output_token_ids[-1]
-        if self.num_output_tokens >= self.params.min_tokens:
+    def truncate_after(self, index: int) -> None:
+        """Drops tokens sampled past `index` (a step scheduled before the request was known to have ended)."""
+        del self.token_ids[index + 1 :]
+        del self.output_token_ids[index + 1 - self.num_prompt_tokens :]
+        self.pending = {i: row for i, row in self.pending.items() if i <= index}
+
+    def check_stop_token(self, index: int | None = None) -> None:
+        """Finishes the request if its token at `index` (default: the last) ends it: EOS, a stop token id, or the
+        length limit."""
+        index = self.num_tokens - 1 if index is None else index
+        last = self.token_ids[index]
+        num_output = index + 1 - self.num_prompt_tokens
+        if num_output >= self.params.min_tokens:
             if not self.params.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED
                 return
@@ -93,5 +124,5 @@ class Request:
                 self.status = RequestStatus.FINISHED_STOPPED
                 self.stop_reason = last
                 return
-        if self.num_output_tokens >= self.max_tokens:
+        if num_output >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH

@@ -25,7 +25,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.metadata import AttentionMetadata
 from jpaged.page_pool import NULL_PAGE
 from jpaged.request import Logprob, Request
-from jpaged.sampler import SamplingMetadata, prompt_logprobs, sample
+from jpaged.sampler import SamplerOutput, SamplingMetadata, prompt_logprobs, sample
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import SchedulerOutput
 
@@ -36,11 +36,23 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class StepInput:
     tokens: jax.Array  # [T] int32 token ids; padding rows hold 0
+    prev_rows: jax.Array  # [T] int32 row of the previous step's sample that is this token (async), else -1
     positions: jax.Array  # [T] int32 position of each token in its sequence
     attn: AttentionMetadata
     sample_rows: jax.Array  # [B] int32 which of the R logit rows each sequence samples from
     prompt_targets: jax.Array  # [T] int32 next prompt token per row for prompt logprobs, -1 where none ([1] if unused)
     sampling: SamplingMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class InFlight:
+    """A dispatched step: its outputs are device arrays the host has not waited for yet."""
+
+    sched: SchedulerOutput
+    begins: tuple[int, ...]  # each request's num_computed_tokens when the step was packed
+    sampled: SamplerOutput
+    prompt: tuple[jax.Array, jax.Array, jax.Array] | None
+    num_logprobs: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +89,7 @@ def _step(
     params,
     kv_pages,
     batch: StepInput,
+    prev_tokens: jax.Array,  # [max_num_seqs] int32 the previous step's samples, padded
     *,
     cfg: ModelConfig,
     attn_impl: str,
@@ -84,10 +97,13 @@ def _step(
     want_prompt_logprobs: bool,
 ):
     forward = get_forward(cfg, attn_impl=attn_impl)
-    logits, kv_pages = forward(params, batch.tokens, batch.positions, kv_pages, batch.attn)
+    # With async scheduling the host packs this step before it has seen the last one's samples: take them here.
+    tokens = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.tokens)
+    logits, kv_pages = forward(params, tokens, batch.positions, kv_pages, batch.attn)
     sampled = sample(logits[batch.sample_rows], batch.sampling, num_logprobs=num_logprobs)
     prompt = prompt_logprobs(logits, batch.prompt_targets, num_logprobs=MAX_LOGPROBS) if want_prompt_logprobs else None
-    return kv_pages, sampled, prompt
+    next_tokens = jnp.zeros_like(prev_tokens).at[: sampled.token_ids.shape[0]].set(sampled.token_ids)
+    return kv_pages, sampled, prompt, next_tokens
 
 
 # One jitted step for the process: engines with the same model config and bucket shapes share compiled code.
@@ -131,26 +147,38 @@ class ModelRunner:
         self._replicated = sharding.replicated(mesh)
         self.attn_impl = attn_impl
         self.warmup_seconds: float | None = None  # set by warm_up()
+        self._last_samples = jax.device_put(np.zeros(max_num_seqs, np.int32), self._replicated)
 
     @property
     def kv_cache_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv_pages)
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        return self.fetch(self.dispatch(sched))
+
+    def dispatch(self, sched: SchedulerOutput) -> InFlight:
+        """Packs and launches the step without waiting for it (JAX dispatch is asynchronous)."""
         batch, num_logprobs, want_prompt = self._pack(sched)
         with jax.set_mesh(self.mesh):
-            self.kv_pages, sampled, prompt = _jitted_step(
+            self.kv_pages, sampled, prompt, self._last_samples = _jitted_step(
                 self.params,
                 self.kv_pages,
                 batch,
+                self._last_samples,
                 cfg=self.cfg,
                 attn_impl=self.attn_impl,
                 num_logprobs=num_logprobs,
                 want_prompt_logprobs=want_prompt,
             )
-        n = len(sched.requests)
+        begins = tuple(r.num_computed_tokens for r in sched.requests)
+        return InFlight(sched=sched, begins=begins, sampled=sampled, prompt=prompt, num_logprobs=num_logprobs)
+
+    def fetch(self, step: InFlight) -> StepResult:
+        """Waits for a dispatched step and brings its samples (and requested logprobs) to the host."""
+        n = len(step.sched.requests)
+        sampled = step.sampled
         token_ids = np.asarray(sampled.token_ids)[:n]
-        if num_logprobs:
+        if step.num_logprobs:
             logprobs, top_ids, top_lps = (
                 np.asarray(a)[:n] for a in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
             )
@@ -161,7 +189,7 @@ class ModelRunner:
             logprobs=logprobs,
             top_ids=top_ids,
             top_logprobs=top_lps,
-            prompt_logprobs=self._unpack_prompt_logprobs(sched, prompt) if want_prompt else {},
+            prompt_logprobs=self._unpack_prompt_logprobs(step) if step.prompt is not None else {},
         )
 
     def warm_up(self) -> float:
@@ -172,8 +200,8 @@ class ModelRunner:
             t0 = time.perf_counter()
             batch, _, _ = self._pack(SchedulerOutput(requests=(), num_new_tokens=(), preempted=()), t_pad=t_pad)
             with jax.set_mesh(self.mesh):
-                self.kv_pages, sampled, _ = _jitted_step(
-                    self.params, self.kv_pages, batch, cfg=self.cfg, attn_impl=self.attn_impl,
+                self.kv_pages, sampled, _, _ = _jitted_step(
+                    self.params, self.kv_pages, batch, self._last_samples, cfg=self.cfg, attn_impl=self.attn_impl,
                     num_logprobs=0, want_prompt_logprobs=False,
                 )  # fmt: skip
             jax.block_until_ready(sampled.token_ids)
@@ -194,6 +222,7 @@ class ModelRunner:
         num_logprobs = MAX_LOGPROBS if any(r.params.logprobs is not None for r in reqs) else 0
 
         tokens = np.zeros(t_pad, np.int32)
+        prev_rows = np.full(t_pad, -1, np.int32)
         positions = np.zeros(t_pad, np.int32)
         slots = np.full(t_pad, NULL_PAGE * self.page_size, np.int32)
         targets = np.full(t_pad if want_prompt else 1, -1, np.int32)
@@ -206,6 +235,9 @@ class ModelRunner:
             begin = req.num_computed_tokens
             pos = np.arange(begin, begin + n, dtype=np.int32)
             tokens[start : start + n] = req.token_ids[begin : begin + n]
+            for index, row in req.pending.items():  # a token the previous step sampled and the host has not seen
+                if begin <= index < begin + n:
+                    prev_rows[start + index - begin] = row
             positions[start : start + n] = pos
             pages = np.asarray(req.pages, np.int32)
             slots[start : start + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
@@ -234,6 +266,7 @@ class ModelRunner:
         )
         batch = StepInput(
             tokens=tokens,
+            prev_rows=prev_rows,
             positions=positions,
             attn=attn,
             sample_rows=sample_rows,
@@ -280,16 +313,17 @@ class ModelRunner:
             bias_values=bias_values,
         )
 
-    def _unpack_prompt_logprobs(self, sched: SchedulerOutput, prompt: Any) -> dict[int, list[Logprob | None]]:
-        target_lp, top_ids, top_lps = (np.asarray(a) for a in prompt)
+    def _unpack_prompt_logprobs(self, step: InFlight) -> dict[int, list[Logprob | None]]:
+        target_lp, top_ids, top_lps = (np.asarray(a) for a in step.prompt)  # type: ignore[union-attr]
         out: dict[int, list[Logprob | None]] = {}
         start = 0
-        for b, (req, n) in enumerate(zip(sched.requests, sched.num_new_tokens, strict=True)):
+        sched = step.sched
+        for b, (req, n, begin) in enumerate(zip(sched.requests, sched.num_new_tokens, step.begins, strict=True)):
             k = req.params.prompt_logprobs
             if k is not None:
-                rows: list[Logprob | None] = [None] if req.num_computed_tokens == 0 else []
+                rows: list[Logprob | None] = [None] if begin == 0 else []
                 for t in range(start, start + n):
-                    pos = req.num_computed_tokens + (t - start) + 1  # the prompt position this row predicts
+                    pos = begin + (t - start) + 1  # the prompt position this row predicts
                     if pos >= req.num_prompt_tokens:
                         break
                     top = tuple(zip(top_ids[t, :k].tolist(), top_lps[t, :k].tolist(), strict=True))

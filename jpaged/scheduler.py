@@ -60,6 +60,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_output_tokens >= request.max_tokens:
+                i += 1  # its last token is still on the device (async scheduling): the request ends there
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.enable_chunked_prefill and n < request.num_tokens - request.num_computed_tokens:
                 break

@@ -48,6 +48,13 @@ CONFIGS = {
     "page-32": {"page_size": 32},
     "no-prefix-cache-small-budget": {"enable_prefix_caching": False, "max_num_batched_tokens": 48},
     "preemption": {"num_pages": 20, "page_size": 8},
+    "async": {"async_scheduling": True},
+    "async-preemption-small-budget": {
+        "async_scheduling": True,
+        "num_pages": 20,
+        "page_size": 8,
+        "max_num_batched_tokens": 48,
+    },
 }
 
 
@@ -59,7 +66,7 @@ def test_together_equals_alone(name, alone):
     assert together == alone
     assert [len(t) for t in together] == [p.max_tokens for p in params]
     assert_pool_clean(llm)
-    if name == "preemption":
+    if "preemption" in name:
         assert llm.engine.scheduler.num_preemptions > 0
     if name == "default":
         assert llm.engine.pool.stats().prefix_cache_hits > 0

@@ -18,9 +18,9 @@ KNOWN_GREEDY = (
 EOS, BOS = 2, 1
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(max_num_seqs=16)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(request) -> LLM:
+    return LLM(max_num_seqs=16, async_scheduling=request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +95,26 @@ def test_eos_ignore_eos_and_min_tokens(llm):
     assert ignored.outputs[0].token_ids == [EOS] * 8 and ignored.outputs[0].finish_reason == "length"
     held = llm.generate("Once upon a time", greedy(max_tokens=8, logit_bias=force_eos, min_tokens=5))[0].outputs[0]
     assert len(held.token_ids) == 6 and EOS not in held.token_ids[:5] and held.token_ids[5] == EOS
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything():
+    llm = LLM(async_scheduling=True, max_model_len=64)
+    engine = llm.engine
+    for i in range(4):
+        engine.add_request(str(i), [1, 403, 407 + i], greedy(max_tokens=40, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine._inflight is not None  # a step is dispatched and not collected
+    engine.abort_request("1")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id != "1"
+            if out.finished:
+                finished[out.request_id] = out
+    assert sorted(finished) == ["0", "2", "3"]
+    assert all(len(o.outputs[0].token_ids) == 40 for o in finished.values())
+    assert_pool_clean(llm)
 
 
 def test_max_tokens_none_runs_to_the_context_limit():
@@ -224,3 +244,23 @@ def test_skip_tokenizer_init_takes_token_ids_only():
     with pytest.raises(ValueError, match="stop strings"):
         llm.generate([1, 2, 3], greedy(stop="x"))
     assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prompt_logprobs_survive_preemption_and_chunking(async_scheduling):
+    prompts = [{"prompt_token_ids": [1, *range(20 + 3 * i, 60 + 3 * i)]} for i in range(6)]
+    params = greedy(max_tokens=12, ignore_eos=True, prompt_logprobs=1)
+    calm = LLM(max_model_len=64).generate(prompts, params)
+    tight = LLM(
+        max_model_len=64, num_pages=9, page_size=8, max_num_batched_tokens=24, async_scheduling=async_scheduling
+    )
+    squeezed = tight.generate(prompts, params)
+    assert tight.engine.scheduler.num_preemptions > 0
+    for a, b in zip(calm, squeezed, strict=True):
+        assert len(b.prompt_logprobs) == len(b.prompt_token_ids)
+        assert [lp and lp.token_id for lp in b.prompt_logprobs] == [lp and lp.token_id for lp in a.prompt_logprobs]
+        np.testing.assert_allclose(
+            [lp.logprob for lp in b.prompt_logprobs[1:]], [lp.logprob for lp in a.prompt_logprobs[1:]], atol=1e-5
+        )
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert_pool_clean(tight)
