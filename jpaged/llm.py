@@ -32,18 +32,19 @@ class LLM:
 
         Every prompt is validated before any is queued, so one bad prompt raises without leaving the rest queued.
         """
-        if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        single = isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
+        prompt_list: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item,arg-type]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
         else:
             params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(prompt_list)} prompts but {len(params_list)} sampling params")
         ids: list[str] = []
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
+            for prompt, params in zip(prompt_list, params_list, strict=True):
                 ids.append(self.engine.add_request(None, prompt, params))
         except ValueError:
             for rid in ids:
@@ -61,20 +62,13 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts: list[Prompt] = [
-            {"prompt_token_ids": ids, "prompt": text}
-            for text, ids in (
-                render_chat(
-                    self.engine,
-                    conv,
-                    chat_template,
-                    add_generation_prompt,
-                    chat_template_kwargs,  # type: ignore[arg-type]
-                )
-                for conv in conversations
-            )
-        ]
+        conversations: list[list[dict[str, str]]] = (
+            messages if messages and isinstance(messages[0], list) else [messages]  # type: ignore[list-item]
+        )
+        prompts: list[Prompt] = []
+        for conv in conversations:
+            text, ids = render_chat(self.engine, conv, chat_template, add_generation_prompt, chat_template_kwargs)
+            prompts.append({"prompt_token_ids": ids, "prompt": text})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -106,7 +100,7 @@ def render_chat(
         raise ValueError(
             "this model's tokenizer has no chat template; pass one with --chat-template (or chat_template=...)"
         )
-    text = tokenizer.apply_chat_template(
+    text: str = tokenizer.apply_chat_template(  # type: ignore[assignment]  # tokenize=False gives a string
         messages,
         chat_template=template,
         tokenize=False,

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -183,7 +183,7 @@ class ModelRunner:
                 np.asarray(a)[:n] for a in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
             )
         else:
-            logprobs = top_ids = top_lps = None
+            logprobs = top_ids = top_lps = None  # type: ignore[assignment]
         return StepResult(
             token_ids=token_ids,
             logprobs=logprobs,
@@ -257,20 +257,20 @@ class ModelRunner:
         else:
             logits_indices, sample_rows = last_rows, np.arange(b_pad, dtype=np.int32)
         attn = AttentionMetadata(
-            slot_mapping=slots,
-            page_tables=page_tables,
-            seq_lens=seq_lens,
-            cu_q_lens=cu_q_lens,
-            num_seqs=np.array([len(reqs)], np.int32),
-            logits_indices=logits_indices,
+            slot_mapping=_host(slots),
+            page_tables=_host(page_tables),
+            seq_lens=_host(seq_lens),
+            cu_q_lens=_host(cu_q_lens),
+            num_seqs=_host(np.array([len(reqs)], np.int32)),
+            logits_indices=_host(logits_indices),
         )
         batch = StepInput(
-            tokens=tokens,
-            prev_rows=prev_rows,
-            positions=positions,
+            tokens=_host(tokens),
+            prev_rows=_host(prev_rows),
+            positions=_host(positions),
             attn=attn,
-            sample_rows=sample_rows,
-            prompt_targets=targets,
+            sample_rows=_host(sample_rows),
+            prompt_targets=_host(targets),
             sampling=self._pack_sampling(reqs, b_pad),
         )
         return jax.device_put(batch, self._replicated), num_logprobs, want_prompt
@@ -297,20 +297,20 @@ class ModelRunner:
                 bias_ids[b, : len(bias)] = list(bias)
                 bias_values[b, : len(bias)] = list(bias.values())
         return SamplingMetadata(
-            temperature=column(lambda r: r.params.temperature, np.float32, 0.0),
-            top_p=column(lambda r: r.params.top_p, np.float32, 1.0),
-            top_k=column(lambda r: r.params.top_k, np.int32, 0),
-            min_p=column(lambda r: r.params.min_p, np.float32, 0.0),
-            seeds=column(lambda r: r.seed & 0xFFFFFFFF, np.uint32, 0),
-            sample_index=column(lambda r: r.sample_index, np.int32, 0),
-            positions=column(lambda r: r.num_tokens, np.int32, 0),
-            presence_penalty=column(lambda r: r.params.presence_penalty, np.float32, 0.0),
-            frequency_penalty=column(lambda r: r.params.frequency_penalty, np.float32, 0.0),
-            repetition_penalty=column(lambda r: r.params.repetition_penalty, np.float32, 1.0),
-            history=history,
-            prompt_lens=column(lambda r: r.num_prompt_tokens, np.int32, 0),
-            bias_ids=bias_ids,
-            bias_values=bias_values,
+            temperature=_host(column(lambda r: r.params.temperature, np.float32, 0.0)),
+            top_p=_host(column(lambda r: r.params.top_p, np.float32, 1.0)),
+            top_k=_host(column(lambda r: r.params.top_k, np.int32, 0)),
+            min_p=_host(column(lambda r: r.params.min_p, np.float32, 0.0)),
+            seeds=_host(column(lambda r: r.seed & 0xFFFFFFFF, np.uint32, 0)),
+            sample_index=_host(column(lambda r: r.sample_index, np.int32, 0)),
+            positions=_host(column(lambda r: r.num_tokens, np.int32, 0)),
+            presence_penalty=_host(column(lambda r: r.params.presence_penalty, np.float32, 0.0)),
+            frequency_penalty=_host(column(lambda r: r.params.frequency_penalty, np.float32, 0.0)),
+            repetition_penalty=_host(column(lambda r: r.params.repetition_penalty, np.float32, 1.0)),
+            history=_host(history),
+            prompt_lens=_host(column(lambda r: r.num_prompt_tokens, np.int32, 0)),
+            bias_ids=_host(bias_ids),
+            bias_values=_host(bias_values),
         )
 
     def _unpack_prompt_logprobs(self, step: InFlight) -> dict[int, list[Logprob | None]]:
@@ -334,6 +334,11 @@ class ModelRunner:
 
 
 _BIAS_WIDTHS = [8, 64, 512, 4096, 1 << 20]
+
+
+def _host(x: np.ndarray) -> jax.Array:
+    """A host array in a field typed for the device: `_pack` moves the whole StepInput in one `device_put`."""
+    return cast(jax.Array, x)
 
 
 def _logit_bias(request: Request) -> dict[int, float]:

@@ -152,7 +152,7 @@ def load_params(
 
 
 def _check_complete(params: dict[str, Any], expected: dict[str, Any], model_dir: Path) -> None:
-    missing = []
+    missing: list[str] = []
     for name in ("embed", "final_norm", "lm_head"):
         if name in expected and name not in params:
             missing.append(name)
