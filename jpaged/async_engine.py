@@ -311,8 +311,10 @@ class AsyncEngine:
         if self._thread is None:
             return "the engine loop has not started"
         if self._dead is not None:
-            return "the engine loop has stopped" if isinstance(self._dead, EngineDeadError) else (
-                f"the engine loop died ({type(self._dead).__name__}); see the server log"
+            return (
+                "the engine loop has stopped"
+                if isinstance(self._dead, EngineDeadError)
+                else (f"the engine loop died ({type(self._dead).__name__}); see the server log")
             )
         return "the engine loop has stopped"
 
