@@ -153,6 +153,15 @@ def save(args: Any, record: dict[str, Any]) -> None:
         print(f"wrote {where}", flush=True)
 
 
+def add_engine_arguments(parser: Any, defaults: dict[str, Any]) -> None:
+    """One flag per EngineConfig field (as `jpaged serve` has), with the benchmark's own defaults."""
+    from jpaged.config import EngineConfig, add_cli_arguments
+
+    add_cli_arguments(parser, exclude=("tokenizer", "chat_template"))
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in fields})
+
+
 def add_output_arguments(parser: Any, default_key: str | None = None) -> None:
     parser.add_argument("--json-out", default=None, help="write the results here (JSON)")
     parser.add_argument(

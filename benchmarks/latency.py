@@ -20,7 +20,6 @@ FLOP/s = their FLOPs (2 x params x tokens + causal attention + the logits of the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import statistics
@@ -147,7 +146,6 @@ def measure_prefill(llm: Any, shape: common.ModelShape, args: argparse.Namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jpaged.config import EngineConfig, add_cli_arguments
 
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
     parser.add_argument("--peak-flops", type=float, default=common.PEAK_FLOPS)
     common.add_output_arguments(parser)
-    add_cli_arguments(parser, exclude=("tokenizer", "chat_template"))
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    parser.set_defaults(**{k: v for k, v in ENGINE_DEFAULTS.items() if k in fields})
+    common.add_engine_arguments(parser, ENGINE_DEFAULTS)
     return parser
 
 

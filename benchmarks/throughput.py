@@ -357,7 +357,6 @@ def parse_run(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jpaged.config import EngineConfig, add_cli_arguments
 
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -392,9 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
     parser.add_argument("--peak-flops", type=float, default=common.PEAK_FLOPS)
     common.add_output_arguments(parser)
-    add_cli_arguments(parser, exclude=("tokenizer", "chat_template"))
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    parser.set_defaults(**{k: v for k, v in ENGINE_DEFAULTS.items() if k in fields})
+    common.add_engine_arguments(parser, ENGINE_DEFAULTS)
     return parser
 
 
