@@ -7,8 +7,10 @@ What crosses to the host each step: the sampled token ids [B] (and logprobs when
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -194,19 +196,39 @@ class ModelRunner:
 
     def warm_up(self) -> float:
         """Compiles the step for every token bucket (the common variant: no logprobs, penalties or prompt
-        logprobs) by running it on an all-padding batch, which only writes into the null page."""
+        logprobs), then runs each once on an all-padding batch, which only writes into the null page.
+
+        XLA compiles on host threads without the GIL, so the buckets compile concurrently, one thread per core."""
         start = time.perf_counter()
-        for t_pad in tqdm(self.token_buckets, desc="Compiling step buckets", disable=len(self.token_buckets) < 4):
+        empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
+        batches = [self._pack(empty, t_pad=t_pad)[0] for t_pad in self.token_buckets]
+
+        def compile_bucket(batch: StepInput) -> float:
             t0 = time.perf_counter()
-            batch, _, _ = self._pack(SchedulerOutput(requests=(), num_new_tokens=(), preempted=()), t_pad=t_pad)
+            with jax.set_mesh(self.mesh):
+                _jitted_step.lower(
+                    self.params, self.kv_pages, batch, self._last_samples, cfg=self.cfg, attn_impl=self.attn_impl,
+                    num_logprobs=0, want_prompt_logprobs=False,
+                ).compile()  # fmt: skip
+            return time.perf_counter() - t0
+
+        workers = max(1, min(len(batches), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(compile_bucket, b) for b in batches]
+            show = len(futures) >= 4
+            for t_pad, future in tqdm(
+                zip(self.token_buckets, futures, strict=True), total=len(futures), desc="Compiling step buckets",
+                disable=not show,
+            ):  # fmt: skip
+                logger.info("compiled step bucket T=%d B=%d in %.2f s", t_pad, min(t_pad, self.max_num_seqs),
+                            future.result())  # fmt: skip
+        for batch in batches:  # the compiled executables now serve the real call path
             with jax.set_mesh(self.mesh):
                 self.kv_pages, sampled, _, _ = _jitted_step(
                     self.params, self.kv_pages, batch, self._last_samples, cfg=self.cfg, attn_impl=self.attn_impl,
                     num_logprobs=0, want_prompt_logprobs=False,
                 )  # fmt: skip
             jax.block_until_ready(sampled.token_ids)
-            logger.info("compiled step bucket T=%d B=%d in %.2f s", t_pad, min(t_pad, self.max_num_seqs),
-                        time.perf_counter() - t0)  # fmt: skip
         elapsed = self.warmup_seconds = time.perf_counter() - start
         logger.info("warm-up: %d buckets compiled in %.1f s", len(self.token_buckets), elapsed)
         return elapsed
