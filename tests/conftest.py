@@ -17,6 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_MODELS = REPO.parent / "shared" / "models"
 STORIES = REPO / "jpaged" / "bundled" / "stories260K"
 HF_FIXTURES = REPO / "tests" / "fixtures" / "hf"
+# stories260K's greedy continuation of "Once upon a time" (60 tokens), as llama2.c publishes it.
+KNOWN_GREEDY = (
+    ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball. "
+    "She wanted to play with it, but it was too high.\nLily"
+)
 
 
 def has_gpu() -> bool:

@@ -7,14 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import STORIES, assert_pool_clean
+from conftest import KNOWN_GREEDY, STORIES, assert_pool_clean
 
 from jpaged import LLM, SamplingParams
 
-KNOWN_GREEDY = (
-    ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball. "
-    "She wanted to play with it, but it was too high.\nLily"
-)
 EOS, BOS = 2, 1
 
 
