@@ -50,7 +50,7 @@ class EngineConfig:
     seed: int = dataclasses.field(default=0, metadata=_help("seed for requests that bring none"))
     attn_impl: str = dataclasses.field(default="auto", metadata=_help("attention kernel: auto, pallas or reference"))
     async_scheduling: bool = dataclasses.field(
-        default=False, metadata=_help("schedule and pack step N+1 while the device runs step N")
+        default=True, metadata=_help("schedule and dispatch step N+1 before step N's tokens reach the host")
     )
     warmup: bool = dataclasses.field(
         default=False, metadata=_help("compile every step bucket at start-up (the server always does)")
