@@ -236,7 +236,7 @@ class LLMEngine:
                 req.prompt_logprobs.extend(result.prompt_logprobs[row][len(req.prompt_logprobs) - first :])
             index = begin + n  # where this step's sample goes, if it sampled one
             if req.pending.get(index) != row:
-                continue  # a prompt chunk with more to come, or a preempted request: nothing sampled
+                continue  # a prompt chunk with more to come: nothing sampled yet
             token = int(result.token_ids[row])
             req.resolve(index, token)
             if result.logprobs is not None and req.params.logprobs is not None:
