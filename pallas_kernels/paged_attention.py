@@ -135,17 +135,14 @@ def _validate(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, s
         raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
 
 
-def _token_positions(seq_lens, cu_q_lens, num_seqs, num_tokens):
-    """The sequence each query row belongs to, its kv position, and whether it is a real (non-padding) row."""
-    rows = jnp.arange(num_tokens, dtype=jnp.int32)  # [T]
-    num_seqs_max = seq_lens.shape[0]
-    # Row t belongs to the b with cu[b] <= t < cu[b+1]; side="right" steps over empty sequences.
-    seq = jnp.searchsorted(cu_q_lens[1:], rows, side="right").astype(jnp.int32)
-    seq = jnp.minimum(seq, num_seqs_max - 1)  # [T] rows past the last sequence are padding anyway
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]  # [T]
-    pos = seq_lens[seq] - q_len + (rows - cu_q_lens[seq])  # [T]
-    valid = rows < cu_q_lens[num_seqs[0]]  # [T]
-    return seq, pos, valid
+def _count_le(sorted_edges: jax.Array, x: jax.Array) -> jax.Array:
+    """searchsorted(sorted_edges, x, side="right") as one fused compare-and-sum.
+
+    jnp.searchsorted's default bisection is a loop of tiny kernels; on a GPU it cost ~0.25 ms per attention call,
+    more than the whole decode kernel at small batch (B=32, ctx 1024). Edges are at most B + 1 long, so the
+    [len(x), len(edges)] comparison is cheap.
+    """
+    return jnp.sum(sorted_edges[None, :] <= x[:, None], axis=1, dtype=jnp.int32)
 
 
 def paged_attention_reference(
@@ -288,7 +285,7 @@ def _query_blocks(seq_lens, cu_q_lens, num_seqs, *, num_tokens: int, block_q: in
     blocks_per_seq = (q_lens + block_q - 1) // block_q  # [B]
     cu_blocks = jnp.cumsum(blocks_per_seq)  # [B] end (exclusive) block of each sequence
     blk = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(cu_blocks, blk, side="right"), num_seqs_max - 1).astype(jnp.int32)
+    seq = jnp.minimum(_count_le(cu_blocks, blk), num_seqs_max - 1)
     first_block = cu_blocks[seq] - blocks_per_seq[seq]
     offset = (blk - first_block) * block_q  # row offset of the block inside its sequence
     length = jnp.where(blk < cu_blocks[-1], jnp.clip(q_lens[seq] - offset, 0, block_q), 0)
@@ -307,7 +304,8 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_tables, seq_lens, cu_q_len
     if group_padded != group:
         q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, group_padded - group), (0, 0)))
     ppb = tuning.pages_per_block
-    page_tables = jnp.pad(page_tables, ((0, 0), (0, -page_tables.shape[1] % ppb)))  # pad with null page 0
+    if page_tables.shape[1] % ppb:  # a copy of the table per call; max_model_len / page_size is usually a multiple
+        page_tables = jnp.pad(page_tables, ((0, 0), (0, -page_tables.shape[1] % ppb)))  # null page 0
     blocks = _query_blocks(seq_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, block_q=tuning.block_q)
     num_blocks = blocks[0].shape[0]
 
@@ -328,7 +326,7 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_tables, seq_lens, cu_q_len
     )(*blocks, page_tables, q4, k_pages, v_pages)
     out = out[:, :, :group].reshape(num_tokens, num_heads, head_dim)
     # No program writes padding rows: zero them (their buffer contents are undefined).
-    _, _, valid = _token_positions(seq_lens, cu_q_lens, num_seqs, num_tokens)
+    valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]  # [T]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
 
 
