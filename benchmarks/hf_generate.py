@@ -11,6 +11,10 @@ max_new_tokens, so nothing stops early), and only the tokens each request asked 
 
 With `--max-batches K` only the first K batches run, and the total is extrapolated in proportion to the decode steps
 of each batch (its longest output); the result then says `extrapolated: true` and how many batches ran.
+
+With `--decode-batches 1 16 ...` (used by benchmarks/decode.py) it measures decode alone instead: for each batch size
+B, B random prompts of --input-len tokens generated once to 1 token and once to --output-len tokens; the difference is
+the time of output_len - 1 decode steps, so decode tok/s = B * (output_len - 1) / (t_long - t_short).
 """
 
 from __future__ import annotations
@@ -126,9 +130,47 @@ def run(requests: dict[str, Any], model: Any, *, batch_size: int, max_batches: i
     }
 
 
+def decode_rates(
+    model: Any, batches: Sequence[int], *, input_len: int, output_len: int, device: str, seed: int
+) -> list[dict[str, Any]]:
+    """Decode tokens/s at each batch size: generate to 1 and to `output_len` tokens, the difference is decode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+
+    def timed(ids: Any, new: int) -> float:
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0)  # fmt: skip
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        if out.shape[1] - ids.shape[1] != new:
+            raise RuntimeError(f"generate() made {out.shape[1] - ids.shape[1]} tokens per row, asked for {new}")
+        return time.perf_counter() - t0
+
+    rows = []
+    for b in batches:
+        ids = torch.randint(3, vocab, (b, input_len), generator=gen).to(device)
+        timed(ids, 2)  # warm-up at this batch size
+        short, long = timed(ids, 1), timed(ids, output_len)
+        decode_s = long - short
+        rows.append({"engine": "hf", "batch": b, "input_len": input_len, "output_len": output_len,
+                     "prefill_s": short, "generate_s": long, "decode_s": decode_s,
+                     "decode_tok_s": b * (output_len - 1) / decode_s if decode_s > 0 else None,
+                     "step_ms": decode_s / (output_len - 1) * 1e3})  # fmt: skip
+        common.log(f"hf: batch {b}: {rows[-1]['decode_tok_s']:,.0f} decode tok/s ({rows[-1]['step_ms']:.1f} ms/step)")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", required=True, help="JSON with 'prompts' (token id lists) and 'output_lens'")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--requests", help="JSON with 'prompts' (token id lists) and 'output_lens'")
+    what.add_argument("--decode-batches", type=int, nargs="+", help="measure decode alone at these batch sizes")
+    parser.add_argument("--input-len", type=int, default=128, help="--decode-batches: prompt tokens")
+    parser.add_argument("--output-len", type=int, default=128, help="--decode-batches: generated tokens")
     parser.add_argument("--model", required=True, help="folder with the HF config.json")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
@@ -142,15 +184,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    requests = json.loads(Path(args.requests).read_text())
     t0 = time.perf_counter()
     model = load_model(Path(args.model), args.dtype, device, args.seed)
     init_s = time.perf_counter() - t0
-    common.log(
-        f"hf: {Path(args.model).name} ({device}, {args.dtype}) made in {init_s:.1f} s; "
-        f"{len(requests['prompts'])} requests in batches of {args.batch_size}"
-    )
-    result = run(requests, model, batch_size=args.batch_size, max_batches=args.max_batches, device=device)
+    common.log(f"hf: {Path(args.model).name} ({device}, {args.dtype}) made in {init_s:.1f} s")
+    result: dict[str, Any]
+    if args.decode_batches:
+        rows = decode_rates(model, args.decode_batches, input_len=args.input_len, output_len=args.output_len,
+                            device=device, seed=args.seed)  # fmt: skip
+        result = {"engine": "hf", "rows": rows}
+        if device.startswith("cuda"):
+            result["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        requests = json.loads(Path(args.requests).read_text())
+        common.log(f"hf: {len(requests['prompts'])} requests in batches of {args.batch_size}")
+        result = run(requests, model, batch_size=args.batch_size, max_batches=args.max_batches, device=device)
     result |= {
         "init_s": init_s,
         "device": device,
