@@ -1,5 +1,11 @@
-"""jpaged's attention kernels: ragged paged attention and the KV-cache write, each with a jnp reference."""
+"""jpaged's kernels: ragged paged attention, the KV-cache write, the MoE grouped matmul; each with a jnp reference."""
 
+from jpaged.kernels.grouped_matmul import (
+    GroupedMatmulTuning,
+    grouped_matmul,
+    grouped_matmul_reference,
+    grouped_matmul_unsupported_reason,
+)
 from jpaged.kernels.kv_write import write_kv, write_kv_reference
 from jpaged.kernels.paged_attention import (
     AttentionTuning,
@@ -10,6 +16,10 @@ from jpaged.kernels.paged_attention import (
 
 __all__ = [
     "AttentionTuning",
+    "GroupedMatmulTuning",
+    "grouped_matmul",
+    "grouped_matmul_reference",
+    "grouped_matmul_unsupported_reason",
     "paged_attention",
     "paged_attention_reference",
     "pallas_gpu_unsupported_reason",
