@@ -4,6 +4,10 @@ Dimensions: T tokens, D model, F ffn, E experts, A = T * top-k token-expert assi
 
 Expert weights are stacked per layer (`expert_gate`/`expert_up` [E, D, F], `expert_down` [E, F, D], `router`
 [D, E]) so a later change can shard them across devices on E.
+
+The expert matmuls are `jpaged.kernels.grouped_matmul` (ragged_dot's contract). Its "auto" choice is the Pallas kernel
+on a GPU, which reads only the weights of experts that received tokens (2 of 8 at batch 1, top-2), and
+`jax.lax.ragged_dot` elsewhere or for shapes the kernel cannot tile (a ffn size that is no multiple of 16).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpaged.kernels import grouped_matmul
 from jpaged.models import llama
 from jpaged.models.config import ModelConfig
 
@@ -22,8 +27,11 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
 
 
-def moe(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Grouped expert compute: assignments sorted by expert, one ragged matmul per projection, no token dropped."""
+def moe(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, *, impl: str = "auto") -> jax.Array:
+    """Grouped expert compute: assignments sorted by expert, one grouped matmul per projection, no token dropped.
+
+    impl: `grouped_matmul`'s ("auto", "xla", "reference" or "pallas"); the model's forward uses "auto".
+    """
     k = cfg.num_experts_per_tok
     weights, experts = route(jnp.einsum("td,de->te", x, layer["router"]), k)
     flat_experts = experts.reshape(-1)  # [A]
@@ -31,9 +39,9 @@ def moe(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Arra
     token_of = order // k  # [A] which token each sorted assignment came from
     group_sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
-    gate = jax.lax.ragged_dot(xs, layer["expert_gate"], group_sizes)  # [A, F]
-    up = jax.lax.ragged_dot(xs, layer["expert_up"], group_sizes)  # [A, F]
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, layer["expert_down"], group_sizes)  # [A, D]
+    gate = grouped_matmul(xs, layer["expert_gate"], group_sizes, impl=impl)  # [A, F]
+    up = grouped_matmul(xs, layer["expert_up"], group_sizes, impl=impl)  # [A, F]
+    out = grouped_matmul(jax.nn.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[token_of].add(out)
 

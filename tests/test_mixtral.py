@@ -1,6 +1,9 @@
-"""Mixtral's sparse feed-forward: the grouped (ragged-dot) path equals the dense definition for any routing."""
+"""Mixtral's sparse feed-forward: the grouped path (ragged_dot or the Pallas grouped matmul) equals the dense
+definition for any routing."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +42,21 @@ def test_grouped_equals_dense(num_experts, top_k, num_tokens):
     layer = random_layer(cfg, jax.random.key(num_experts * 100 + top_k))
     x = jax.random.normal(jax.random.key(num_tokens), (num_tokens, cfg.hidden_size))
     np.testing.assert_allclose(moe(layer, x, cfg), moe_dense_reference(layer, x, cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("num_tokens", [1, 9])
+def test_pallas_grouped_matmul_equals_ragged_dot(num_tokens):
+    """The expert matmuls through the Pallas kernel (interpreted here) give ragged_dot's result."""
+    cfg = dataclasses.replace(tiny_config(8, 2), intermediate_size=32)  # the kernel tiles F in multiples of 16
+    layer = random_layer(cfg, jax.random.key(num_tokens))
+    x = jax.random.normal(jax.random.key(num_tokens + 1), (num_tokens, cfg.hidden_size))
+    with jax.default_matmul_precision("highest"):
+        xla = moe(layer, x, cfg, impl="xla")
+        np.testing.assert_allclose(moe(layer, x, cfg, impl="pallas"), xla, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(moe(layer, x, cfg, impl="reference"), xla, rtol=1e-5, atol=1e-5)
+    if jax.default_backend() != "gpu":  # auto is ragged_dot off GPU: the CPU path is unchanged
+        np.testing.assert_array_equal(moe(layer, x, cfg), xla)
 
 
 def test_uneven_routing_one_expert_takes_all_another_none():
