@@ -8,8 +8,10 @@ ignore_eos), all submitted at once, so every step after the prefill decodes exac
 - jpaged (this process): one untimed run per B first (it compiles that batch's buckets; no global warm-up), then
   the engine is stepped by hand and each step's end is timed on the host. Decode time = from the step that gave
   every request its first token to the step that gave the last one its last: B * (output_len - 1) tokens.
-- HF (a child process that never starts JAX; benchmarks/hf_generate.py --decode-batches): generate() to 1 token
-  and to output_len tokens on the same batch; decode time = the difference, for the same B * (output_len - 1) tokens.
+- HF (a child process that never starts JAX; benchmarks/hf_generate.py --decode-batches): one generate() per B,
+  each token's arrival timed on the host (a stopping criterion that synchronises); decode time = first to last
+  token, for the same B * (output_len - 1) tokens. Batches run from the smallest; one that outlives --hf-timeout
+  is lost with those after it, the others are kept.
 Roofline of a decode step (common.py): (weights a step of B tokens reads + KV of B sequences at the mean context)
 over 4.28 TB/s; for a mixture of experts only the experts B tokens are expected to reach count (2 of 8 for
 Mixtral at B = 1, all 8 from B ~ 16).
@@ -140,10 +142,13 @@ def measure_hf(args: argparse.Namespace) -> dict[str, Any]:
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))
         )
-        proc = subprocess.run(cmd, env=env, timeout=args.hf_timeout)
-        if proc.returncode != 0 or not out_path.is_file():
-            return {"engine": "hf", "error": f"hf_generate.py exited with {proc.returncode}", "rows": []}
-        return json.loads(out_path.read_text())
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=args.hf_timeout)
+            error = None if proc.returncode == 0 else f"hf_generate.py exited with {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            error = f"hf_generate.py killed after --hf-timeout {args.hf_timeout} s"
+        result = json.loads(out_path.read_text()) if out_path.is_file() else {"engine": "hf", "rows": []}
+        return result | ({"error": error} if error else {})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ With `--max-batches K` only the first K batches run, and the total is extrapolat
 of each batch (its longest output); the result then says `extrapolated: true` and how many batches ran.
 
 With `--decode-batches 1 16 ...` (used by benchmarks/decode.py) it measures decode alone instead: for each batch size
-B, B random prompts of --input-len tokens generated once to 1 token and once to --output-len tokens; the difference is
-the time of output_len - 1 decode steps, so decode tok/s = B * (output_len - 1) / (t_long - t_short).
+B, B random prompts of --input-len tokens generated to --output-len tokens, each token's arrival timed on the host
+(a stopping criterion that synchronises), so decode tok/s = B * (output_len - 1) / (last token - first token).
 """
 
 from __future__ import annotations
@@ -131,36 +131,58 @@ def run(requests: dict[str, Any], model: Any, *, batch_size: int, max_batches: i
 
 
 def decode_rates(
-    model: Any, batches: Sequence[int], *, input_len: int, output_len: int, device: str, seed: int
+    model: Any,
+    batches: Sequence[int],
+    *,
+    input_len: int,
+    output_len: int,
+    device: str,
+    seed: int,
+    on_row: Any = None,
 ) -> list[dict[str, Any]]:
-    """Decode tokens/s at each batch size: generate to 1 and to `output_len` tokens, the difference is decode."""
+    """Decode tokens/s at each batch size, from one generate() per batch: a stopping criterion (which generate()
+    calls once per new token) records when each token is ready, and decode is from the first to the last."""
     import torch
+    import transformers
+
+    class StepClock(transformers.StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
 
-    def timed(ids: Any, new: int) -> float:
-        torch.cuda.synchronize() if device.startswith("cuda") else None
-        t0 = time.perf_counter()
+    def generate(ids: Any, new: int) -> StepClock:
+        clock = StepClock()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, pad_token_id=0)  # fmt: skip
-        torch.cuda.synchronize() if device.startswith("cuda") else None
-        if out.shape[1] - ids.shape[1] != new:
+                                 do_sample=False, pad_token_id=0,
+                                 stopping_criteria=transformers.StoppingCriteriaList([clock]))  # fmt: skip
+        if out.shape[1] - ids.shape[1] != new or len(clock.times) != new:
             raise RuntimeError(f"generate() made {out.shape[1] - ids.shape[1]} tokens per row, asked for {new}")
-        return time.perf_counter() - t0
+        return clock
 
     rows = []
-    for b in batches:
+    for i, b in enumerate(batches):
         ids = torch.randint(3, vocab, (b, input_len), generator=gen).to(device)
-        timed(ids, 2)  # warm-up at this batch size
-        short, long = timed(ids, 1), timed(ids, output_len)
-        decode_s = long - short
+        if i == 0:
+            generate(ids, 4)  # warm-up (kernels, allocator)
+        t0 = time.perf_counter()
+        times = generate(ids, output_len).times
+        decode_s = times[-1] - times[0]
         rows.append({"engine": "hf", "batch": b, "input_len": input_len, "output_len": output_len,
-                     "prefill_s": short, "generate_s": long, "decode_s": decode_s,
+                     "prefill_s": times[0] - t0, "decode_s": decode_s,
                      "decode_tok_s": b * (output_len - 1) / decode_s if decode_s > 0 else None,
                      "step_ms": decode_s / (output_len - 1) * 1e3})  # fmt: skip
         common.log(f"hf: batch {b}: {rows[-1]['decode_tok_s']:,.0f} decode tok/s ({rows[-1]['step_ms']:.1f} ms/step)")
+        if on_row is not None:  # the caller saves each row: a batch killed later loses only itself
+            on_row(rows)
     return rows
 
 
@@ -190,8 +212,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     common.log(f"hf: {Path(args.model).name} ({device}, {args.dtype}) made in {init_s:.1f} s")
     result: dict[str, Any]
     if args.decode_batches:
+
+        def save(rows: list[dict[str, Any]]) -> None:
+            common.write_json(args.out, {"engine": "hf", "rows": rows, "init_s": init_s, "partial": True})
+
         rows = decode_rates(model, args.decode_batches, input_len=args.input_len, output_len=args.output_len,
-                            device=device, seed=args.seed)  # fmt: skip
+                            device=device, seed=args.seed, on_row=save)  # fmt: skip
         result = {"engine": "hf", "rows": rows}
         if device.startswith("cuda"):
             result["peak_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
