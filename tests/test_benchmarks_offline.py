@@ -1,6 +1,7 @@
-"""The offline benchmarks (benchmarks/kernels.py, throughput.py, latency.py, summary.py, plot.py) run end to end on CPU
-with minute sizes and write the JSON fields the GPU run and docs/benchmarks.md rely on; the roofline arithmetic agrees
-with jpaged's own parameter shapes; the bootstrap makes jpaged importable from a bare checkout. No timing assertions.
+"""The offline benchmarks (benchmarks/kernels.py, moe.py, throughput.py, latency.py, summary.py, plot.py) run end to
+end on CPU with minute sizes and write the JSON fields the GPU run and docs/benchmarks.md rely on; the roofline
+arithmetic agrees with jpaged's own parameter shapes; the bootstrap makes jpaged importable from a bare checkout. No
+timing assertions.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors import safe_open
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, kernels, latency, summary, throughput
+from benchmarks import common, kernels, latency, moe, summary, throughput
 from jpaged import sharding
 from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params
@@ -153,6 +154,24 @@ def test_kernels_record(results: dict[str, Any]) -> None:
         assert row["rel_err"] <= kernels.MAX_REL_ERR and row["time_ms"] > 0 and row["kv_TBps"] > 0
     (case,) = rec["summary"]
     assert case["kind"] == "decode" and case["speedup_vs_jax"] > 0 and case["meets_goal"] in ("yes", "no")
+
+
+def test_moe_record(tmp_path: Path) -> None:
+    """One MoE layer at two token counts, every implementation checked against the dense definition; a short sweep."""
+    rec = moe.main(["--tiny", "--tokens", "1,4", "--iters", "1", "--sweep", "--max-configs", "2", "--json-out",
+                    str(tmp_path / "moe.json")])  # fmt: skip
+    assert rec["interpret"] == (jax.default_backend() != "gpu") and rec["shape"]["name"] == "tiny"
+    assert {(r["tokens"], r["impl"]) for r in rec["rows"]} == {
+        (t, i) for t in (1, 4) for i in ("xla", "pallas", "dense")
+    }
+    for row in rec["rows"] + rec["sweep"]:
+        assert row["ok"], row
+        assert row["time_ms"] > 0 and row["TBps"] > 0 and row["rel_err"] <= moe.MAX_REL_ERR_DENSE
+    one = next(r for r in rec["rows"] if r["tokens"] == 1)
+    assert one["experts_hit"] <= 2 and one["bytes"] == one["experts_hit"] * 3 * 64 * 128 * 2
+    assert {(r["projection"], r["impl"]) for r in rec["sweep_best"]} >= {("gate_up", "pallas"), ("down", "xla")}
+    assert [s["tokens"] for s in rec["summary"]] == [1, 4] and rec["summary"][0]["speedup_vs_xla"] > 0
+    assert json.loads((tmp_path / "moe.json").read_text())["benchmark"] == "moe"
 
 
 def test_summary_and_plot(results: dict[str, Any], tmp_path: Path) -> None:
