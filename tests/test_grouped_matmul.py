@@ -148,6 +148,24 @@ class TestPallasGpu(TestPallasInterpret):
     interpret = False
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests compile the kernel itself")
+@pytest.mark.parametrize(("m", "k", "n"), [(2, 14336, 4096), (512, 4096, 14336)], ids=["decode-down", "prefill-up"])
+def test_lowers_to_triton_for_an_h200(monkeypatch, m, k, n):
+    """Off GPU, the Triton lowering still runs (to Triton IR, not to PTX) when an H200 is declared: Mixtral-8x7B's
+    decode down projection (K split in 4) and a prefill-sized gate/up projection."""
+    from jax._src.pallas.triton import gpu_info
+
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+    tuning = default_tuning(m, k, n, 8)
+    fn = jax.jit(lambda a, b, s: gm_module._grouped_matmul_pallas(a, b, s, tuning=tuning, interpret=False))
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in
+            (((m, k), jnp.bfloat16), ((8, k, n), jnp.bfloat16), ((8,), jnp.int32))]  # fmt: skip
+    target = "__gpu$xla.gpu.triton"
+    checks = [jax.export.DisabledSafetyCheck.custom_call(target)]
+    module = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+    assert target in module and f"grouped_matmul_{tuning.name}" in module
+
+
 def test_tiles_cover_only_groups_with_rows():
     """Decode (M = 2, top-2): two tiles, one per active group, so only those groups' weights are loaded."""
     group, start, length = gm_module._row_tiles(jnp.array([0, 1, 0, 0, 0, 0, 1, 0], jnp.int32), num_rows=2, block_m=16)
