@@ -35,7 +35,7 @@ added (and cast) by XLA afterwards.
 GPU (Triton) constraints, checked by `grouped_matmul_unsupported_reason` (`impl="auto"` falls back to "xla" when one
 fails, `impl="pallas"` raises): block sizes powers of two >= 16 (the dataclass enforces it); N a multiple of block_n
 and K of block_k * k_splits (no masked columns: `default_tuning` picks blocks that divide, so only dimensions that
-are not multiples of 16 fail, e.g. the tiny test models' F = 172); lhs and rhs of one dtype among float32, bfloat16,
+are not multiples of 16 fail, e.g. stories260K-moe's F = 172); lhs and rhs of one dtype among float32, bfloat16,
 float16; every array under 2**31 elements. float32 products follow jax_default_matmul_precision (TF32 on GPUs unless
 "highest"). Not yet measured on a GPU: `default_tuning` is a starting point from Triton's matmul configurations;
 benchmarks/moe.py --sweep measures alternatives.
