@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jpaged.kernels.paged_attention import pallas_out_struct
+from jpaged.kernels.paged_attention import count_le, pallas_out_struct
 
 IMPLS = ("auto", "xla", "reference", "pallas")
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -197,7 +197,7 @@ def _row_tiles(group_sizes: jax.Array, *, num_rows: int, block_m: int):
     tiles_per_group = (sizes + block_m - 1) // block_m  # [E]
     cu_tiles = jnp.cumsum(tiles_per_group)  # [E] end (exclusive) tile of each group
     tile = jnp.arange(count, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(cu_tiles, tile, side="right"), num_groups - 1).astype(jnp.int32)
+    group = jnp.minimum(count_le(cu_tiles, tile), num_groups - 1)  # not searchsorted: a loop of kernels on GPUs
     offset = (tile - (cu_tiles[group] - tiles_per_group[group])) * block_m  # row offset inside the group
     start = ends[group] - sizes[group] + offset
     length = jnp.where(tile < cu_tiles[-1], jnp.clip(sizes[group] - offset, 0, block_m), 0)

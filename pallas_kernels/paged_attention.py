@@ -135,7 +135,7 @@ def _validate(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, s
         raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
 
 
-def _count_le(sorted_edges: jax.Array, x: jax.Array) -> jax.Array:
+def count_le(sorted_edges: jax.Array, x: jax.Array) -> jax.Array:
     """searchsorted(sorted_edges, x, side="right") as one fused compare-and-sum.
 
     jnp.searchsorted's default bisection is a loop of tiny kernels; on a GPU it cost ~0.25 ms per attention call,
@@ -285,7 +285,7 @@ def _query_blocks(seq_lens, cu_q_lens, num_seqs, *, num_tokens: int, block_q: in
     blocks_per_seq = (q_lens + block_q - 1) // block_q  # [B]
     cu_blocks = jnp.cumsum(blocks_per_seq)  # [B] end (exclusive) block of each sequence
     blk = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(_count_le(cu_blocks, blk), num_seqs_max - 1)
+    seq = jnp.minimum(count_le(cu_blocks, blk), num_seqs_max - 1)
     first_block = cu_blocks[seq] - blocks_per_seq[seq]
     offset = (blk - first_block) * block_q  # row offset of the block inside its sequence
     length = jnp.where(blk < cu_blocks[-1], jnp.clip(q_lens[seq] - offset, 0, block_q), 0)
