@@ -136,6 +136,8 @@ def measure_hf(args: argparse.Namespace) -> dict[str, Any]:
             args.dtype if args.dtype != "auto" else "bfloat16",
             "--seed",
             str(args.seed),
+            "--experts",
+            args.hf_experts,
             "--out",
             str(out_path),
         ]
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf-experts", default="default", help="hf: transformers' MoE implementation (hf_generate.py)")
     parser.add_argument("--hf-timeout", type=float, default=None, help="hf: seconds before the child is killed")
     parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
     common.add_output_arguments(parser)

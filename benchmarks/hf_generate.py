@@ -20,6 +20,7 @@ B, B random prompts of --input-len tokens generated to --output-len tokens, each
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -32,9 +33,14 @@ if __package__ in (None, ""):  # run as a file
 from benchmarks import common
 
 
-def load_model(model_dir: Path, dtype_name: str, device: str, seed: int) -> Any:
+def load_model(model_dir: Path, dtype_name: str, device: str, seed: int, experts: str = "default") -> Any:
     """The config's architecture class (LlamaForCausalLM, MixtralForCausalLM) with random weights, built as
-    ../shared/anchors/anchors_gpu.py built it: under the target default dtype, straight on the device."""
+    ../shared/anchors/anchors_gpu.py built it: under the target default dtype, straight on the device.
+
+    experts (mixtures of experts only): "default" leaves transformers' choice, which on a GPU is grouped_mm for the
+    prompt and batched_mm for decoding (generate() switches: batched_mm copies each token's experts' weights, which
+    runs out of memory for Mixtral-8x7B at batch 256 on an H200); "grouped_mm", "batched_mm" or "eager" use that
+    implementation throughout."""
     import torch
     import transformers
 
@@ -50,7 +56,11 @@ def load_model(model_dir: Path, dtype_name: str, device: str, seed: int) -> Any:
             model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if experts != "default":
+        model.set_experts_implementation(experts)
+        model._optimize_model_for_decode = contextlib.nullcontext  # keep it while decoding too
+    return model
 
 
 def batches(n: int, size: int) -> list[range]:
@@ -201,15 +211,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when torch sees a GPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--experts", default="default", choices=("default", "grouped_mm", "batched_mm", "eager"),
+                        help="MoE models: transformers' experts implementation (see load_model)")  # fmt: skip
     parser.add_argument("--out", required=True, help="write the result JSON here")
     args = parser.parse_args(argv)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model = load_model(Path(args.model), args.dtype, device, args.seed)
+    model = load_model(Path(args.model), args.dtype, device, args.seed, args.experts)
     init_s = time.perf_counter() - t0
-    common.log(f"hf: {Path(args.model).name} ({device}, {args.dtype}) made in {init_s:.1f} s")
+    common.log(f"hf: {Path(args.model).name} ({device}, {args.dtype}, experts {args.experts}) made in {init_s:.1f} s")
     result: dict[str, Any]
     if args.decode_batches:
 
@@ -230,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "device": device,
         "dtype": args.dtype,
         "attention": "sdpa",
+        "experts": args.experts,
         "env": common.env_info(torch_device=device.startswith("cuda")),
     }
     common.write_json(args.out, result)
