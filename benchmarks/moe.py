@@ -394,17 +394,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                f"{' (interpret mode)' if args.interpret else ''}")  # fmt: skip
     layer = make_layer(shape, args.seed)
     ev = Evaluator(iters=args.iters, bandwidth=args.bandwidth, peak=args.peak_flops)
+    sweep = Evaluator(iters=args.iters, bandwidth=args.bandwidth, peak=args.peak_flops)
+    record: dict[str, Any] = {
+        "benchmark": "moe",
+        "env": common.env_info(jax_devices=True),
+        "args": vars(args),
+        "interpret": args.interpret,
+        "shape": dataclasses.asdict(shape),
+    }
+
+    def save() -> None:  # after every T: a run killed at a large T keeps the smaller ones
+        for row in ev.rows:
+            row["gb"] = row["bytes"] / 1e9
+        record.update(summary=summarise(ev.rows), rows=ev.rows, sweep_best=best_rows(sweep.rows), sweep=sweep.rows)
+        common.save(args, record)
+
     for t in tokens:
         run_layer(shape, layer, t, args, ev)
-    rows = ev.rows
-    for row in rows:
-        row["gb"] = row["bytes"] / 1e9
-    sweep = Evaluator(iters=args.iters, bandwidth=args.bandwidth, peak=args.peak_flops)
+        save()
     if args.sweep:
         for t in tokens:
             for projection in ("gate_up", "down"):
                 sweep_projection(shape, layer, t, projection, args, sweep)
-    summary = summarise(rows)
+            save()
+    rows, summary = ev.rows, record["summary"]
     print(common.table(rows, LAYER_COLUMNS, title=f"one MoE layer, {shape.name} ({shape.dtype})"))
     print(common.table(summary, SUMMARY_COLUMNS, title="per T: pallas against ragged_dot and the roofline"))
     if sweep.rows:
@@ -413,18 +426,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     failed = [r for r in rows + sweep.rows if not r.get("ok")]
     if failed:
         print(f"{len(failed)} configurations failed (compile errors or wrong results): see 'rows' in the JSON")
-    record = {
-        "benchmark": "moe",
-        "env": common.env_info(jax_devices=True),
-        "args": vars(args),
-        "interpret": args.interpret,
-        "shape": dataclasses.asdict(shape),
-        "summary": summary,
-        "rows": rows,
-        "sweep_best": best_rows(sweep.rows),
-        "sweep": sweep.rows,
-    }
-    common.save(args, record)
     return record
 
 
