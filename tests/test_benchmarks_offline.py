@@ -1,4 +1,5 @@
-"""The offline benchmarks (benchmarks/kernels.py, moe.py, throughput.py, latency.py, summary.py, plot.py) run end to
+"""The offline benchmarks (benchmarks/kernels.py, moe.py, throughput.py, latency.py, decode.py, profile_step.py,
+summary.py, plot.py) run end to
 end on CPU with minute sizes and write the JSON fields the GPU run and docs/benchmarks.md rely on; the roofline
 arithmetic agrees with jpaged's own parameter shapes; the bootstrap makes jpaged importable from a bare checkout. No
 timing assertions.
@@ -22,7 +23,7 @@ from safetensors import safe_open
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, kernels, latency, moe, summary, throughput
+from benchmarks import common, decode, kernels, latency, moe, profile_step, summary, throughput
 from jpaged import sharding
 from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params
@@ -172,6 +173,41 @@ def test_moe_record(tmp_path: Path) -> None:
     assert {(r["projection"], r["impl"]) for r in rec["sweep_best"]} >= {("gate_up", "pallas"), ("down", "xla")}
     assert [s["tokens"] for s in rec["summary"]] == [1, 4] and rec["summary"][0]["speedup_vs_xla"] > 0
     assert json.loads((tmp_path / "moe.json").read_text())["benchmark"] == "moe"
+
+
+def test_decode_record(tiny_model: Path, tmp_path: Path) -> None:
+    """Decode at two batch sizes: every request decodes exactly output_len - 1 tokens after its first, nothing
+    compiles while timed, and the roofline reads more weights at the larger batch only for a mixture of experts."""
+    rec = decode.main(["--model", str(tiny_model), "--batches", "1", "3", "--input-len", "6", "--output-len", "4",
+                       *ENGINE_FLAGS, "--json-out", str(tmp_path / "d.json")])  # fmt: skip
+    assert [r["batch"] for r in rec["rows"]] == [1, 3] and rec["hf"] is None
+    for row in rec["rows"]:
+        assert row["engine"] == "jpaged" and row["compiles_timed"] == 0
+        assert row["decode_tok_s"] == pytest.approx(row["batch"] * 3 / row["decode_s"])
+        assert row["of_roofline"] > 0 and row["roofline_step_ms"] > 0 and row["experts_touched"] is None
+    assert rec["rows"][0]["weight_GB_read"] == rec["rows"][1]["weight_GB_read"]
+    assert json.loads((tmp_path / "d.json").read_text())["benchmark"] == "decode"
+
+
+def test_profile_step_record_and_trace_summary(tiny_model: Path, tmp_path: Path) -> None:
+    rec = profile_step.main(["--model", str(tiny_model), "--batches", "2", "--input-len", "6", "--settle", "1",
+                             "--steps", "2", "--trace-steps", "2", "--trace-dir", str(tmp_path / "trace"),
+                             *ENGINE_FLAGS])  # fmt: skip
+    (run,) = rec["runs"]
+    assert run["batch"] == 2 and run["host_step_ms_median"] > 0 and run["trace"] is not None
+    # A synthetic trace: two kernels 1 ms apart after a device-to-host copy, on a device stream.
+    trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "ts": 0, "dur": 500, "name": "MemcpyD2H"},
+        {"ph": "X", "pid": 1, "ts": 1500, "dur": 1000, "name": "attention"},
+        {"ph": "X", "pid": 2, "ts": 0, "dur": 9000, "name": "python"},
+    ]}  # fmt: skip
+    (tmp_path / "t.json").write_text(json.dumps(trace))
+    s = profile_step.summarise_trace(tmp_path / "t.json", num_steps=1)
+    assert s["device_busy_ms_per_step"] == pytest.approx(1.5) and s["device_span_ms_per_step"] == pytest.approx(2.5)
+    assert s["longest_gaps"] == [{"idle_ms": 1.0, "after": "MemcpyD2H", "before": "attention"}]
+    assert s["top_kernels"][0] == {"name": "attention", "ms_per_step": 1.0, "calls_per_step": 1.0}
 
 
 def test_summary_and_plot(results: dict[str, Any], tmp_path: Path) -> None:

@@ -1,0 +1,186 @@
+"""Where a decode step's time goes: host step times and a jax.profiler trace of steady decode, summarised.
+
+    python benchmarks/profile_step.py --model llama2-7b --batches 128 1 --trace-dir /tmp/jpaged-trace
+    python benchmarks/profile_step.py --model jpaged/bundled/stories260K --batches 4 1 --input-len 16
+
+For each batch size B: B requests with random --input-len prompts (greedy, ignore_eos, long enough outputs) are
+stepped through prefill and --settle steps of decode (compiling what they need), then --steps steps are timed on
+the host and --trace-steps more are traced with `jax.profiler` (a Perfetto trace per batch under --trace-dir).
+The summary reads the trace: device busy time (the sum of kernel durations on the GPU's streams) against the wall
+time of the traced steps, the kernels that take the most of it, and the longest idle gaps between consecutive device
+events with what came before and after them (an idle gap after a device-to-host copy is the host's turn). The
+requests are aborted afterwards, so the pool ends empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/profile_step.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import (
+    _bootstrap,  # noqa: F401  (maps jpaged.models etc. in a bare checkout)
+    common,
+)
+from benchmarks.throughput import make_llm
+
+ENGINE_DEFAULTS = {
+    "model": "llama2-7b",
+    "load_format": "dummy",
+    "dtype": "bfloat16",
+    "skip_tokenizer_init": True,
+    "warmup": False,  # the settle steps compile what the traced steps run
+    "max_num_seqs": 128,
+    "max_num_batched_tokens": 8192,
+}
+
+
+def summarise_trace(path: Path, *, num_steps: int, top: int = 15, gap_us: float = 300.0) -> dict[str, Any]:
+    """Device busy time, top kernels and idle gaps from a Perfetto JSON trace written by jax.profiler."""
+    with gzip.open(path) if path.suffix == ".gz" else path.open() as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in processes.items() if "/device:" in name}
+    kernels = sorted(
+        (e["ts"], e["dur"], e["name"]) for e in events if e.get("ph") == "X" and e.get("pid") in device_pids
+    )
+    if not kernels:
+        return {"available": False, "processes": sorted(processes.values())}
+    busy: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for _, dur, name in kernels:
+        busy[name] += dur
+        count[name] += 1
+    gaps = []
+    end = kernels[0][0] + kernels[0][1]
+    for (_, _, before), (ts, dur, after) in itertools.pairwise(kernels):
+        if ts - end > gap_us:
+            gaps.append({"idle_ms": (ts - end) / 1e3, "after": before[:60], "before": after[:60]})
+        end = max(end, ts + dur)
+    span_ms = (end - kernels[0][0]) / 1e3
+    total_ms = sum(busy.values()) / 1e3
+    return {
+        "available": True,
+        "steps": num_steps,
+        "device_span_ms_per_step": span_ms / num_steps,
+        "device_busy_ms_per_step": total_ms / num_steps,
+        "busy_fraction": total_ms / span_ms,
+        "idle_gaps_over_threshold_ms_per_step": sum(g["idle_ms"] for g in gaps) / num_steps,
+        "gap_threshold_us": gap_us,
+        "top_kernels": [
+            {"name": name[:100], "ms_per_step": us / 1e3 / num_steps, "calls_per_step": count[name] / num_steps}
+            for name, us in busy.most_common(top)
+        ],
+        "longest_gaps": sorted(gaps, key=lambda g: -g["idle_ms"])[:top],
+    }
+
+
+def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from jpaged import SamplingParams
+
+    rng = np.random.default_rng(args.seed + batch)
+    total = args.settle + args.steps + args.trace_steps + 8
+    params = SamplingParams(max_tokens=total, ignore_eos=True, temperature=0.0)
+    ids = [f"profile-{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, rng.integers(3, vocab, args.input_len).tolist(), params)
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (possibly chunked) until every request has its first token
+        started |= {o.request_id for o in engine.step() if o.outputs[0].token_ids}
+    for _ in range(args.settle):
+        engine.step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    trace_dir = Path(args.trace_dir) / f"batch{batch}"
+    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for _ in range(args.trace_steps):
+        engine.step()
+    traced_s = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    traces = sorted(trace_dir.rglob("*perfetto_trace.json.gz"))
+    result: dict[str, Any] = {
+        "batch": batch,
+        "input_len": args.input_len,
+        "host_step_ms_median": statistics.median(times) * 1e3,
+        "host_step_ms_min": min(times) * 1e3,
+        "traced_step_ms": traced_s / args.trace_steps * 1e3,
+        "trace": str(traces[-1]) if traces else None,
+    }
+    if traces:
+        result["summary"] = summarise_trace(traces[-1], num_steps=args.trace_steps)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 1])
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--settle", type=int, default=8, help="decode steps before timing (compiles the bucket)")
+    parser.add_argument("--steps", type=int, default=30, help="decode steps timed on the host")
+    parser.add_argument("--trace-steps", type=int, default=10, help="decode steps traced")
+    parser.add_argument("--trace-dir", default="/tmp/jpaged-trace")
+    common.add_output_arguments(parser)
+    common.add_engine_arguments(parser, ENGINE_DEFAULTS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    model_dir = common.resolve_model(args.model)
+    shape = common.ModelShape.from_config(model_dir, "bfloat16" if args.dtype == "auto" else args.dtype)
+    longest = args.input_len + args.settle + args.steps + args.trace_steps + 8
+    overrides = argparse.Namespace(**vars(args))
+    overrides.max_num_seqs = max(args.max_num_seqs, max(args.batches))
+    llm, info = make_llm(overrides, -(-longest // args.page_size) * args.page_size)
+    record: dict[str, Any] = {
+        "benchmark": "profile_step",
+        "env": common.env_info(jax_devices=True),
+        "model": shape.summary(),
+        "args": vars(args),
+        "engine_info": info,
+        "runs": [],
+    }
+    for batch in args.batches:
+        run = profile_batch(llm.engine, batch, args, shape.vocab)
+        record["runs"].append(run)
+        common.save(args, record)
+        s = run.get("summary") or {}
+        host, traced = run["host_step_ms_median"], run["traced_step_ms"]
+        print(f"### batch {batch}: host step {host:.2f} ms (median), {traced:.2f} ms while traced")
+        if s.get("available"):
+            print(f"device busy {s['device_busy_ms_per_step']:.2f} ms of a {s['device_span_ms_per_step']:.2f} ms span "
+                  f"per step ({s['busy_fraction']:.0%}); idle gaps > {s['gap_threshold_us']:.0f} us: "
+                  f"{s['idle_gaps_over_threshold_ms_per_step']:.2f} ms per step")  # fmt: skip
+            print(common.table(s["top_kernels"], [("kernel", "name"), ("ms/step", "ms_per_step"),
+                                                  ("calls/step", "calls_per_step")]))  # fmt: skip
+            print(common.table(s["longest_gaps"][:6], [("idle ms", "idle_ms"), ("after", "after"),
+                                                       ("before", "before")]))  # fmt: skip
+    return record
+
+
+if __name__ == "__main__":
+    main()
