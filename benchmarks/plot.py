@@ -8,7 +8,9 @@ of records as `--json-key` writes them). Writes:
   each throughput run, and batch 1 from latency.py; HF: its static batch size), with the decode roofline
   B / ((weights + B x mean context x KV bytes per token) / 4.28 TB/s) of the same model and workload;
 - `kernel_bandwidth_vs_context.png`: decode K+V bandwidth of jpaged's best configuration and of JAX's own kernel
-  against context length (one marker per batch size), with the 4.28 TB/s ceiling and the 3.6 TB/s goal.
+  against context length (one marker per batch size), with the 4.28 TB/s ceiling and the 3.6 TB/s goal;
+- `decode_vs_batch.png` (decode.py records): decode tokens/s of jpaged and HF (one series per HF experts
+  implementation) against batch size, with the roofline B / step floor of the same model and context.
 """
 
 from __future__ import annotations
@@ -152,6 +154,42 @@ def plot_kernels(recs: list[dict[str, Any]], out: Path, bandwidth: float, goal: 
     return path
 
 
+def plot_decode(recs: list[dict[str, Any]], out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    decode = [r for r in recs if r["benchmark"] == "decode" and r.get("rows")]
+    if not decode:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    roofline: dict[str, list[tuple[int, float]]] = {}
+    for rec in decode:
+        model = rec["model"]["name"]
+        jp = sorted((r["batch"], r["decode_tok_s"]) for r in rec["rows"] if r.get("decode_tok_s"))
+        if jp:
+            ax.plot(*zip(*jp, strict=True), marker="o", label=f"jpaged ({model}, {rec['env']['commit']})")
+        hf = sorted((r["batch"], r["decode_tok_s"]) for r in (rec.get("hf") or {}).get("rows", []) if r["decode_tok_s"])
+        if hf:
+            experts = (rec.get("hf") or {}).get("experts", "default")
+            ax.plot(*zip(*hf, strict=True), marker="s", label=f"HF generate() ({model}, experts {experts})")
+        for r in rec["rows"]:
+            if r.get("roofline_tok_s"):
+                roofline.setdefault(model, []).append((r["batch"], r["roofline_tok_s"]))
+    for model, pts in roofline.items():
+        ax.plot(*zip(*sorted(set(pts)), strict=True), "k--", linewidth=1, label=f"roofline ({model})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequences per decode step")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title("Decode throughput against batch size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "decode_vs_batch.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="JSON files written by the benchmarks")
@@ -167,7 +205,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [
         p
-        for p in (plot_throughput(recs, out, args.bandwidth), plot_kernels(recs, out, args.bandwidth, args.goal_tbps))
+        for p in (
+            plot_throughput(recs, out, args.bandwidth),
+            plot_kernels(recs, out, args.bandwidth, args.goal_tbps),
+            plot_decode(recs, out),
+        )
         if p is not None
     ]
     for p in written:

@@ -187,6 +187,10 @@ def test_decode_record(tiny_model: Path, tmp_path: Path) -> None:
         assert row["of_roofline"] > 0 and row["roofline_step_ms"] > 0 and row["experts_touched"] is None
     assert rec["rows"][0]["weight_GB_read"] == rec["rows"][1]["weight_GB_read"]
     assert json.loads((tmp_path / "d.json").read_text())["benchmark"] == "decode"
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    assert [p.name for p in plot.main([str(tmp_path / "d.json"), "--out-dir", str(tmp_path)])] == ["decode_vs_batch.png"]
 
 
 def test_profile_step_record_and_trace_summary(tiny_model: Path, tmp_path: Path) -> None:
