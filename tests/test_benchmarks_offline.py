@@ -190,7 +190,8 @@ def test_decode_record(tiny_model: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from benchmarks import plot
 
-    assert [p.name for p in plot.main([str(tmp_path / "d.json"), "--out-dir", str(tmp_path)])] == ["decode_vs_batch.png"]
+    written = plot.main([str(tmp_path / "d.json"), "--out-dir", str(tmp_path)])
+    assert [p.name for p in written] == ["decode_vs_batch.png"]
 
 
 def test_profile_step_record_and_trace_summary(tiny_model: Path, tmp_path: Path) -> None:
