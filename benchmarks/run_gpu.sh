@@ -13,9 +13,9 @@
 # export PYTHONPATH=/tmp/site:$PWD); benchmarks/_bootstrap.py maps jpaged.models/kernels/server from the checkout.
 # Each step gets a time limit cut to what is left of BUDGET_S; a step that runs out is killed (with its children)
 # and the next one runs. Every script merges its record into $OUT/results.json as soon as it has one, so a killed
-# step keeps what it finished. $OUT ends with at most 5 files: results.json, run.log, summary.md and two PNGs.
+# step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
-# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"), MODEL (llama2-7b), JPAGED_RUNS
+# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "profile" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (100: seconds for that step; one batch generates to its longest request, up to 1,024 tokens),
@@ -111,6 +111,19 @@ if want latency; then
   # shellcheck disable=SC2086
   step latency 100 "$PY" benchmarks/latency.py --model "$MODEL" --no-warmup --iters 2 $EXTRA_ENGINE_ARGS $LATENCY_ARGS \
     --json-out "$RESULTS" --json-key latency
+fi
+
+if want profile; then  # where a decode step's time goes (device busy, top kernels, idle gaps); traces stay on the GPU host
+  # shellcheck disable=SC2086
+  step profile 150 "$PY" benchmarks/profile_step.py --model "$MODEL" --batches 128 1 --trace-dir /tmp/jpaged-trace \
+    $EXTRA_ENGINE_ARGS --json-out "$RESULTS" --json-key profile
+fi
+
+if want mixtral; then  # issue 4: Mixtral-8x7B-shaped decode at fixed batch sizes, HF (grouped_mm experts) first
+  # shellcheck disable=SC2086
+  step mixtral-decode 420 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "$PY" benchmarks/decode.py --model mixtral-8x7b \
+    --engine both --batches 1 16 64 256 --input-len 128 --output-len 32 --max-num-batched-tokens 2048 \
+    --hf-timeout 200 --hf-experts grouped_mm $EXTRA_ENGINE_ARGS --json-out "$RESULTS" --json-key mixtral_decode
 fi
 
 echo "== done after $(($(date +%s) - START))s" | tee -a "$LOG"
