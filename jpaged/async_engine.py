@@ -5,16 +5,20 @@ Who owns what
   `abort_request`, `step` — happens on that thread, because the engine is not thread-safe and a step is a blocking JAX
   call. It also writes the heartbeat fields and the `EngineStats` snapshot (one reference swap, read from any thread).
 - The event-loop thread owns `_streams` (request id → `_Stream`), the futures of pending submissions, and
-  `_unstarted` (the admission count). Nothing on it ever blocks on the engine.
+  `_unstarted` (the admission count). Nothing on it ever blocks on the engine (`_handoff_lock` is held for a dict
+  swap or update only).
 
 How a request flows
 1. `add_request` (loop) registers a `_Stream`, puts `_Add` on `_inbox` (a thread-safe `queue.SimpleQueue`) and awaits
    a future.
-2. The engine thread drains `_inbox` before every step. It calls `engine.add_request` and resolves the future through
-   `loop.call_soon_threadsafe` — with the `ValueError` if validation failed, which the server answers with a 400.
-3. After each step the thread hands the step's outputs to the loop in ONE `call_soon_threadsafe` call; `_dispatch`
-   gives each output to its request's `_Stream`. A stream keeps only the newest output: outputs are cumulative, so a
-   slow reader skips intermediate ones without losing anything.
+2. The engine thread drains `_inbox` before every step. It calls `engine.add_request` for each submission and then
+   resolves all their futures in one `loop.call_soon_threadsafe` call — with the `ValueError` if validation failed,
+   which the server answers with a 400.
+3. After each step the thread puts the step's outputs in `_handoff` (request id → newest output, under a lock) and,
+   only when `_handoff` was empty, schedules `_dispatch` on the loop with one `call_soon_threadsafe`. So the loop wakes
+   at most once per step for all requests, and a loop that fell behind takes several steps' outputs in one wake-up.
+   `_dispatch` gives each output to its request's `_Stream`, which keeps only the newest one: outputs are cumulative,
+   so a slow reader skips intermediate ones without losing anything (it sends their tokens in one chunk).
 4. When a reader stops early (client gone, task cancelled), the stream's iterator puts `_Abort` on `_inbox`; the
    thread aborts before its next step, so the request's pages are free within one step.
 
@@ -129,29 +133,41 @@ class _Aborted(Exception):
 
 
 class _Stream:
-    """One request's outputs on the loop side: the newest output, or the error that ended it."""
+    """One request's outputs on the loop side: the newest output, or the error that ended it.
 
-    __slots__ = ("error", "event", "latest")
+    One reader at a time. A reader that finds an output waiting takes it without suspending; otherwise it waits on a
+    bare future, made only then (an `asyncio.Event` costs more per token).
+    """
+
+    __slots__ = ("error", "latest", "waiter")
 
     def __init__(self) -> None:
         self.latest: RequestOutput | None = None
         self.error: BaseException | None = None
-        self.event = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
 
     def put(self, output: RequestOutput) -> None:
         self.latest = output
-        self.event.set()
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> RequestOutput:
-        await self.event.wait()
+        if self.latest is None and self.error is None:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
         if self.latest is not None:
             output, self.latest = self.latest, None
-            if self.error is None:
-                self.event.clear()
             return output
         assert self.error is not None
         raise self.error
@@ -182,6 +198,9 @@ class AsyncEngine:
         self.stall_timeout_s = stall_timeout_s
 
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Outputs the engine thread has handed over and the loop has not taken yet (see the module docstring, 3.):
+        self._handoff: dict[str, RequestOutput] = {}
+        self._handoff_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Loop thread only:
@@ -327,7 +346,7 @@ class AsyncEngine:
                     outputs = engine.step()
                     self._heartbeat = time.monotonic()
                     if outputs:
-                        self._call_soon(self._dispatch, outputs)
+                        self._hand_over(outputs)
                 self._snapshot_stats(force=False)
             self._dead = EngineDeadError("the engine loop has stopped")
         except BaseException as exc:
@@ -336,7 +355,9 @@ class AsyncEngine:
             self._call_soon(self._fail_all, EngineDeadError(self._death_reason()))
 
     def _drain(self, *, block: bool) -> bool:
-        """Applies every queued submission and abort; blocks for the first one when idle. False on shutdown."""
+        """Applies every queued submission and abort; blocks for the first one when idle. False on shutdown.
+
+        The submissions' futures are resolved together, in one call to the loop, once the inbox is empty."""
         if block:
             self._snapshot_stats(force=True)
             self._idle = True
@@ -348,30 +369,43 @@ class AsyncEngine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
-        while True:
-            if item is _STOP:
-                return False
-            self._apply(item)
-            self._heartbeat = time.monotonic()
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
+        answers: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        try:
+            while True:
+                if item is _STOP:
+                    return False
+                if isinstance(item, _Abort):
+                    self.engine.abort_request(item.request_id)
+                else:
+                    answers.append((item.accepted, self._add(item)))
+                self._heartbeat = time.monotonic()
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    return True
+        finally:
+            if answers:
+                self._call_soon(_resolve_all, answers)
 
-    def _apply(self, item: _Add | _Abort) -> None:
-        if isinstance(item, _Abort):
-            self.engine.abort_request(item.request_id)
-            return
+    def _add(self, item: _Add) -> BaseException | None:
+        """Adds a submission to the engine; the error to answer it with, or None."""
         try:
             self.engine.add_request(item.request_id, item.prompt, item.params)
         except ValueError as exc:
-            self._call_soon(_resolve, item.accepted, exc)
+            return exc
         except Exception as exc:
             logger.exception("add_request(%r) failed", item.request_id)
             self.engine.abort_request(item.request_id)
-            self._call_soon(_resolve, item.accepted, exc)
-        else:
-            self._call_soon(_resolve, item.accepted, None)
+            return exc
+        return None
+
+    def _hand_over(self, outputs: list[RequestOutput]) -> None:
+        with self._handoff_lock:
+            wake = not self._handoff  # else a `_dispatch` is scheduled already and will take these too
+            for output in outputs:
+                self._handoff[output.request_id] = output
+        if wake:
+            self._call_soon(self._dispatch)
 
     def _snapshot_stats(self, *, force: bool) -> None:
         now = time.monotonic()
@@ -394,8 +428,10 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(fn, *args)
 
     # -- loop-thread callbacks -------------------------------------------------------------------------------------
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
+    def _dispatch(self) -> None:
+        with self._handoff_lock:
+            outputs, self._handoff = self._handoff, {}
+        for output in outputs.values():
             stream = self._streams.get(output.request_id)
             if stream is not None:  # else it was aborted from this side; the engine will drop it
                 self._unstarted.discard(output.request_id)
@@ -422,3 +458,8 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _resolve_all(answers: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for future, error in answers:
+        _resolve(future, error)
