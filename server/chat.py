@@ -18,13 +18,13 @@ from starlette.responses import JSONResponse, Response
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.server.errors import bad_request
 from jpaged.server.generation import (
+    ChunkEncoder,
     ClientDisconnected,
     EventStream,
     collect,
     guard_stream,
     merge,
     sentence,
-    sse,
     submit,
     until_disconnect,
 )
@@ -175,35 +175,38 @@ class _View:
     def include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-        if self.include_usage:
-            chunk["usage"] = usage
-        return sse(chunk)
+    def chunk_encoder(self) -> ChunkEncoder:
+        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        return ChunkEncoder(head, include_usage=self.include_usage, text_choice=text_choice)
 
     async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
-        n = self.body.n
-        for index in range(n):  # the role first, as OpenAI sends it
-            delta = {"role": "assistant", "content": self.echo}
-            yield self._chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+        """The chunks of each engine output in one write (see completions' `stream`); content without logprobs
+        that does not finish a choice takes the encoder's fast path."""
+        n, chunks = self.body.n, self.chunk_encoder()
+        want_logprobs = self.body.logprobs
+        delta = {"role": "assistant", "content": self.echo}  # the role first, as OpenAI sends it
+        yield b"".join(
+            chunks.event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+            for index in range(n)
+        )
         sent_chars, sent_tokens = [0] * n, [0] * n
         finished: set[int] = set()
         last: RequestOutput | None = None
+        usage_sent = False
         async for _, output in merge(streams):
             last = output
+            events: list[bytes] = []
             for c in output.outputs:
                 if c.index in finished:
                     continue
                 delta_text = c.text[sent_chars[c.index] :]
                 new_tokens = len(c.token_ids) > sent_tokens[c.index]
                 done = c.finish_reason is not None
-                if not (delta_text or done or (new_tokens and self.body.logprobs)):
+                if not (delta_text or done or (new_tokens and want_logprobs)):
+                    continue
+                if not (done or want_logprobs):
+                    sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+                    events.append(chunks.text(c.index, delta_text))
                     continue
                 logprobs = self._logprobs(c, sent_tokens[c.index])
                 sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
@@ -216,6 +219,16 @@ class _View:
                 if done:
                     choice["stop_reason"] = c.stop_reason
                     finished.add(c.index)
-                yield self._chunk([choice])
-        if self.include_usage:
-            yield self._chunk([], self._usage(last))
+                events.append(chunks.event([choice]))
+            if output.finished and self.include_usage:
+                events.append(chunks.event([], self._usage(last)))
+                usage_sent = True
+            if events:
+                yield b"".join(events)
+        if self.include_usage and not usage_sent:
+            yield chunks.event([], self._usage(last))
+
+
+def text_choice(index: int, text: str) -> dict[str, Any]:
+    """A streamed choice whose delta is content only."""
+    return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}

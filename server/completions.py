@@ -18,12 +18,12 @@ from jpaged.engine import Prompt
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.server.errors import bad_request
 from jpaged.server.generation import (
+    ChunkEncoder,
     ClientDisconnected,
     EventStream,
     collect,
     guard_stream,
     merge,
-    sse,
     submit,
     until_disconnect,
 )
@@ -171,48 +171,50 @@ class _View:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-        if self.include_usage:
-            chunk["usage"] = usage
-        return sse(chunk)
-
     @property
     def include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
+    def chunk_encoder(self) -> ChunkEncoder:
+        head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+        return ChunkEncoder(head, include_usage=self.include_usage, text_choice=text_choice)
+
     async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
-        n = self.body.n
+        """The chunks of each engine output in one write: one chunk per choice with news; the usage chunk joins the
+        last output's. A token's chunk without logprobs, echo or finish takes the encoder's fast path."""
+        n, body, chunks = self.body.n, self.body, self.chunk_encoder()
+        want_logprobs = body.logprobs is not None
         sent_chars: dict[int, int] = {}  # choice index -> generated characters sent
         sent_tokens: dict[int, int] = {}  # choice index -> generated tokens sent
         offsets: dict[int, int] = {}  # choice index -> characters sent in all (echo included): the next text_offset
         finished: set[int] = set()
         last: list[RequestOutput | None] = [None] * len(streams)
+        usage_sent = False
         async for i, output in merge(streams):
             last[i] = output
+            events: list[bytes] = []
             for c in output.outputs:
                 index = i * n + c.index
                 if index in finished:
                     continue
                 first = index not in offsets
-                text, ids, lps = self._generated(c)
+                sent = sent_tokens.get(index, 0)
+                text, num_tokens = ("", 0) if self.score_only else (c.text, len(c.token_ids))
                 delta = text[sent_chars.get(index, 0) :]
-                new_ids = ids[sent_tokens.get(index, 0) :]
-                new_lps = lps[sent_tokens.get(index, 0) :]
                 done = c.finish_reason is not None
-                if not (delta or done or first or (new_ids and self.body.logprobs is not None)):
+                if not (delta or done or first or (num_tokens > sent and want_logprobs)):
                     continue
-                sent_chars[index], sent_tokens[index] = len(text), len(ids)
-                if first and self.body.echo:
+                sent_chars[index], sent_tokens[index] = len(text), num_tokens
+                offset = offsets.get(index, 0)
+                if not (done or want_logprobs or (first and (body.echo or body.prompt_logprobs is not None))):
+                    offsets[index] = offset + len(delta)
+                    events.append(chunks.text(index, delta))
+                    continue
+                _, ids, lps = self._generated(c)
+                new_ids, new_lps = ids[sent:], lps[sent:]
+                if first and body.echo:
                     p_text, p_ids, p_lps = self._echo_part(i, output)
                     delta, new_ids, new_lps = p_text + delta, p_ids + new_ids, p_lps + new_lps
-                offset = offsets.get(index, 0)
                 offsets[index] = offset + len(delta)
                 choice: dict[str, Any] = {
                     "index": index,
@@ -221,13 +223,23 @@ class _View:
                     "finish_reason": ("length" if self.score_only else c.finish_reason) if done else None,
                     "stop_reason": c.stop_reason if done else None,
                 }
-                if first and self.body.prompt_logprobs is not None:
+                if first and body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = self._prompt_logprobs(output)
                 if done:
                     finished.add(index)
-                yield self._chunk([choice])
-        if self.include_usage:
-            yield self._chunk([], self._usage(last))
+                events.append(chunks.event([choice]))
+            if self.include_usage and all(out is not None and out.finished for out in last):
+                events.append(chunks.event([], self._usage(last)))
+                usage_sent = True
+            if events:
+                yield b"".join(events)
+        if self.include_usage and not usage_sent:
+            yield chunks.event([], self._usage(last))
+
+
+def text_choice(index: int, text: str) -> dict[str, Any]:
+    """A streamed choice that carries text only."""
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None}
 
 
 def _trim(lp: Any, k: int) -> Any:

@@ -28,6 +28,11 @@ _DOCS: dict[str, tuple[str, type[BaseModel] | None, type[BaseModel] | None]] = {
     "/": ("The playground page", None, None),
     "/openapi.json": ("This document", None, None),
 }  # fmt: skip
+# path -> the schema of each `data:` event when the request streams.
+_STREAMS: dict[str, type[BaseModel]] = {
+    "/v1/completions": p.CompletionChunk,
+    "/v1/chat/completions": p.ChatCompletionChunk,
+}
 _ERRORS = {
     "400": "Invalid request",
     "401": "Missing or wrong API key",
@@ -40,7 +45,8 @@ _ERRORS = {
 
 @functools.cache
 def _schemas() -> dict[str, Any]:
-    models = {m for _, req, resp in _DOCS.values() for m in (req, resp) if m is not None} | {p.ErrorResponse}
+    models = {m for _, req, resp in _DOCS.values() for m in (req, resp) if m is not None}
+    models |= {p.ErrorResponse, *_STREAMS.values()}
     _, defs = models_json_schema(
         [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
         ref_template="#/components/schemas/{model}",
@@ -67,6 +73,8 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             ok: dict[str, Any] = {"description": "OK"}
             if response_schema is not None:
                 ok["content"] = {"application/json": {"schema": _ref(response_schema)}}
+            if path in _STREAMS:
+                ok["content"]["text/event-stream"] = {"schema": _ref(_STREAMS[path])}
             error = {"content": {"application/json": {"schema": _ref(p.ErrorResponse)}}}
             op["responses"] = {"200": ok} | {code: {"description": d, **error} for code, d in _ERRORS.items()}
             paths.setdefault(path, {})[method.lower()] = op

@@ -3,7 +3,9 @@
 Requests are validated strictly (a string is not a number, a number is not a bool), so every malformed field is a 400
 naming it. Unknown fields are ignored, as vLLM does, so clients that send newer OpenAI fields keep working; fields
 OpenAI defines but jpaged cannot honour (tools, response_format, ...) are rejected by the endpoints instead.
-Responses are built from these models too, so /openapi.json documents exactly what is sent.
+/openapi.json documents the responses with these models; the routes build them as plain dicts (stream chunks through a
+faster serializer), and tests/test_server_generation.py checks that streamed chunks round-trip through these models
+byte for byte.
 """
 
 from __future__ import annotations
@@ -164,6 +166,18 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None
     system_fingerprint: str | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a streamed completion: its choices' news; `usage` only with `stream_options.include_usage`
+    (null but on the last chunk, which has no choices)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
 
 
 class TopLogprob(BaseModel):
