@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -166,6 +167,13 @@ def run_server(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_request_body_bytes,
         trust_request_chat_template=args.trust_request_chat_template,
     )
+    # What exists now (the engine, the model's arrays, every imported module: ~270k objects on the bundled model)
+    # lives as long as the server. Freezing it keeps the garbage collector from scanning it again: the full
+    # collections that streaming's allocations trigger now and then took 130 ms unfrozen (8 ms frozen) on the 2-core
+    # box, holding the GIL the engine thread needs to launch the next step. vLLM's API server freezes its start-up
+    # heap too.
+    gc.collect()
+    gc.freeze()
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"jpaged: serving {names[0]!r}; playground at http://{host}:{args.port}/ "
           f"(OpenAI API at http://{host}:{args.port}/v1)", flush=True)  # fmt: skip
