@@ -182,7 +182,7 @@ class _View:
     async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
         """The chunks of each engine output in one write: one chunk per choice with news; the usage chunk joins the
         last output's. A token's chunk without logprobs, echo or finish takes the encoder's fast path."""
-        n, body, chunks = self.body.n, self.body, self.chunk_encoder()
+        n, body, chunks, include_usage = self.body.n, self.body, self.chunk_encoder(), self.include_usage
         want_logprobs = body.logprobs is not None
         sent_chars: dict[int, int] = {}  # choice index -> generated characters sent
         sent_tokens: dict[int, int] = {}  # choice index -> generated tokens sent
@@ -228,12 +228,12 @@ class _View:
                 if done:
                     finished.add(index)
                 events.append(chunks.event([choice]))
-            if self.include_usage and all(out is not None and out.finished for out in last):
+            if output.finished and include_usage and all(out is not None and out.finished for out in last):
                 events.append(chunks.event([], self._usage(last)))
                 usage_sent = True
             if events:
                 yield b"".join(events)
-        if self.include_usage and not usage_sent:
+        if include_usage and not usage_sent:
             yield chunks.event([], self._usage(last))
 
 
