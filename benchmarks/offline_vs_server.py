@@ -7,7 +7,9 @@ on a free loopback port; both compile their step buckets first and take one unti
 `--rounds` rounds, one fresh list of requests (random token-id prompts, greedy, exactly `--output-len` tokens each
 with ignore_eos) goes through `LLM.generate` and then, all at once (request rate inf), through the server via
 benchmarks/serving.py. It prints each round and the ratio of the median output throughputs (goal: the server at
->= 90% of offline), and writes every round with `--json-out`.
+>= 90% of offline), and writes every round with `--json-out`. Where /proc exists, each round also records the CPU
+time of the offline engine and of the server, and the CPU time spent elsewhere on the machine meanwhile: on a small
+shared machine, a round with much of the latter measures someone else's load, not jpaged.
 
 Engine flags are EngineConfig's (`--max-num-seqs`, `--max-num-batched-tokens`, ...), generated from it; the same
 values reach both sides. The load generator runs in this process while the server runs in its own, so on a machine
@@ -72,9 +74,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system, all threads) of a process, this one by default; None where /proc is missing."""
+    try:
+        stat = Path(f"/proc/{pid or 'self'}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU time every core of the machine has spent busy (not idle or waiting on I/O); None where /proc is missing."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def running_server(overrides: dict[str, Any], *, startup_timeout: float = 600.0) -> Iterator[str]:
-    """Starts `python -m jpaged serve` on a free loopback port; yields its base URL once /health is 200."""
+def cpu_meter(server_pid: int) -> Iterator[dict[str, float | None]]:
+    """Fills the dict, on exit, with the CPU seconds spent meanwhile by this process (`own_cpu_s`: the offline engine
+    or the load generator), by the server (`server_cpu_s`), and by everything else on the machine (`other_cpu_s`:
+    on a few cores, load from elsewhere that moves the numbers)."""
+    before = (cpu_seconds(), cpu_seconds(server_pid), machine_busy_seconds())
+    out: dict[str, float | None] = {}
+    yield out
+    after = (cpu_seconds(), cpu_seconds(server_pid), machine_busy_seconds())
+    if None in before or None in after:
+        out.update(own_cpu_s=None, server_cpu_s=None, other_cpu_s=None)
+        return
+    own, server, machine = (b - a for a, b in zip(before, after, strict=True))  # type: ignore[operator]
+    out.update(own_cpu_s=own, server_cpu_s=server, other_cpu_s=max(0.0, machine - own - server))
+
+
+@contextlib.contextmanager
+def running_server(overrides: dict[str, Any], *, startup_timeout: float = 600.0) -> Iterator[tuple[str, int]]:
+    """Starts `python -m jpaged serve` on a free loopback port; yields its base URL and pid once /health is 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "jpaged", "serve", *serve_argv(overrides), "--host", "127.0.0.1", "--port", str(port)]
     base_url = f"http://127.0.0.1:{port}"
@@ -92,7 +129,7 @@ def running_server(overrides: dict[str, Any], *, startup_timeout: float = 600.0)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"server not healthy after {startup_timeout:.0f} s: {' '.join(cmd)}")
                 time.sleep(0.25)
-            yield base_url
+            yield base_url, proc.pid
         finally:
             proc.terminate()
             try:
@@ -145,18 +182,32 @@ def compare(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[list[d
     offline_round(llm, warmup)
     offline: list[dict[str, Any]] = []
     server: list[dict[str, Any]] = []
-    with running_server(overrides) as base_url:
+    with running_server(overrides) as (base_url, pid):
         server_round(base_url, warmup, args.backend)
         for r, requests in enumerate(rounds):
-            offline.append(offline_round(llm, requests))
-            server.append(server_round(base_url, requests, args.backend))
+            with cpu_meter(pid) as cpu:
+                offline.append(offline_round(llm, requests))
+            offline[-1] |= {"cpu_s": cpu["own_cpu_s"], "other_cpu_s": cpu["other_cpu_s"]}
+            with cpu_meter(pid) as cpu:
+                server.append(server_round(base_url, requests, args.backend))
+            server[-1] |= {"server_cpu_s": cpu["server_cpu_s"], "other_cpu_s": cpu["other_cpu_s"]}
             ratio = server[-1]["output_throughput"] / offline[-1]["output_throughput"]
             print(
                 f"round {r + 1}/{args.rounds}: offline {offline[-1]['output_throughput']:.1f} tok/s, "
-                f"server {server[-1]['output_throughput']:.1f} tok/s ({server[-1]['failed']} failed): {ratio:.1%}",
+                f"server {server[-1]['output_throughput']:.1f} tok/s ({server[-1]['failed']} failed): {ratio:.1%}"
+                f"{_cpu_note(offline[-1], server[-1])}",
                 flush=True,
             )
     return offline, server
+
+
+def _cpu_note(offline: dict[str, Any], server: dict[str, Any]) -> str:
+    if server["server_cpu_s"] is None:
+        return ""
+    return (
+        f"; CPU s: server {server['server_cpu_s']:.2f}, load generator {server['client_cpu_s']:.2f}, "
+        f"elsewhere {offline['other_cpu_s']:.2f} (offline) / {server['other_cpu_s']:.2f} (server)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -194,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ):
         print(f"{name:<36}{row[key]:>12.2f}")
     print(f"{'Server / offline (median tok/s)':<36}{ratio:>11.1%}")
+    if middle.get("server_cpu_s") is not None:
+        per_token = f"{row['cpu_s'] / row['total_output_tokens'] * 1e3:.3f} / "
+        per_token += f"{middle['server_cpu_s'] / middle['total_output_tokens'] * 1e3:.3f}"
+        print(f"{'CPU ms per token, offline / server':<36}{per_token:>12}")
+        elsewhere = max(r["other_cpu_s"] for r in [*offline, *server])
+        print(f"{'CPU s elsewhere, worst round':<36}{elsewhere:>12.2f}")
     loads = f"{load_before[0]:.2f} / {load_after[0]:.2f}"
     print(f"{'Load average (1 min) before / after':<36}{loads:>12}  ({machine['cpus']} CPUs)")
     print("=" * width)
