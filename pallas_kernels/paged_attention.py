@@ -18,6 +18,11 @@ Two implementations of one contract:
   pages up to the last one its queries can see (from the first one inside the window) with an online
   softmax, and stores its valid rows with a mask. A sequence's K/V are read once per query block and kv
   head: for decode (one block per sequence) that is the minimum.
+  Split-K (flash-decoding, `AttentionTuning.num_splits` > 1): few decode sequences make too few programs to
+  fill a GPU, so the grid gains a third axis of num_splits programs per (query block, kv head). Program s
+  walks the s-th contiguous share of the KV blocks its queries see (split from the sequence's actual length;
+  a split left with nothing writes "saw no key" and exits) and writes its unnormalised float32 output, running
+  max and sum; a jnp log-sum-exp combine merges them. num_splits = 1 runs the kernel without any of this.
 
 GPU (Triton) constraints of the kernel, checked by `pallas_gpu_unsupported_reason`; `impl="auto"` falls
 back to the reference when one fails, `impl="pallas"` raises: H a power of two >= 16; S a power of two;
@@ -28,8 +33,9 @@ the Pallas Triton backend; nothing in jax replaces it for paged attention yet.
 
 Measured on one H200 (bf16, S = 16, default tuning, decode at full context, K/V bytes read once / time):
 Llama-3-8B heads (32/8, H 128) B 64 ctx 2048: 0.26 ms = 2.1 TB/s; B 256 ctx 1024: 0.46 ms = 2.35 TB/s;
-B 16 ctx 16k: 0.66 ms = 1.6 TB/s (no split over the context yet, so few long sequences underfill the GPU).
+B 16 ctx 16k: 0.66 ms = 1.6 TB/s (before split-K: 128 programs underfill the GPU).
 Llama-2-7B heads (32/32) B 64 ctx 2048: 0.92 ms = 2.3 TB/s. JAX's own kernel: 0.40 / 0.68 / 0.74 / 1.16 ms.
+Split-K and the decode default that picks it (`default_tuning`) are not measured yet.
 """
 
 from __future__ import annotations
@@ -66,15 +72,22 @@ def _is_power_of_two(x: int) -> bool:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionTuning:
-    """Block sizes of the Pallas kernel; one kernel, many tunings. All must be powers of two."""
+    """Block sizes of the Pallas kernel; one kernel, many tunings. All but target_programs are powers of two."""
 
     block_q: int = 16  # query tokens per program; the dot has block_q * G rows (Triton wants >= 16 of them)
     pages_per_block: int = 4  # KV pages per inner-loop iteration: block_k = pages_per_block * S kv positions
     num_warps: int = 4  # Triton lowering only
     num_stages: int = 2  # Triton lowering only (software pipelining depth of the KV loop)
+    # Split-K (flash-decoding): programs per (query block, kv head), each over a contiguous share of the KV blocks
+    # the queries see; > 1 adds float32 partial outputs and a log-sum-exp combine after the kernel.
+    num_splits: int = 1
+    # 0: every query block uses all num_splits splits. > 0: at run time use the fewest splits (a power of two
+    # <= num_splits) with which live query blocks * kv heads * splits reaches this many programs; the other
+    # splits exit at once. It lets one compiled bucket serve 1 live sequence (split) and a full batch (unsplit).
+    target_programs: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("block_q", "pages_per_block", "num_warps"):
+        for name in ("block_q", "pages_per_block", "num_warps", "num_splits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_power_of_two(value):
                 raise ValueError(f"AttentionTuning.{name} must be a power of two >= 1, got {value!r}")
@@ -82,23 +95,56 @@ class AttentionTuning:
             raise ValueError(f"AttentionTuning.num_warps must be <= 32, got {self.num_warps}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"AttentionTuning.num_stages must be an int >= 1, got {self.num_stages!r}")
+        if not isinstance(self.target_programs, int) or self.target_programs < 0:
+            raise ValueError(f"AttentionTuning.target_programs must be an int >= 0, got {self.target_programs!r}")
+        if self.target_programs and self.num_splits == 1:
+            raise ValueError("AttentionTuning.target_programs needs num_splits > 1 (it picks how many are used)")
 
     @property
     def name(self) -> str:
-        return f"bq{self.block_q}_ppb{self.pages_per_block}_w{self.num_warps}_s{self.num_stages}"
+        name = f"bq{self.block_q}_ppb{self.pages_per_block}_w{self.num_warps}_s{self.num_stages}"
+        if self.num_splits > 1:
+            name += f"_split{self.num_splits}" + (f"_t{self.target_programs}" if self.target_programs else "")
+        return name
+
+
+# Programs that fill an H200 (132 SMs) for decode: two per SM. A guess, like the rule below: not yet measured.
+_TARGET_PROGRAMS = 264
+_MAX_SPLITS = 16
+# jpaged's runner pads the sequence axis to powers of two from 16 (runner.MIN_TOKEN_BUCKET): a bucket of B > 16
+# sequences holds more than B / 2 live ones, the smallest one anything from 1 (single-stream decode) to 16.
+_SMALLEST_SEQ_BUCKET = 16
 
 
 def default_tuning(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int) -> AttentionTuning:
-    """The tuning for a shape family, chosen from static shapes (measured on an H200, docs/benchmarks.md).
+    """The tuning for a shape family, chosen from static shapes (measured on an H200, docs/benchmarks.md, except
+    the split rule).
 
     Decode-shaped batches (no more tokens than sequences: one query per sequence) put just enough queries in a
     block to fill the 16 rows a Triton dot needs with the G heads that share a KV head. Prefill-shaped batches
     use 64 rows (block_q * G), so each KV page is reused across enough queries: with MHA, 16 rows ran 4x slower
     than 64 (3.2 vs 0.8 ms for 4 x 2048 tokens).
+
+    Decode also splits each sequence's KV blocks (split-K) when too few programs would run: one program per
+    (sequence, kv head) left 100 of the H200's 132 SMs idle for single-stream Llama-2-7B (32 programs, 0.65 TB/s)
+    and Llama-3-8B at B=16 reached 1.6-2.0 TB/s with 128 programs where JAX's kernel split 4 ways reached 2.31.
+    UNMEASURED rule, chosen from that profile and flash-decoding's practice: num_splits = the next power of two of
+    ceil(264 / (fewest live sequences * K)), capped at 16, i.e. 2-4 programs per SM; and target_programs = 264, so
+    that at run time only as many splits work as the live sequences need (the rest exit at once). The static
+    num_seqs is a padded bucket, so the grid is sized for its fewest live sequences (see _SMALLEST_SEQ_BUCKET):
+    1 in the smallest bucket, B // 2 + 1 above it. Prefill never splits: its query blocks already fill the GPU.
     """
     group_padded = 1 << (num_heads // num_kv_heads - 1).bit_length()
     if num_tokens <= num_seqs:
-        return AttentionTuning(block_q=max(1, 16 // group_padded), pages_per_block=4)
+        fewest_live = 1 if num_seqs <= _SMALLEST_SEQ_BUCKET else num_seqs // 2 + 1
+        wanted = -(-_TARGET_PROGRAMS // (fewest_live * num_kv_heads))
+        num_splits = min(_MAX_SPLITS, 1 << (wanted - 1).bit_length())
+        return AttentionTuning(
+            block_q=max(1, 16 // group_padded),
+            pages_per_block=4,
+            num_splits=num_splits,
+            target_programs=_TARGET_PROGRAMS if num_splits > 1 else 0,
+        )
     return AttentionTuning(block_q=max(16, 64 // group_padded), pages_per_block=4)
 
 
@@ -203,6 +249,59 @@ def paged_attention_reference(
     return out.at[rows.reshape(-1)].set(out_blocks.reshape(-1, num_heads, head_dim), mode="drop")
 
 
+def _kv_blocks(first_pos, q_len, *, block_k: int, sliding_window: int | None):
+    """The KV blocks [first, end) a query block's rows can see: from the first one inside the window (0 without
+    one) to the one holding its last query's position."""
+    last_pos = first_pos + q_len - 1
+    end = pl.cdiv(last_pos + 1, block_k)
+    if sliding_window is None:
+        return 0, end
+    return jnp.maximum(first_pos - sliding_window + 1, 0) // block_k, end
+
+
+def _load_queries(q_ref, q_start, q_len, *, block_q: int):
+    """q [block_q * Gp, H] (row r is token r // Gp, head r % Gp; rows past q_len are 0) and the row mask."""
+    _, group_padded, head_dim = q_ref.shape
+    token_valid = jnp.arange(block_q) < q_len  # [block_q]
+    q_mask = jnp.broadcast_to(token_valid[:, None, None], (block_q, group_padded, head_dim))
+    q = plgpu.load(q_ref.at[pl.ds(q_start, block_q)], mask=q_mask, other=0)  # [block_q, Gp, H]
+    return q.reshape(block_q * group_padded, head_dim), q_mask
+
+
+def _online_softmax(q, q_pos, seq, kv_lo, kv_hi, page_tables_ref, k_pages_ref, v_pages_ref, *,
+                    pages_per_block: int, sm_scale: float, sliding_window: int | None):  # fmt: skip
+    """Walks KV blocks [kv_lo, kv_hi) of sequence seq for q [rows, H] at positions q_pos [rows].
+
+    Returns the unnormalised float32 accumulator [rows, H], the running max m [rows] and the sum l [rows]; a row
+    that saw no key keeps acc = 0, m = MASK_VALUE, l = 0.
+    """
+    rows, head_dim = q.shape
+    block_k = pages_per_block * k_pages_ref.shape[1]
+
+    def body(kv_block, carry):
+        acc, m_prev, l_prev = carry  # [rows, H], [rows], [rows]
+        page_ids = page_tables_ref[seq, pl.ds(kv_block * pages_per_block, pages_per_block)]  # [ppb]
+        k = k_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
+        v = v_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
+        scores = plgpu.dot(q, k, trans_b=True) * sm_scale  # [rows, block_k] float32
+        kv_pos = kv_block * block_k + jnp.arange(block_k)  # [block_k]
+        visible = kv_pos[None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            visible &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+        scores = jnp.where(visible, scores, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, scores.max(axis=-1))  # [rows]
+        correction = jnp.exp(m_prev - m_next)  # [rows]
+        probs = jnp.where(visible, jnp.exp(scores - m_next[:, None]), 0.0)  # [rows, block_k]
+        l_next = correction * l_prev + probs.sum(axis=-1)
+        acc = correction[:, None] * acc + plgpu.dot(probs.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    acc = jnp.zeros((rows, head_dim), jnp.float32)
+    m_i = jnp.full((rows,), MASK_VALUE, jnp.float32)
+    l_i = jnp.zeros((rows,), jnp.float32)
+    return jax.lax.fori_loop(kv_lo, kv_hi, body, (acc, m_i, l_i))
+
+
 def _paged_attention_kernel(
     block_seq_ref,  # [num_blocks] int32 sequence that owns the query block
     block_start_ref,  # [num_blocks] int32 first query row of the block
@@ -219,6 +318,7 @@ def _paged_attention_kernel(
     sm_scale: float,
     sliding_window: int | None,
 ):
+    """num_splits == 1: one program per (query block, kv head) walks every KV block its queries see."""
     blk = pl.program_id(0)
     q_len = block_len_ref[blk]
 
@@ -227,49 +327,94 @@ def _paged_attention_kernel(
         seq = block_seq_ref[blk]
         q_start = block_start_ref[blk]
         first_pos = block_pos_ref[blk]
-        _, group_padded, head_dim = q_ref.shape
-        page_size = k_pages_ref.shape[1]
-        block_k = pages_per_block * page_size
-        rows = block_q * group_padded
-
-        token_valid = jnp.arange(block_q) < q_len  # [block_q]
-        q_mask = jnp.broadcast_to(token_valid[:, None, None], (block_q, group_padded, head_dim))
-        q = plgpu.load(q_ref.at[pl.ds(q_start, block_q)], mask=q_mask, other=0)  # [block_q, Gp, H]
-        q = q.reshape(rows, head_dim)  # row r is token r // Gp, head r % Gp
-        q_pos = first_pos + jnp.arange(rows) // group_padded  # [rows]
-
-        last_pos = first_pos + q_len - 1
-        num_kv_blocks = pl.cdiv(last_pos + 1, block_k)
-        first_kv_block = 0
-        if sliding_window is not None:
-            first_kv_block = jnp.maximum(first_pos - sliding_window + 1, 0) // block_k
-
-        def body(kv_block, carry):
-            acc, m_prev, l_prev = carry  # [rows, H], [rows], [rows]
-            page_ids = page_tables_ref[seq, pl.ds(kv_block * pages_per_block, pages_per_block)]  # [ppb]
-            k = k_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
-            v = v_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
-            scores = plgpu.dot(q, k, trans_b=True) * sm_scale  # [rows, block_k] float32
-            kv_pos = kv_block * block_k + jnp.arange(block_k)  # [block_k]
-            visible = kv_pos[None, :] <= q_pos[:, None]
-            if sliding_window is not None:
-                visible &= kv_pos[None, :] > q_pos[:, None] - sliding_window
-            scores = jnp.where(visible, scores, MASK_VALUE)
-            m_next = jnp.maximum(m_prev, scores.max(axis=-1))  # [rows]
-            correction = jnp.exp(m_prev - m_next)  # [rows]
-            probs = jnp.where(visible, jnp.exp(scores - m_next[:, None]), 0.0)  # [rows, block_k]
-            l_next = correction * l_prev + probs.sum(axis=-1)
-            acc = correction[:, None] * acc + plgpu.dot(probs.astype(v.dtype), v)
-            return acc, m_next, l_next
-
-        acc = jnp.zeros((rows, head_dim), jnp.float32)
-        m_i = jnp.full((rows,), MASK_VALUE, jnp.float32)
-        l_i = jnp.zeros((rows,), jnp.float32)
-        acc, _, l_i = jax.lax.fori_loop(first_kv_block, num_kv_blocks, body, (acc, m_i, l_i))
+        group_padded = q_ref.shape[1]
+        block_k = pages_per_block * k_pages_ref.shape[1]
+        q, q_mask = _load_queries(q_ref, q_start, q_len, block_q=block_q)  # [rows, H]
+        q_pos = first_pos + jnp.arange(q.shape[0]) // group_padded  # [rows]
+        kv_lo, kv_hi = _kv_blocks(first_pos, q_len, block_k=block_k, sliding_window=sliding_window)
+        acc, _, l_i = _online_softmax(q, q_pos, seq, kv_lo, kv_hi, page_tables_ref, k_pages_ref, v_pages_ref,
+                                      pages_per_block=pages_per_block, sm_scale=sm_scale,
+                                      sliding_window=sliding_window)  # fmt: skip
         # Every valid row sees at least its own position, so l_i > 0 there; invalid rows are not stored.
         out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
-        out = out.reshape(block_q, group_padded, head_dim).astype(o_ref.dtype)
+        out = out.reshape(block_q, group_padded, q.shape[1]).astype(o_ref.dtype)
         plgpu.store(o_ref.at[pl.ds(q_start, block_q)], out, mask=q_mask)
+
+
+def _paged_attention_split_kernel(
+    block_seq_ref,  # [num_blocks] int32 sequence that owns the query block
+    block_start_ref,  # [num_blocks] int32 first query row of the block
+    block_len_ref,  # [num_blocks] int32 valid query rows of the block; 0 = unused block
+    block_pos_ref,  # [num_blocks] int32 kv position of the block's first query
+    page_tables_ref,  # [B, max_pages_padded] int32, max_pages_padded % pages_per_block == 0
+    splits_ref,  # [1] int32 splits in use this call, <= num_splits (the grid's third axis)
+    q_ref,  # [T, Gp, H] queries of this program's kv head
+    k_pages_ref,  # [P, S, H] this program's kv head
+    v_pages_ref,  # [P, S, H] this program's kv head
+    acc_ref,  # [T, Gp, H] float32 this split's unnormalised output (rows of an empty split stay unwritten)
+    m_ref,  # [T, Gp] float32 this split's running max (MASK_VALUE: saw no key)
+    l_ref,  # [T, Gp] float32 this split's softmax denominator (0: saw no key)
+    *,
+    block_q: int,
+    pages_per_block: int,
+    sm_scale: float,
+    sliding_window: int | None,
+):
+    """num_splits > 1: program (blk, h, s) walks the s-th of `splits` equal contiguous shares of the KV blocks its
+    queries see, sized from the sequence's actual length, so a short sequence leaves its last splits empty."""
+    blk = pl.program_id(0)
+    split = pl.program_id(2)  # (read outside pl.when: the interpreter has no rule for it inside a branch)
+    q_len = block_len_ref[blk]
+    q_start = block_start_ref[blk]
+    first_pos = block_pos_ref[blk]
+    group_padded = q_ref.shape[1]
+    block_k = pages_per_block * k_pages_ref.shape[1]
+    kv_lo, kv_hi = _kv_blocks(first_pos, q_len, block_k=block_k, sliding_window=sliding_window)
+    per_split = pl.cdiv(kv_hi - kv_lo, splits_ref[0])
+    lo = kv_lo + split * per_split
+    hi = jnp.minimum(lo + per_split, kv_hi)
+    row_mask = jnp.broadcast_to((jnp.arange(block_q) < q_len)[:, None], (block_q, group_padded))
+
+    @pl.when((q_len > 0) & (lo < hi))
+    def _():
+        q, q_mask = _load_queries(q_ref, q_start, q_len, block_q=block_q)  # [rows, H]
+        q_pos = first_pos + jnp.arange(q.shape[0]) // group_padded  # [rows]
+        acc, m_i, l_i = _online_softmax(q, q_pos, block_seq_ref[blk], lo, hi, page_tables_ref, k_pages_ref,
+                                        v_pages_ref, pages_per_block=pages_per_block, sm_scale=sm_scale,
+                                        sliding_window=sliding_window)  # fmt: skip
+        rows = pl.ds(q_start, block_q)
+        plgpu.store(acc_ref.at[rows], acc.reshape(block_q, group_padded, q.shape[1]), mask=q_mask)
+        plgpu.store(m_ref.at[rows], m_i.reshape(block_q, group_padded), mask=row_mask)
+        plgpu.store(l_ref.at[rows], l_i.reshape(block_q, group_padded), mask=row_mask)
+
+    @pl.when((q_len > 0) & (lo >= hi))
+    def _():  # an empty split: mark its rows as having seen nothing (acc stays unwritten) and leave
+        rows = pl.ds(q_start, block_q)
+        plgpu.store(m_ref.at[rows], jnp.full((block_q, group_padded), MASK_VALUE, jnp.float32), mask=row_mask)
+        plgpu.store(l_ref.at[rows], jnp.zeros((block_q, group_padded), jnp.float32), mask=row_mask)
+
+
+def _combine_splits(acc, maxes, sums):
+    """Merges the splits' partial softmaxes (log-sum-exp): acc [num_splits, T, K, Gp, H], maxes (m) and sums (l)
+    [num_splits, T, K, Gp], all float32 -> [T, K, Gp, H] float32. A split whose l is 0 for a row saw none of its
+    keys (and may never have written its acc): it gets weight 0."""
+    seen = sums > 0
+    m_max = jnp.max(jnp.where(seen, maxes, MASK_VALUE), axis=0)  # [T, K, Gp]
+    weight = jnp.where(seen, jnp.exp(maxes - m_max), 0.0)  # [num_splits, T, K, Gp]
+    denom = jnp.sum(jnp.where(seen, weight * sums, 0.0), axis=0)  # [T, K, Gp]
+    numer = jnp.sum(jnp.where(seen[..., None], weight[..., None] * acc, 0.0), axis=0)  # [T, K, Gp, H]
+    return numer / jnp.where(denom > 0, denom, 1.0)[..., None]
+
+
+def _splits_in_use(block_len, num_kv_heads: int, tuning: AttentionTuning):
+    """[1] int32: all num_splits, or with target_programs the fewest (a power of two) that reach it given the
+    live query blocks (block_len [num_blocks] > 0)."""
+    if not tuning.target_programs:
+        return jnp.full((1,), tuning.num_splits, jnp.int32)
+    programs = jnp.sum(block_len > 0, dtype=jnp.int32) * num_kv_heads
+    smaller = jnp.array([1 << i for i in range(tuning.num_splits.bit_length() - 1)], jnp.int32)  # < num_splits
+    too_few = jnp.sum(smaller * programs < tuning.target_programs, dtype=jnp.int32)
+    return jnp.left_shift(1, too_few)[None]
 
 
 def _query_blocks(seq_lens, cu_q_lens, num_seqs, *, num_tokens: int, block_q: int):
@@ -309,21 +454,45 @@ def _paged_attention_pallas(q, k_pages, v_pages, page_tables, seq_lens, cu_q_len
     blocks = _query_blocks(seq_lens, cu_q_lens, num_seqs, num_tokens=num_tokens, block_q=tuning.block_q)
     num_blocks = blocks[0].shape[0]
 
-    kernel = functools.partial(_paged_attention_kernel, block_q=tuning.block_q, pages_per_block=ppb,
-                               sm_scale=sm_scale, sliding_window=sliding_window)  # fmt: skip
+    params = dict(block_q=tuning.block_q, pages_per_block=ppb, sm_scale=sm_scale, sliding_window=sliding_window)
     whole = pl.BlockSpec()  # the whole array: block metadata and page tables are indexed by value
-    head_spec = pl.BlockSpec((num_tokens, None, group_padded, head_dim), lambda b, h: (0, h, 0, 0))
-    pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h: (h, 0, 0, 0))
-    out = pl.pallas_call(
-        kernel,
-        grid=(num_blocks, num_kv_heads),
-        in_specs=[whole] * 5 + [head_spec, pages_spec, pages_spec],
-        out_specs=head_spec,
-        out_shape=pallas_out_struct(q4.shape, q.dtype, q4, k_pages, v_pages),
-        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
-        interpret=interpret,
-        name=f"ragged_paged_attention_{tuning.name}",
-    )(*blocks, page_tables, q4, k_pages, v_pages)
+    head_spec = pl.BlockSpec((num_tokens, None, group_padded, head_dim), lambda b, h, *_: (0, h, 0, 0))
+    pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, *_: (h, 0, 0, 0))
+    compiler_params = plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+    name = f"ragged_paged_attention_{tuning.name}"
+    if tuning.num_splits == 1:
+        out = pl.pallas_call(
+            functools.partial(_paged_attention_kernel, **params),
+            grid=(num_blocks, num_kv_heads),
+            in_specs=[whole] * 5 + [head_spec, pages_spec, pages_spec],
+            out_specs=head_spec,
+            out_shape=pallas_out_struct(q4.shape, q.dtype, q4, k_pages, v_pages),
+            compiler_params=compiler_params,
+            interpret=interpret,
+            name=name,
+        )(*blocks, page_tables, q4, k_pages, v_pages)
+    else:
+        splits = tuning.num_splits
+        split_shape = (splits, num_tokens, num_kv_heads, group_padded)  # [num_splits, T, K, Gp]
+        acc, maxes, sums = pl.pallas_call(
+            functools.partial(_paged_attention_split_kernel, **params),
+            grid=(num_blocks, num_kv_heads, splits),
+            in_specs=[whole] * 6 + [head_spec, pages_spec, pages_spec],
+            out_specs=[
+                pl.BlockSpec((None, num_tokens, None, group_padded, head_dim), lambda b, h, s: (s, 0, h, 0, 0)),
+                pl.BlockSpec((None, num_tokens, None, group_padded), lambda b, h, s: (s, 0, h, 0)),
+                pl.BlockSpec((None, num_tokens, None, group_padded), lambda b, h, s: (s, 0, h, 0)),
+            ],
+            out_shape=[
+                pallas_out_struct((*split_shape, head_dim), jnp.float32, q4, k_pages, v_pages),
+                pallas_out_struct(split_shape, jnp.float32, q4, k_pages, v_pages),
+                pallas_out_struct(split_shape, jnp.float32, q4, k_pages, v_pages),
+            ],
+            compiler_params=compiler_params,
+            interpret=interpret,
+            name=name,
+        )(*blocks, page_tables, _splits_in_use(blocks[2], num_kv_heads, tuning), q4, k_pages, v_pages)
+        out = _combine_splits(acc, maxes, sums)  # [T, K, Gp, H] float32
     out = out[:, :, :group].reshape(num_tokens, num_heads, head_dim)
     # No program writes padding rows: zero them (their buffer contents are undefined).
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]  # [T]
@@ -380,6 +549,7 @@ def paged_attention(
 
     impl: "reference" (jnp), "pallas" (Triton-style Pallas kernel; off GPU only with interpret=True), or
     "auto": "pallas" on GPU when `pallas_gpu_unsupported_reason` finds nothing, else "reference".
+    tuning: the kernel's; None picks `default_tuning` for the static shapes (split-K for decode of few sequences).
     """
     _validate(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sliding_window)
     if impl not in IMPLS:

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as PS
 
 from jpaged.kernels.paged_attention import (
     AttentionTuning,
+    default_tuning,
     paged_attention,
     paged_attention_reference,
     pallas_gpu_unsupported_reason,
@@ -281,7 +282,8 @@ class TestPallasInterpret:
         ref = paged_attention(*batch.args(jnp.bfloat16), sm_scale=0.25, impl="reference")
         assert_close(out, np.asarray(ref, np.float32), atol=2e-2)
 
-    def test_under_shard_map(self):
+    @pytest.mark.parametrize("num_splits", [1, 4])
+    def test_under_shard_map(self, num_splits):
         """Callers shard K and N over a mesh axis; the kernel sees the local heads only."""
         rng = np.random.default_rng(13)
         devices = jax.devices()
@@ -290,7 +292,9 @@ class TestPallasInterpret:
         mesh = jax.sharding.Mesh(np.array(devices), ("model",))
         heads = PS(None, "model", None)  # q and the output: [T, N, H], N sharded
         pages = PS("model", None, None, None)  # [K, P, S, H], K sharded
-        attend = functools.partial(paged_attention, sm_scale=0.3, impl="pallas", interpret=self.interpret)
+        tuning = AttentionTuning(block_q=8, pages_per_block=2, num_splits=num_splits)
+        attend = functools.partial(paged_attention, sm_scale=0.3, impl="pallas", interpret=self.interpret,
+                                   tuning=tuning)  # fmt: skip
         fn = jax.shard_map(
             attend,
             mesh=mesh,
@@ -298,6 +302,77 @@ class TestPallasInterpret:
             out_specs=heads,
         )
         assert_close(jax.jit(fn)(*batch.args()), naive_attention(batch, sm_scale=0.3))
+
+    # --- split-K (num_splits > 1): each (query block, kv head) split over programs, then combined ----------
+
+    def split_tuning(self, page_size: int, group: int, num_splits: int, **kwargs) -> AttentionTuning:
+        """Small KV blocks (16 positions on a GPU, one page here) so that short sequences span several splits."""
+        group_padded = 1 << (group - 1).bit_length()
+        pages_per_block = 1 if self.interpret else max(1, 16 // page_size)
+        return AttentionTuning(block_q=max(1, 16 // group_padded), pages_per_block=pages_per_block,
+                               num_splits=num_splits, **kwargs)  # fmt: skip
+
+    @pytest.mark.parametrize(
+        ("page_size", "group", "num_splits"),
+        [(ps, g, 2 + 2 * ((i + j) % 2)) for i, ps in enumerate((8, 16, 32)) for j, g in enumerate((1, 2, 4))],
+    )
+    def test_splits_match_reference(self, page_size, group, num_splits):
+        """Decode at lengths 1, S-1, S, S+1, 5S, 13S+2 and prefill chunks, over permuted page tables; every page
+        size and GQA ratio meets both 2 and 4 splits."""
+        rng = np.random.default_rng(1000 + page_size * 10 + group + num_splits)
+        head_dim = 8 if self.interpret else 16
+        seqs = shuffled(rng, [*length_mix(page_size), (13 * page_size + 1, 1)])
+        batch = make_batch(rng, seqs, page_size=page_size, group=group, head_dim=head_dim)
+        sm_scale = 1 / math.sqrt(head_dim)
+        out = self.run(batch, sm_scale=sm_scale, tuning=self.split_tuning(page_size, group, num_splits))
+        assert out.shape == batch.q.shape and out.dtype == jnp.float32
+        assert_close(out, paged_attention(*batch.args(), sm_scale=sm_scale, impl="reference"))
+        assert_close(out, naive_attention(batch, sm_scale=sm_scale))
+
+    @pytest.mark.parametrize("sliding_window", [1, 5, 21])
+    def test_splits_sliding_window(self, sliding_window):
+        """The window's first KV block, not block 0, starts the range the splits share."""
+        rng = np.random.default_rng(100 + sliding_window)
+        seqs = shuffled(rng, [*length_mix(8), (60, 1), (45, 20)])
+        batch = make_batch(rng, seqs, page_size=8, group=2, head_dim=16)
+        out = self.run(batch, sm_scale=0.3, sliding_window=sliding_window, tuning=self.split_tuning(8, 2, 4))
+        assert_close(out, naive_attention(batch, sm_scale=0.3, sliding_window=sliding_window))
+
+    def test_empty_splits(self):
+        """Sequences with fewer KV blocks than splits leave splits empty (their acc is never written: NaN in
+        the interpreter); 8 splits over 1, 2, 3 and 9 KV blocks (5 splits used) and 16 blocks (all 8 used)."""
+        rng = np.random.default_rng(14)
+        page_size = 16
+        seqs = [(0, 1), (3, 1), (16, 1), (40, 1), (33, 2), (8 * page_size + 5, 1), (16 * page_size - 1, 1), (2, 1)]
+        batch = make_batch(rng, seqs, page_size=page_size, group=4, head_dim=16, num_pad_tokens=5)
+        out = self.run(batch, sm_scale=0.25, tuning=self.split_tuning(page_size, 4, 8))
+        assert np.isfinite(np.asarray(out)).all()
+        assert_close(out, naive_attention(batch, sm_scale=0.25))
+
+    def test_splits_in_a_mixed_batch(self):
+        """Prefill chunks of several query blocks each (causal rows that see only some splits' keys), decode
+        tokens and padding in one batch, split 4 ways."""
+        rng = np.random.default_rng(15)
+        seqs = shuffled(rng, [(0, 37), (5, 1), (50, 23), (70, 1), (0, 1), (17, 16)])
+        batch = make_batch(rng, seqs, page_size=8, group=2, head_dim=16)
+        out = self.run(batch, sm_scale=0.3, tuning=self.split_tuning(8, 2, 4))
+        assert_close(out, naive_attention(batch, sm_scale=0.3))
+
+    def test_splits_target_programs(self):
+        """With target_programs, 4 live sequences x 2 kv heads use 2 of the 8 splits (target 12): same result."""
+        rng = np.random.default_rng(16)
+        seqs = [(70, 1), (3, 1), (40, 1), (100, 1)]
+        batch = make_batch(rng, seqs, page_size=8, group=2, head_dim=16)
+        out = self.run(batch, sm_scale=0.3, tuning=self.split_tuning(8, 2, 8, target_programs=12))
+        assert_close(out, naive_attention(batch, sm_scale=0.3))
+
+    def test_splits_bfloat16(self):
+        rng = np.random.default_rng(17)
+        batch = make_batch(rng, shuffled(rng, length_mix(16)), page_size=16, group=2, head_dim=16)
+        out = self.run(batch, jnp.bfloat16, sm_scale=0.25, tuning=self.split_tuning(16, 2, 4))
+        assert out.dtype == jnp.bfloat16
+        ref = paged_attention(*batch.args(jnp.bfloat16), sm_scale=0.25, impl="reference")
+        assert_close(out, np.asarray(ref, np.float32), atol=2e-2)
 
 
 @pytest.mark.gpu
@@ -359,8 +434,11 @@ def test_pallas_off_gpu_needs_interpret():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(block_q=3), dict(block_q=0), dict(pages_per_block=6), dict(num_warps=64), dict(num_stages=0)],
-)
+    [
+        dict(block_q=3), dict(block_q=0), dict(pages_per_block=6), dict(num_warps=64), dict(num_stages=0),
+        dict(num_splits=3), dict(num_splits=0), dict(num_splits=4, target_programs=-1), dict(target_programs=264),
+    ],
+)  # fmt: skip
 def test_tuning_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match=r"AttentionTuning\."):
         AttentionTuning(**kwargs)
@@ -376,3 +454,107 @@ def test_gpu_constraints():
     assert "page_size 12" in pallas_gpu_unsupported_reason(q, pages[:, :, :12], tuning)
     assert "rows < 16" in pallas_gpu_unsupported_reason(q, pages, AttentionTuning(block_q=2))
     assert "block_k" in pallas_gpu_unsupported_reason(q, pages[:, :, :4], AttentionTuning(pages_per_block=2))
+
+
+# --- split-K: the default and the run-time split count -------------------------------------------------
+
+
+def test_default_tuning_splits_decode_only():
+    """Decode with few sequences splits (the padded bucket of 16 may hold a single stream); prefill never does."""
+    for num_seqs in (1, 16):  # single-stream decode, alone or in the runner's smallest bucket
+        for num_kv_heads in (32, 8):  # Llama-2-7B, Llama-3-8B
+            tuning = default_tuning(num_seqs, num_seqs, 32, num_kv_heads)
+            assert tuning.num_splits == 16 and tuning.target_programs > 0
+    assert default_tuning(32, 32, 32, 8).num_splits > 1  # >= 17 live x 8 kv heads: still < 2 programs per SM
+    assert default_tuning(256, 256, 32, 8).num_splits == 1  # a full GPU without splitting
+    assert default_tuning(64, 64, 32, 32).num_splits == 1
+    for num_tokens, num_seqs in ((2048, 4), (512, 64), (2, 1)):  # prefill and mixed batches
+        assert default_tuning(num_tokens, num_seqs, 32, 8).num_splits == 1
+    assert default_tuning(64, 64, 32, 8).name == AttentionTuning(block_q=4).name  # unsplit: name unchanged
+
+
+@pytest.mark.parametrize(
+    ("live", "num_kv_heads", "expected"),
+    [(1, 32, 16), (2, 32, 8), (8, 32, 2), (9, 32, 1), (1, 8, 16), (16, 8, 4), (33, 8, 1), (0, 8, 16)],
+)
+def test_splits_in_use(live, num_kv_heads, expected):
+    """The fewest power-of-two splits (<= num_splits) with live blocks x kv heads x splits >= target_programs."""
+    block_len = jnp.array([1] * live + [0] * 5, jnp.int32)
+    tuning = AttentionTuning(num_splits=16, target_programs=264)
+    assert pa_module._splits_in_use(block_len, num_kv_heads, tuning).tolist() == [expected]
+    assert pa_module._splits_in_use(block_len, num_kv_heads, AttentionTuning(num_splits=4)).tolist() == [4]
+
+
+def test_combine_ignores_splits_that_saw_nothing():
+    """An empty split (l = 0, m = MASK_VALUE, acc unwritten: NaN) gets weight 0; the merge equals one softmax."""
+    rng = np.random.default_rng(18)
+    scores = rng.standard_normal(10).astype(np.float32)
+    values = rng.standard_normal((10, 3)).astype(np.float32)
+    parts = [(scores[:6], values[:6]), (scores[6:], values[6:])]
+    acc = [np.exp(s - s.max()) @ v for s, v in parts] + [np.full(3, np.nan, np.float32)]
+    maxes = [s.max() for s, _ in parts] + [pa_module.MASK_VALUE]
+    sums = [np.exp(s - s.max()).sum() for s, _ in parts] + [0.0]
+    shape = (3, 1, 1, 1)  # [num_splits, T, K, Gp]
+    out = pa_module._combine_splits(
+        jnp.array(np.stack(acc)).reshape(*shape, 3),
+        jnp.array(maxes, jnp.float32).reshape(shape),
+        jnp.array(sums, jnp.float32).reshape(shape),
+    )
+    probs = np.exp(scores - scores.max())
+    np.testing.assert_allclose(np.asarray(out).reshape(3), probs @ values / probs.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_every_split_reports_its_rows(monkeypatch):
+    """The kernel's partial outputs, before the combine: every split writes m and l for every valid row (a GPU
+    buffer starts as garbage, the interpreter's as NaN), l = 0 exactly for splits past the sequence's KV blocks
+    (split s of n blocks is empty when s * ceil(n / 4) >= n), and acc exactly where l > 0 (decode rows see
+    every key of a non-empty split)."""
+    rng = np.random.default_rng(19)
+    seq_lens = [1, 8, 9, 17, 30, 41, 100]  # 1, 1, 2, 3, 4, 6, 13 KV blocks of one 8-position page
+    batch = make_batch(rng, [(n - 1, 1) for n in seq_lens], page_size=8, group=2, head_dim=8, num_pad_tokens=0)
+    partials = {}
+    combine = pa_module._combine_splits
+
+    def capture(acc, maxes, sums):
+        partials.update(acc=np.asarray(acc), maxes=np.asarray(maxes), sums=np.asarray(sums))
+        return combine(acc, maxes, sums)
+
+    monkeypatch.setattr(pa_module, "_combine_splits", capture)
+    tuning = AttentionTuning(block_q=8, pages_per_block=1, num_splits=4)
+    pa_module._paged_attention_pallas(*batch.args(), sm_scale=0.3, sliding_window=None, tuning=tuning, interpret=True)
+    acc, maxes, sums = (partials[name][:, : len(seq_lens), :, :2] for name in ("acc", "maxes", "sums"))  # valid rows
+    assert np.isfinite(maxes).all() and np.isfinite(sums).all()
+    num_blocks = -(-np.array(seq_lens) // 8)  # [B]
+    has_keys = np.arange(4)[:, None] * -(-num_blocks // 4) < num_blocks  # [num_splits, B]
+    np.testing.assert_array_equal(sums > 0, np.broadcast_to(has_keys[:, :, None, None], sums.shape))
+    np.testing.assert_array_equal(maxes[sums == 0], np.float32(pa_module.MASK_VALUE))
+    assert np.isfinite(acc[sums > 0]).all()
+    assert np.isnan(acc[sums == 0]).all()  # empty splits exit without walking a block (acc keeps the interpreter's NaN)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests compile the kernel itself")
+@pytest.mark.parametrize(
+    ("num_tokens", "num_seqs", "num_kv_heads", "sliding_window"),
+    [(16, 16, 32, None), (16, 16, 8, 4096), (2048, 16, 8, None)],
+    ids=["llama2-7b-decode", "llama3-8b-decode-window", "llama3-8b-prefill"],
+)
+def test_lowers_to_triton_for_an_h200(monkeypatch, num_tokens, num_seqs, num_kv_heads, sliding_window):
+    """Off GPU, the Triton lowering still runs (to Triton IR, not to PTX) when an H200 is declared: decode in
+    the runner's smallest bucket (split 16 ways) and prefill (unsplit), under the default tuning."""
+    from jax._src.pallas.triton import gpu_info
+
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+    tuning = default_tuning(num_tokens, num_seqs, 32, num_kv_heads)
+    assert (tuning.num_splits > 1) == (num_tokens <= num_seqs)
+    fn = jax.jit(lambda *args: pa_module._paged_attention_pallas(*args, sm_scale=0.1, sliding_window=sliding_window,
+                                                                  tuning=tuning, interpret=False))  # fmt: skip
+    pages = (num_kv_heads, 4096, 16, 128)
+    tables = ((num_seqs, 256), (num_seqs,), (num_seqs + 1,), (1,))  # page tables, seq_lens, cu_q_lens, num_seqs
+    shapes = [((num_tokens, 32, 128), jnp.bfloat16), (pages, jnp.bfloat16), (pages, jnp.bfloat16)]
+    shapes += [(shape, jnp.int32) for shape in tables]
+    target = "__gpu$xla.gpu.triton"
+    checks = [jax.export.DisabledSafetyCheck.custom_call(target)]
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+    module = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+    assert target in module and f"ragged_paged_attention_{tuning.name}" in module
+    assert f"grid_z = {tuning.num_splits} : i32" in module
