@@ -225,6 +225,7 @@ def jax_builtin_fn(inputs: dict[str, Any], *, ppcb: int, k_splits: int, interpre
 # -- tuning sweeps ----------------------------------------------------------------------------------------------------
 # Candidate values per AttentionTuning field and case kind; fields the dataclass lacks are skipped, and fields the
 # script does not list stay at their default. "min" = the smallest block_q the Triton lowering accepts for the case.
+# num_splits is split-K (decode); target_programs, swept after it, lets fewer splits work when the batch is larger.
 GRIDS: dict[str, dict[str, dict[str, tuple[Any, ...]]]] = {
     "full": {
         "decode": {
@@ -232,15 +233,14 @@ GRIDS: dict[str, dict[str, dict[str, tuple[Any, ...]]]] = {
             "pages_per_block": (1, 2, 4, 8, 16),
             "num_warps": (2, 4, 8),
             "num_stages": (1, 2, 3, 4),
-            "k_splits": (1, 2, 4, 8, 16),
             "num_splits": (1, 2, 4, 8, 16),
+            "target_programs": (0, 132, 264, 528, 1056),  # only with num_splits > 1 (the dataclass rejects it else)
         },
         "prefill": {
             "block_q": (16, 32, 64, 128),
             "pages_per_block": (1, 2, 4, 8),
             "num_warps": (4, 8),
             "num_stages": (1, 2, 3),
-            "k_splits": (1,),
             "num_splits": (1,),
         },
     },
@@ -249,13 +249,13 @@ GRIDS: dict[str, dict[str, dict[str, tuple[Any, ...]]]] = {
             "block_q": ("min",),
             "pages_per_block": (2, 4, 8),
             "num_warps": (4, 8),
-            "k_splits": (1, 4, 16),
             "num_splits": (1, 4, 16),
+            "target_programs": (0, 264, 528),
         },
         "prefill": {"block_q": (16, 64), "pages_per_block": (2, 4), "num_warps": (4, 8)},
     },
     "tiny": {
-        "decode": {"pages_per_block": (1, 2)},
+        "decode": {"pages_per_block": (1, 2), "num_splits": (1, 2)},
         "prefill": {"block_q": (8, 16)},
     },
 }
