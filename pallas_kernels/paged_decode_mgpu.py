@@ -1,0 +1,468 @@
+"""Decode paged attention for Hopper through Pallas' Mosaic GPU backend: TMA page streaming into an SMEM ring.
+
+B sequences, N q-heads, K kv-heads, G = N // K q-heads per kv-head, H head dim, P pages, S page size,
+R = 64 rows of a wgmma tile.
+
+Contract: `paged_attention`'s decode case (exactly one query token per sequence): q [B, N, H] holds sequence b's
+query in row b, which sits at kv position seq_lens[b] - 1 and sees kv positions 0 .. seq_lens[b] - 1 of the pages
+page_tables[b]. Rows b >= num_seqs[0] are padding and come back as zeros. Softmax in float32, output in q's dtype.
+`paged_attention_reference` (jpaged.kernels.paged_attention) with cu_q_lens = arange(B + 1) is the oracle.
+
+Why a second kernel. Decode attention is memory-bound: each (sequence, kv head) reads its K and V once and does
+4 * G * H FLOP per kv position. The Triton-lowered kernel gathers pages with pointer loads and 2 software pipeline
+stages and reaches 2.0-2.7 TB/s of the H200's 4.28 TB/s copy bandwidth. By Little's law, 4.28 TB/s at ~1 us of
+loaded DRAM latency needs ~4.3 MB in flight over 132 SMs, i.e. >= ~32 KB per SM at all times. Here every page is
+a TMA bulk-tensor copy (issued by one thread, completing on an mbarrier) into a ring of `num_stages` SMEM slots,
+each slot holding `pages_per_block` pages of K and of V (32 KB per slot for 4 pages of 16 x 128 bf16), so that
+(num_stages - 1) slots, 32-64 KB per CTA and 64-128 KB per SM at two CTAs per SM, are in flight while one is
+being computed on.
+
+Design.
+- Grid (B, K, num_splits): one program (a single warpgroup, 128 threads) per (sequence, kv head, split). The G query
+  heads that share a kv head are computed together, so each page is read from HBM once per (sequence, kv head).
+- q tile: the wgmma's M is fixed at 64 rows, so a program TMA-copies the 64 consecutive rows of q viewed as
+  [B * N, H] that start at its own first row b * N + h * G: its G rows come first, the rest are other heads' (or
+  TMA's zero fill past the end) and only waste tensor-core work. They go through an unswizzled staging buffer into
+  a swizzled tile (a TMA into a swizzled tile needs an 8-row aligned start, which b * N + h * G is not for G < 8).
+- Math: both products on the tensor cores (wgmma), as JAX's FlashAttention-3 Mosaic GPU kernel does:
+  scores [64, block_kv] = q_tile @ K_block^T, an online softmax in registers (exp2 with log2(e) * sm_scale folded
+  in, positions >= seq_len masked), P is stored to a swizzled SMEM tile and acc [64, H] += P @ V_block.
+  With G <= 8 of 64 rows useful, the tensor cores do 8-64x the useful work. Budget: per SM 4.28 TB/s / 132 =
+  32 GB/s, i.e. a 64-position block (32 KB of K+V at H 128 bf16) every ~1.0 us = ~1850 cycles at 1.83 GHz; the two
+  64 x 64 x 128 wgmmas take 2 x 512 cycles of an SM's ~1024 dense bf16 FMA/cycle, ~55% of that budget, and the
+  softmax on 64 x 64 scores another few hundred cycles. It fits, without much headroom, when two CTAs per SM
+  overlap one's softmax with the other's wgmma. Register math (no MMA) would cost G * 16K FMA per block on the CUDA
+  cores (128 FMA/cycle/SM: 1024 cycles at G = 8) plus bf16 conversions and cross-lane reductions: no better at
+  G = 8 and far more code. A transposed formulation (K_block @ q^T with N = 8) would cut the MMA work 8x but puts
+  the softmax reduction across warps and needs P transposed in SMEM: a later optimisation if measurements show the
+  tensor cores or the softmax, not HBM, to be the limit.
+- Paging: the program first TMA-copies its window of the page table (the pages its split can touch) into SMEM with
+  one contiguous bulk copy, then issues, per ring slot, one [S, H] TMA per page for K and one for V into the slot's
+  tile rows; K and V of a slot have one barrier each (pages_per_block copies arrive on it). K/V pages are addressed
+  through the [K * P * S, H] view of the cache, row (h * P + page) * S: a multiple of 8, as the swizzled tile needs.
+  The slot of block j is refilled with block j + num_stages as soon as block j's PV wgmma has completed.
+- Split-K (flash-decoding, num_splits > 1): split s of a sequence walks the s-th of num_splits equal contiguous shares
+  of its ceil(seq_len / block_kv) blocks (sized from the actual length, so a short sequence leaves later splits
+  empty); each writes its normalised float32 output rows and their log2-sum-exp, and a jnp combine weighs them.
+  An empty split writes zeros and a log2-sum-exp of MASK_VALUE (weight 0).
+- Padding rows (b >= num_seqs) and empty sequences run zero blocks and write zeros: no masking pass after the kernel.
+
+Constraints (`paged_decode_mgpu_unsupported_reason`): q/k/v bfloat16 or float16 (the wgmma operand types), one
+dtype; H a multiple of 64 and <= 256; S a multiple of 8; pages_per_block * S a multiple of 64 (the swizzle-128
+wgmma K granularity) and <= 256; G <= 64; the SMEM ring, q tiles and page-table window within 227 KB.
+
+Verified so far only on CPU: the Mosaic GPU lowering (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",)),
+layout inference included) and Pallas' Mosaic GPU interpreter (InterpretGPUParams), which runs the TMA copies,
+barriers and wgmmas of this kernel on CPU. Not yet compiled (ptxas) nor measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jpaged.kernels.paged_attention import MASK_VALUE, paged_attention_reference
+
+ROWS = 64  # wgmma's fixed M: the q tile's rows (G of them are this program's heads)
+_SWIZZLE = 128  # bytes: the widest wgmma swizzle; a tile row of 64 16-bit elements
+_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
+_SMEM_LIMIT = 227 * 1024  # H100/H200 max dynamic SMEM per block
+_LOG2E = math.log2(math.e)
+SEMANTICS = ("warpgroup", "lane")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeTuning:
+    """Block sizes of the Mosaic GPU decode kernel; one kernel, many tunings."""
+
+    pages_per_block: int = 4  # pages per pipeline step: block_kv = pages_per_block * S positions (a multiple of 64)
+    num_stages: int = 2  # SMEM ring slots (K and V of one block each); num_stages - 1 blocks load while one computes
+    # Split-K (flash-decoding): programs per (sequence, kv head), each over a contiguous share of the sequence's blocks;
+    # > 1 adds float32 partial outputs and a log-sum-exp combine after the kernel.
+    num_splits: int = 1
+    # Mosaic GPU's lowering: "warpgroup" (jax 0.11's default: MLIR dialect + layout inference) or "lane" (explicit
+    # per-thread layouts). Both lower on CPU; one may compile where the other does not.
+    semantics: str = "warpgroup"
+
+    def __post_init__(self) -> None:
+        for name in ("pages_per_block", "num_stages", "num_splits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DecodeTuning.{name} must be an int >= 1, got {value!r}")
+        if self.pages_per_block & (self.pages_per_block - 1):
+            raise ValueError(f"DecodeTuning.pages_per_block must be a power of two, got {self.pages_per_block}")
+        if self.num_stages > 8:
+            raise ValueError(f"DecodeTuning.num_stages must be <= 8, got {self.num_stages}")
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"DecodeTuning.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
+
+    @property
+    def name(self) -> str:
+        name = f"ppb{self.pages_per_block}_st{self.num_stages}"
+        if self.num_splits > 1:
+            name += f"_split{self.num_splits}"
+        return name + ("_lane" if self.semantics == "lane" else "")
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# Page-table copies move multiples of 32 int32 entries: 128 bytes, as the lane lowering wants copies of a multiple of
+# the warpgroup's 128 threads in bytes (and TMA wants 16-byte multiples).
+_TABLE_QUANTUM = 32
+
+
+def _table_width(max_pages: int, pages_per_block: int) -> int:
+    """Page-table columns the kernel reads: whole blocks and whole copy quanta."""
+    return _round_up(max_pages, math.lcm(pages_per_block, _TABLE_QUANTUM))
+
+
+def _window(max_pages: int, pages_per_block: int, num_splits: int) -> int:
+    """Page-table entries one program copies to SMEM: its split's pages plus up to 3 of alignment slack."""
+    width = _table_width(max_pages, pages_per_block)
+    if num_splits == 1:
+        return width
+    blocks = width // pages_per_block
+    return min(width, _round_up(-(-blocks // num_splits) * pages_per_block + 3, _TABLE_QUANTUM))
+
+
+def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: DecodeTuning) -> int:
+    """SMEM one program allocates (a lower bound: Mosaic aligns each buffer to 1 KB)."""
+    itemsize = jnp.dtype(q_dtype).itemsize
+    block_kv = tuning.pages_per_block * page_size
+    ring = 2 * tuning.num_stages * block_kv * head_dim * itemsize  # K and V slots
+    tiles = 2 * ROWS * head_dim * itemsize + ROWS * block_kv * itemsize  # q staging, q tile, P tile
+    table = 4 * _window(max_pages, tuning.pages_per_block, tuning.num_splits)
+    split_out = (ROWS * head_dim + ROWS) * 4 if tuning.num_splits > 1 else 0  # float32 output + lse staging
+    return ring + tiles + table + split_out
+
+
+def paged_decode_mgpu_unsupported_reason(
+    q: jax.Array, k_pages: jax.Array, page_tables: jax.Array, tuning: DecodeTuning
+) -> str | None:
+    """Why the Mosaic GPU kernel cannot run these shapes (on a Hopper GPU), or None if it can."""
+    head_dim = q.shape[-1]
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = q.shape[1] // num_kv_heads
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not bfloat16 or float16 (wgmma operands)"
+    if k_pages.dtype != q.dtype:
+        return f"k/v pages dtype {k_pages.dtype} differs from q's {q.dtype}"
+    if head_dim % 64 or head_dim > 256:
+        return f"head_dim {head_dim} is not a multiple of 64 <= 256"
+    if page_size % 8:
+        return f"page_size {page_size} is not a multiple of 8 (the swizzled tile's row group)"
+    block_kv = tuning.pages_per_block * page_size
+    if block_kv % 64 or block_kv > 256:
+        return f"block_kv = pages_per_block * page_size = {block_kv} is not a multiple of 64 <= 256"
+    if group > ROWS:
+        return f"G = {group} q heads per kv head > {ROWS}"
+    smem = smem_bytes(q.dtype, head_dim, page_size, page_tables.shape[1], tuning)
+    if smem > _SMEM_LIMIT:
+        return f"needs {smem} bytes of SMEM > {_SMEM_LIMIT} (fewer stages or pages per block, or more splits)"
+    return None
+
+
+def _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_window) -> None:
+    """Static shape/dtype checks (values are traced)."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, N, H] (one decode query per sequence), got shape {q.shape}")
+    if k_pages.ndim != 4:
+        raise ValueError(f"k_pages must be [K, P, S, H], got shape {k_pages.shape}")
+    if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"v_pages {v_pages.shape} {v_pages.dtype} must match k_pages {k_pages.shape} {k_pages.dtype}")
+    num_seqs_max, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[0]
+    if k_pages.shape[3] != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and of k/v pages ({k_pages.shape[3]}) differ")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    for name, arr, shape in (("page_tables", page_tables, (num_seqs_max, page_tables.shape[-1])),
+                             ("seq_lens", seq_lens, (num_seqs_max,)), ("num_seqs", num_seqs, (1,))):  # fmt: skip
+        if arr.shape != shape or arr.ndim != len(shape):
+            raise ValueError(f"{name} must have shape {shape} (q has B = {num_seqs_max} rows), got {arr.shape}")
+        if arr.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {arr.dtype}")
+    if page_tables.shape[1] == 0:
+        raise ValueError("page_tables must have at least one column")
+    if sliding_window is not None:
+        raise NotImplementedError("paged_decode_attention_mgpu does not support sliding_window yet")
+
+
+def _decode_kernel(
+    seq_lens_ref,  # [B] int32 GMEM
+    num_seqs_ref,  # [1] int32 GMEM
+    page_tables_ref,  # [B, W_table] int32 GMEM, W_table % 4 == 0, % pages_per_block == 0
+    q_ref,  # [max(B * N, 64), H] GMEM: q rows (sequence-major, then head)
+    k_ref,  # [K * P * S, H] GMEM: k_pages viewed as rows; page p of kv head h is rows (h * P + p) * S + [0, S)
+    v_ref,  # [K * P * S, H] GMEM
+    *refs,
+    num_heads: int,
+    group: int,
+    num_pages: int,
+    page_size: int,
+    max_len: int,
+    window: int,
+    sm_scale: float,
+    tuning: DecodeTuning,
+):
+    splits = tuning.num_splits
+    if splits == 1:
+        o_ref, *scratch = refs  # o_ref [B * N, H] q.dtype
+    else:
+        o_ref, lse_ref, *scratch = refs  # o_ref [splits, B * N, H] f32; lse_ref [splits, B, K, 64] f32
+    (q_stage, q_tile, k_ring, v_ring, p_tile, table, out_stage, q_bar, table_bar, k_bars, v_bars) = scratch
+    # q_stage [64, H] q.dtype unswizzled: q rows as TMA brings them, and the bf16 output rows on the way out
+    # q_tile [64, H] swizzled (wgmma A); k_ring/v_ring [num_stages, block_kv, H] swizzled; p_tile [64, block_kv]
+    # table [window] int32: page ids; out_stage: None, or (o32 [64, H] f32, lse [64] f32) for split-K
+    ppb = tuning.pages_per_block
+    stages = tuning.num_stages
+    block_kv = ppb * page_size
+    b = lax.axis_index("b")
+    h = lax.axis_index("h")
+    split = lax.axis_index("s") if splits > 1 else 0
+
+    first_row = b * num_heads + h * group  # this program's first q (and output) row in the [B * N, H] views
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, ROWS)], q_stage, q_bar)
+
+    live = b < num_seqs_ref[0]
+    kv_len = jnp.where(live, jnp.minimum(seq_lens_ref[b], max_len), 0)
+    kv_len = jnp.maximum(kv_len, 0)
+    total_blocks = lax.div(kv_len + (block_kv - 1), block_kv)
+    lo: jax.Array | int = 0  # the split's first block
+    num_blocks = total_blocks  # the split's blocks
+    table_start: jax.Array | int = 0  # first page-table column copied to SMEM (a multiple of 4)
+    table_offset: jax.Array | int = 0  # column of the split's first page inside that window
+    if splits > 1:
+        per_split = lax.div(total_blocks + (splits - 1), splits)
+        lo = split * per_split
+        num_blocks = jnp.maximum(jnp.minimum(per_split, total_blocks - lo), 0)
+        first_page = lo * ppb
+        # A 16-byte aligned window start that keeps the window inside the table.
+        table_start = jnp.minimum(first_page - lax.rem(first_page, 4), page_tables_ref.shape[1] - window)
+        table_offset = first_page - table_start
+    # In bounds by construction; saying so makes it one contiguous bulk copy (no tensor map, no 256-entry box limit).
+    plgpu.copy_gmem_to_smem(page_tables_ref.at[b, pl.ds(table_start, window)], table, table_bar,
+                            oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)  # fmt: skip
+
+    def issue(block, slot):
+        """TMA-copies the K and V pages of the split's `block`-th block into ring slot `slot`."""
+        for p in range(ppb):
+            page = table[table_offset + block * ppb + p]
+            rows = pl.ds((h * num_pages + page) * page_size, page_size)
+            dst = pl.ds(p * page_size, page_size)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_ring.at[slot, dst], k_bars.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_ring.at[slot, dst], v_bars.at[slot])
+
+    plgpu.barrier_wait(table_bar)
+    for i in range(stages):
+        pl.when(i < num_blocks)(functools.partial(issue, i, i))
+
+    plgpu.barrier_wait(q_bar)
+    # Once per program: bank conflicts do not matter (optimized=False lets the lane lowering accept the copy).
+    q_tile[...] = plgpu.load(q_stage, layout=plgpu.Layout.WGMMA, optimized=False)
+    plgpu.commit_smem()  # q_tile's generic-proxy writes before the wgmma reads them
+
+    scale = sm_scale * _LOG2E  # scores in log2 units: exp2 instead of exp
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    acc = plgpu.layout_cast(jnp.zeros((ROWS, q_tile.shape[1]), jnp.float32), plgpu.Layout.WGMMA)
+    m_i = plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32), row_layout)
+    l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+
+    def body(j, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(k_bars.at[slot])
+
+        def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_tile, k_ring.at[slot].transpose((1, 0)))
+            return acc_ref[...]
+
+        scores = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))  # [64, block_kv]
+        kv_pos = (lo + j) * block_kv + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
+        scores = jnp.where(kv_pos < kv_len, scores * scale, MASK_VALUE)
+        # Every block this loop visits holds a visible position, so m_next is a real score in every row.
+        m_next = jnp.maximum(m_i, scores.max(axis=1))
+        alpha = jnp.exp2(m_i - m_next)  # 0 on the first block (m_i = MASK_VALUE)
+        probs = jnp.exp2(scores - lax.broadcast_in_dim(m_next, scores.shape, [0]))
+        l_next = l_i * alpha + probs.sum(axis=1)
+        p_tile[...] = probs.astype(p_tile.dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(v_bars.at[slot])
+
+        def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_tile, v_ring.at[slot])
+            return acc_ref[...]
+
+        # A fresh accumulator, added to the rescaled running one: the interpreter has no rule for a pre-initialised
+        # one (pl.run_state), and the extra 64 x H adds are cheap. Reading it waits for the wgmma, so K and V of
+        # `slot` are free afterwards.
+        pv = pl.run_scoped(compute_pv, plgpu.ACC((ROWS, acc.shape[1]), jnp.float32))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+
+        @pl.when(j + stages < num_blocks)
+        def _():
+            issue(j + stages, slot)
+
+        return acc, m_next, l_next
+
+    acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
+    seen = l_i > 0  # False only for rows of a program with no blocks (padding, empty split)
+    out = acc / lax.broadcast_in_dim(jnp.where(seen, l_i, 1.0), acc.shape, [0])  # 0 where nothing was seen
+    rows = pl.ds(0, group)
+    if splits == 1:
+        q_stage[...] = out.astype(q_stage.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_stage.at[rows], o_ref.at[pl.ds(first_row, group)])
+    else:
+        o32, lse = out_stage
+        o32[...] = out
+        lse[...] = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), MASK_VALUE)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o32.at[rows], o_ref.at[split, pl.ds(first_row, group)])
+        plgpu.copy_smem_to_gmem(lse, lse_ref.at[split, b, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _combine_splits(o_part, lse_part, group: int):
+    """Merges split-K partials: o_part [splits, B, K, G, H] float32 (each normalised over its split), lse_part
+    [splits, B, K, G] float32 (log2-sum-exp of the split's scores; MASK_VALUE: the split saw nothing)
+    -> [B, K, G, H] float32."""
+    seen = lse_part > 0.5 * MASK_VALUE
+    top = jnp.max(lse_part, axis=0)  # [B, K, G]
+    weight = jnp.where(seen, jnp.exp2(lse_part - top), 0.0)  # [splits, B, K, G]
+    total = jnp.sum(weight, axis=0)
+    out = jnp.sum(weight[..., None] * o_part, axis=0)
+    return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def _swizzled(shape, dtype):
+    """An SMEM tile in wgmma's operand layout: (8, 64)-element tiles, 128-byte swizzle."""
+    elems = _SWIZZLE // jnp.dtype(dtype).itemsize
+    tiling = plgpu.TilingTransform((8, elems))  # type: ignore[abstract]
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(_SWIZZLE)))  # type: ignore[abstract]
+
+
+def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_scale, tuning, interpret):
+    num_seqs_max, num_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    ppb = tuning.pages_per_block
+    block_kv = ppb * page_size
+    splits = tuning.num_splits
+    max_len = page_tables.shape[1] * page_size
+    width = _table_width(page_tables.shape[1], ppb)
+    if width != page_tables.shape[1]:  # a copy of the table per call; engines size it to whole blocks
+        page_tables = jnp.pad(page_tables, ((0, 0), (0, width - page_tables.shape[1])))  # null page 0
+    window = _window(page_tables.shape[1], ppb, splits)
+    q_rows = q.reshape(num_seqs_max * num_heads, head_dim)
+    if q_rows.shape[0] < ROWS:  # the q tile copy reads 64 rows
+        q_rows = jnp.pad(q_rows, ((0, ROWS - q_rows.shape[0]), (0, 0)))
+    k_rows = k_pages.reshape(num_kv_heads * num_pages * page_size, head_dim)
+    v_rows = v_pages.reshape(num_kv_heads * num_pages * page_size, head_dim)
+
+    dtype = q.dtype
+    out_stage = None
+    out_rows = num_seqs_max * num_heads
+    out_type: Any
+    if splits == 1:
+        out_type = jax.ShapeDtypeStruct((out_rows, head_dim), dtype)
+    else:
+        out_stage = (plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32))
+        out_type = (
+            jax.ShapeDtypeStruct((splits, out_rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((splits, num_seqs_max, num_kv_heads, ROWS), jnp.float32),
+        )
+    scratch = (
+        plgpu.SMEM((ROWS, head_dim), dtype),  # q_stage
+        _swizzled((ROWS, head_dim), dtype),  # q_tile
+        _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # k_ring
+        _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # v_ring
+        _swizzled((ROWS, block_kv), dtype),  # p_tile
+        plgpu.SMEM((window,), jnp.int32),  # table
+        out_stage,
+        plgpu.Barrier(),  # q
+        plgpu.Barrier(),  # table
+        plgpu.Barrier(num_arrivals=ppb, num_barriers=tuning.num_stages),  # K slots: one arrival per page copy
+        plgpu.Barrier(num_arrivals=ppb, num_barriers=tuning.num_stages),  # V slots
+    )
+    semantics = plgpu.LoweringSemantics.Lane if tuning.semantics == "lane" else plgpu.LoweringSemantics.Warpgroup
+    kernel = functools.partial(
+        _decode_kernel,
+        num_heads=num_heads,
+        group=group,
+        num_pages=num_pages,
+        page_size=page_size,
+        max_len=max_len,
+        window=window,
+        sm_scale=sm_scale,
+        tuning=tuning,
+    )
+    kernel.__name__ = f"paged_decode_mgpu_{tuning.name}"  # type: ignore[attr-defined]
+    grid = (num_seqs_max, num_kv_heads, splits)
+    outs = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=("b", "h", "s"),
+        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=semantics),
+        interpret=interpret,
+    )(seq_lens, num_seqs, page_tables, q_rows, k_rows, v_rows)
+    if splits == 1:
+        return outs.reshape(num_seqs_max, num_heads, head_dim)
+    o_part, lse_part = outs
+    o_part = o_part.reshape(splits, num_seqs_max, num_kv_heads, group, head_dim)
+    out = _combine_splits(o_part, lse_part[..., :group], group)
+    return out.reshape(num_seqs_max, num_heads, head_dim).astype(dtype)
+
+
+def interpret_params() -> plgpu.InterpretGPUParams:
+    """Pallas' Mosaic GPU interpreter (runs the kernel's TMA copies, barriers and wgmmas on CPU), with
+    uninitialised memory filled with NaN so that reads of never-written SMEM show up in the output."""
+    return plgpu.InterpretGPUParams(uninitialized_memory="nan")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "tuning", "interpret"))
+def paged_decode_attention_mgpu(
+    q: jax.Array,  # [B, N, H]
+    k_pages: jax.Array,  # [K, P, S, H]
+    v_pages: jax.Array,  # [K, P, S, H]
+    page_tables: jax.Array,  # [B, max_pages] int32
+    seq_lens: jax.Array,  # [B] int32
+    num_seqs: jax.Array,  # [1] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    tuning: DecodeTuning | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [B, N, H] in q.dtype
+    """Decode paged attention (one query per sequence) with the Mosaic GPU kernel; see the module docstring.
+
+    q: [B, N, H], row b the query of sequence b at kv position seq_lens[b] - 1. k_pages/v_pages: [K, P, S, H],
+    N % K == 0. page_tables: [B, max_pages] int32 (unused entries -> page 0). seq_lens: [B] int32 kv length
+    including the current token. num_seqs: [1] int32; rows b >= num_seqs[0] are padding and come back as 0.
+    interpret=True runs Pallas' Mosaic GPU interpreter (CPU; slow, for tests) instead of compiling for a GPU.
+    """
+    _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_window)
+    tuning = DecodeTuning() if tuning is None else tuning
+    reason = paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
+    if reason is not None:
+        raise ValueError(f"paged_decode_attention_mgpu cannot run these shapes: {reason}")
+    return _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sm_scale=sm_scale, tuning=tuning,
+                        interpret=interpret_params() if interpret else None)  # fmt: skip
+
+
+def paged_decode_reference(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_scale: float) -> jax.Array:
+    """The oracle: `paged_attention_reference` with one query per sequence (cu_q_lens = arange(B + 1))."""
+    cu_q_lens = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    return paged_attention_reference(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sm_scale=sm_scale)

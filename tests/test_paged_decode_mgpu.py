@@ -1,0 +1,201 @@
+"""The Mosaic GPU decode kernel against the jnp reference: on CPU through Pallas' Mosaic GPU interpreter (TMA copies,
+barriers and wgmmas included) and through the CUDA lowering; compiled on a GPU by the `gpu`-marked tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.kernels import paged_decode_mgpu as mgpu
+from jpaged.kernels.paged_decode_mgpu import (
+    DecodeTuning,
+    paged_decode_attention_mgpu,
+    paged_decode_mgpu_unsupported_reason,
+    paged_decode_reference,
+)
+
+MAX_REL_ERR = 1e-2  # bf16 output against the float32-softmax reference
+
+
+def make_inputs(*, page_size: int, group: int, lens: tuple[int, ...], num_kv_heads: int = 2, head_dim: int = 128,
+                padding_rows: int = 1, extra_columns: int = 2, dtype=jnp.bfloat16, seed: int = 0):  # fmt: skip
+    """Live sequences of `lens` over randomly permuted pages (page 0 is the null page unused columns point at), then
+    `padding_rows` rows past num_seqs whose lengths and tables hold garbage the kernel must ignore."""
+    rng = np.random.default_rng(seed)
+    batch = len(lens) + padding_rows
+    pages = [-(-n // page_size) for n in lens]
+    max_pages = max(pages) + extra_columns
+    num_pages = 1 + sum(pages) + 5
+    perm = rng.permutation(np.arange(1, num_pages, dtype=np.int32))
+    tables = np.zeros((batch, max_pages), np.int32)
+    start = 0
+    for b, n in enumerate(pages):
+        tables[b, :n] = perm[start : start + n]
+        start += n
+    tables[len(lens) :] = rng.integers(0, num_pages, (padding_rows, max_pages))
+    seq_lens = np.concatenate([lens, rng.integers(1, max_pages * page_size + 1, padding_rows)]).astype(np.int32)
+    num_heads = num_kv_heads * group
+    q = rng.standard_normal((batch, num_heads, head_dim))
+    k = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim))
+    v = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim))
+    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(tables),
+            jnp.asarray(seq_lens), jnp.asarray([len(lens)], jnp.int32))  # fmt: skip
+
+
+def lengths(page_size: int, long: int) -> tuple[int, ...]:
+    return (1, page_size - 1, page_size, page_size + 1, long)
+
+
+def check(args, *, tuning: DecodeTuning | None = None, interpret: bool, sm_scale: float = 0.125) -> None:
+    out = paged_decode_attention_mgpu(*args, sm_scale=sm_scale, tuning=tuning, interpret=interpret)
+    ref = paged_decode_reference(*args, sm_scale=sm_scale)
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    live = int(args[5][0])
+    assert np.all(out[live:] == 0), "padding rows must come back as zeros"
+    for b in range(live):
+        err = np.linalg.norm(out[b] - ref[b]) / np.linalg.norm(ref[b])
+        assert err <= MAX_REL_ERR, f"row {b} (seq_len {int(args[4][b])}): relative error {err:.3g}"
+
+
+# Every page size with a 64-position block (block_kv = pages_per_block * S), G of MHA, Llama-3 and 8.
+SWEEP = [(s, g) for s in (8, 16, 32) for g in (1, 4, 8)]
+
+
+# -- Mosaic GPU interpreter (CPU) -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("page_size", "group"), SWEEP, ids=[f"S{s}-G{g}" for s, g in SWEEP])
+def test_interpret_sweep(page_size, group):
+    tuning = DecodeTuning(pages_per_block=64 // page_size)
+    args = make_inputs(page_size=page_size, group=group, lens=lengths(page_size, long=4 * 64 + 37))
+    check(args, tuning=tuning, interpret=True)
+
+
+TUNINGS = {
+    "one-stage": DecodeTuning(num_stages=1),
+    "three-stages": DecodeTuning(num_stages=3),
+    "block-128": DecodeTuning(pages_per_block=8),
+    "split-2": DecodeTuning(num_splits=2),
+    "split-3-stages-3": DecodeTuning(num_splits=3, num_stages=3),  # uneven shares; empty splits for short rows
+    "split-8": DecodeTuning(num_splits=8),
+}
+
+
+@pytest.mark.parametrize("tuning", list(TUNINGS.values()), ids=list(TUNINGS))
+def test_interpret_tunings(tuning):
+    args = make_inputs(page_size=16, group=4, lens=(1, 15, 16, 17, 7 * 64 + 5, 300), seed=1)
+    check(args, tuning=tuning, interpret=True)
+
+
+def test_interpret_head_dim_64_float16_uneven_table():
+    # H 64; float16; a table width (12 columns) that is no multiple of the block (4) and of the copy quantum (32).
+    args = make_inputs(page_size=16, group=2, lens=(33, 190), head_dim=64, extra_columns=0, dtype=jnp.float16)
+    assert args[3].shape[1] == 12
+    check(args, tuning=DecodeTuning(num_splits=2), interpret=True)
+
+
+def test_interpret_few_rows_and_no_padding():
+    # B * N < 64 q rows (the wrapper pads q for the 64-row tile copy); num_seqs == B.
+    args = make_inputs(page_size=16, group=1, lens=(70,), num_kv_heads=1, padding_rows=0)
+    check(args, interpret=True)
+
+
+# -- lowering for CUDA on CPU (Mosaic GPU's Python passes, layout inference included; not ptxas) ----------------------
+ANCHORS = {  # (B, N, K, context): the benchmark's decode shapes, H 128, S 16, bf16
+    "llama3-8b-B64": (64, 32, 8, 2048),
+    "llama2-7b-B64": (64, 32, 32, 2048),
+    "llama3-8b-B16-16k": (16, 32, 8, 16384),
+    "llama3-8b-B256": (256, 32, 8, 1024),
+}
+
+
+def lower_for_cuda(batch, heads, kv_heads, context, tuning, *, page_size=16, head_dim=128) -> str:
+    max_pages = context // page_size
+    num_pages = batch * max_pages + 1
+    sds = jax.ShapeDtypeStruct
+    kv = sds((kv_heads, num_pages, page_size, head_dim), jnp.bfloat16)
+    args = (sds((batch, heads, head_dim), jnp.bfloat16), kv, kv, sds((batch, max_pages), jnp.int32),
+            sds((batch,), jnp.int32), sds((1,), jnp.int32))  # fmt: skip
+    fn = functools.partial(paged_decode_attention_mgpu, sm_scale=0.088, tuning=tuning)
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("semantics", mgpu.SEMANTICS)
+@pytest.mark.parametrize("anchor", list(ANCHORS), ids=list(ANCHORS))
+def test_lowers_for_cuda(anchor, semantics):
+    batch, heads, kv_heads, context = ANCHORS[anchor]
+    splits = 4 if batch * kv_heads < 264 else 1
+    for tuning in (DecodeTuning(num_splits=splits), DecodeTuning(num_stages=3, num_splits=splits)):
+        tuning = dataclasses.replace(tuning, semantics=semantics)
+        text = lower_for_cuda(batch, heads, kv_heads, context, tuning)
+        assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("semantics", mgpu.SEMANTICS)
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_lowers_for_cuda_page_sizes(page_size, semantics):
+    tuning = DecodeTuning(pages_per_block=128 // page_size, num_splits=2, semantics=semantics)
+    assert "mosaic_gpu" in lower_for_cuda(8, 8, 1, 4096, tuning, page_size=page_size)
+
+
+# -- validation -------------------------------------------------------------------------------------------------------
+def test_tuning_rejects_bad_values():
+    for bad in (dict(pages_per_block=3), dict(pages_per_block=0), dict(num_stages=0), dict(num_stages=9),
+                dict(num_splits=0), dict(num_splits=True), dict(semantics="thread")):  # fmt: skip
+        with pytest.raises(ValueError):
+            DecodeTuning(**bad)
+    assert DecodeTuning(num_splits=4).name == "ppb4_st2_split4"
+
+
+def test_unsupported_reason():
+    args = make_inputs(page_size=16, group=4, lens=(20,))
+    q, k, _, tables = args[:4]
+    ok = DecodeTuning()
+    assert paged_decode_mgpu_unsupported_reason(q, k, tables, ok) is None
+    f32 = paged_decode_mgpu_unsupported_reason(q.astype(jnp.float32), k.astype(jnp.float32), tables, ok)
+    assert "float32" in f32
+    assert "differs" in paged_decode_mgpu_unsupported_reason(q, k.astype(jnp.float16), tables, ok)
+    assert "head_dim" in paged_decode_mgpu_unsupported_reason(q[..., :96], k[..., :96], tables, ok)
+    assert "page_size" in paged_decode_mgpu_unsupported_reason(q, k[:, :, :12], tables, ok)
+    assert "block_kv" in paged_decode_mgpu_unsupported_reason(q, k, tables, DecodeTuning(pages_per_block=2))
+    wide = jnp.zeros((q.shape[0], 130 * 8), jnp.int32)
+    assert "SMEM" in paged_decode_mgpu_unsupported_reason(q, k, wide, DecodeTuning(pages_per_block=8, num_stages=3))
+
+
+def test_wrapper_validates():
+    q, k, v, tables, lens, num_seqs = make_inputs(page_size=16, group=4, lens=(20,))
+    call = functools.partial(paged_decode_attention_mgpu, sm_scale=0.1, interpret=True)
+    with pytest.raises(NotImplementedError, match="sliding_window"):
+        call(q, k, v, tables, lens, num_seqs, sliding_window=8)
+    with pytest.raises(ValueError, match=r"\[B, N, H\]"):
+        call(q[None], k, v, tables, lens, num_seqs)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        call(q[:, :3], k, v, tables, lens, num_seqs)
+    with pytest.raises(ValueError, match="seq_lens"):
+        call(q, k, v, tables, lens[:1], num_seqs)
+    with pytest.raises(ValueError, match="int32"):
+        call(q, k, v, tables.astype(jnp.int16), lens, num_seqs)
+    with pytest.raises(ValueError, match="cannot run these shapes"):
+        call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), tables, lens, num_seqs)
+
+
+# -- compiled on a GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize(("page_size", "group"), SWEEP, ids=[f"S{s}-G{g}" for s, g in SWEEP])
+def test_gpu_sweep(page_size, group):
+    args = make_inputs(page_size=page_size, group=group, lens=lengths(page_size, long=2048 + 37), num_kv_heads=4)
+    for tuning in (DecodeTuning(pages_per_block=64 // page_size), DecodeTuning(pages_per_block=64 // page_size,
+                                                                               num_splits=3)):  # fmt: skip
+        check(args, tuning=tuning, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuning", [*TUNINGS.values(), DecodeTuning(semantics="lane")],
+                         ids=[*TUNINGS, "lane"])  # fmt: skip
+def test_gpu_tunings(tuning):
+    args = make_inputs(page_size=16, group=4, lens=(1, 15, 16, 17, 7 * 64 + 5, 3000), num_kv_heads=8, seed=1)
+    check(args, tuning=tuning, interpret=False)
