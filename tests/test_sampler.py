@@ -17,6 +17,7 @@ from jpaged.sampler import (
     sample,
     top_k,
     top_k_top_p_min_p_mask,
+    top_k_top_p_min_p_mask_sorted,
 )
 
 sample_jit = jax.jit(sample, static_argnames="num_logprobs")
@@ -129,7 +130,7 @@ def test_row_draw_depends_only_on_its_seed_sample_index_position_and_logits():
     target_seeds = np.array([7, 7, 7, 2**32 - 1, 3, 123456789, 0, 42], np.uint32)
     target_logits = rng.normal(size=(8, vocab)).astype(np.float32) * 2
 
-    alone = [  # B = 1: an unfiltered row takes the no-sort branch, a lone filtered row the sort branch
+    alone = [  # B = 1: each row on its own
         tokens(
             target_logits[i : i + 1],
             make_meta(1, seeds=target_seeds[i], **{k: v[i] for k, v in targets.items()}),
@@ -220,7 +221,8 @@ def test_empirical_frequencies_match_filtered_softmax(temperature, top_k, top_p,
     np.testing.assert_allclose(frequencies, expected, atol=0.015)  # ~4 standard deviations at 20k draws
 
 
-def test_mask_matches_numpy_and_filtered_tokens_are_never_drawn():
+@pytest.mark.parametrize("mask_fn", [top_k_top_p_min_p_mask, top_k_top_p_min_p_mask_sorted])
+def test_mask_matches_numpy_and_filtered_tokens_are_never_drawn(mask_fn):
     rng = np.random.default_rng(4)
     batch, vocab = 512, 40
     logits = rng.normal(size=(batch, vocab)).astype(np.float32) * 2
@@ -237,7 +239,7 @@ def test_mask_matches_numpy_and_filtered_tokens_are_never_drawn():
             for b in range(batch)
         ]
     )
-    mask = jax.jit(top_k_top_p_min_p_mask)(
+    mask = jax.jit(mask_fn)(
         jnp.asarray(scaled),
         jnp.asarray(params["top_k"], jnp.int32),
         jnp.asarray(params["top_p"], jnp.float32),
@@ -250,10 +252,101 @@ def test_mask_matches_numpy_and_filtered_tokens_are_never_drawn():
         assert expected[np.arange(batch), drawn].all()
 
 
-def test_top_k_keeps_exactly_k_breaking_ties_towards_lower_ids():
+@pytest.mark.parametrize("mask_fn", [top_k_top_p_min_p_mask, top_k_top_p_min_p_mask_sorted])
+def test_top_k_keeps_exactly_k_breaking_ties_towards_lower_ids(mask_fn):
     scaled = jnp.asarray([[1.0, 3.0, 3.0, 0.0, 3.0, 3.0]])
-    mask = top_k_top_p_min_p_mask(scaled, jnp.asarray([3]), jnp.asarray([1.0]), jnp.asarray([0.0]))
+    mask = mask_fn(scaled, jnp.asarray([3]), jnp.asarray([1.0]), jnp.asarray([0.0]))
     np.testing.assert_array_equal(np.asarray(mask), [[False, True, True, False, True, False]])
+
+
+# --- the sort-free mask against the sorted definition ---
+
+mask_jit = jax.jit(top_k_top_p_min_p_mask)
+sorted_mask_jit = jax.jit(top_k_top_p_min_p_mask_sorted)
+NEG = -np.inf
+
+
+def near_top_p_boundary(scaled: np.ndarray, top_k: int, top_p: float, margin: float = 1e-5) -> bool:
+    """Whether top_p lies within `margin` of the probability of the r >= 1 most likely of the top-k (float64).
+
+    There float32 sums taken in different orders may put the top-p cut one token apart; the sort-free mask and
+    the sorted cumsum sum in different orders (the cumsum itself rounds differently on CPU and GPU). The mass
+    before the first token is exactly 0 in both, so a tiny top_p is no such knife-edge.
+    """
+    desc = np.sort(scaled.astype(np.float64))[::-1]
+    k = len(desc) if top_k <= 0 else min(top_k, len(desc))
+    if top_p >= 1 or not np.isfinite(desc[0]):
+        return False
+    probs = np.exp(desc[:k] - desc[0])
+    return bool(np.any(np.abs(np.cumsum(probs / probs.sum())[:-1] - top_p) < margin))
+
+
+def random_filter_case(rng: np.random.Generator, batch: int, vocab: int):
+    """float32 logits with many ties and banned (-inf) tokens, and filters mixing off, edge and middle values.
+
+    top_p is redrawn where it would sit on a knife-edge (near_top_p_boundary).
+    """
+    logits = rng.normal(size=(batch, vocab)) * rng.choice([0.1, 1.0, 5.0, 30.0], size=(batch, 1))
+    grid = rng.choice([0.0, 0.25, 1.0, 4.0], size=(batch, 1))  # rounding to a grid makes ties; 0: none forced
+    logits = np.where(grid > 0, np.round(logits / np.where(grid > 0, grid, 1.0)) * grid, logits)
+    logits[rng.random((batch, vocab)) < rng.choice([0.0, 0.0, 0.1, 0.9, 1.0], size=(batch, 1))] = NEG
+    logits = logits.astype(np.float32)
+    top_k = np.where(
+        rng.random(batch) < 0.3,
+        rng.integers(1, vocab + 1, size=batch),
+        rng.choice([0, -1, 1, 2, vocab, vocab + 1, 10**6], size=batch),
+    )
+    top_p = np.where(rng.random(batch) < 0.3, rng.uniform(size=batch), rng.choice([1.0, 1e-7, 0.1, 0.5, 0.9], batch))
+    min_p = np.where(rng.random(batch) < 0.3, rng.uniform(size=batch), rng.choice([0.0, 0.0, 0.05, 0.3, 1.0], batch))
+    top_p = top_p.astype(np.float32)
+    for b in range(batch):
+        while near_top_p_boundary(logits[b], top_k[b], top_p[b]):
+            top_p[b] = rng.uniform()
+    return logits, top_k.astype(np.int32), top_p, min_p.astype(np.float32)
+
+
+def cuts_a_tie_group(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """[B] whether some kept finite token is tied with a dropped one."""
+    lowest_kept = np.where(keep, logits, np.inf).min(axis=-1, keepdims=True)
+    return np.any(~keep & (logits == lowest_kept), axis=-1) & np.isfinite(lowest_kept[:, 0])
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 64, 300])
+def test_sort_free_mask_equals_sorted_mask(vocab):
+    rng = np.random.default_rng(vocab)
+    batch, kept_counts, cuts, top_p_cuts = 8, set(), 0, 0
+    for _ in range(60):
+        logits, top_k, top_p, min_p = random_filter_case(rng, batch, vocab)
+        expected = np.asarray(sorted_mask_jit(logits, top_k, top_p, min_p))
+        np.testing.assert_array_equal(np.asarray(mask_jit(logits, top_k, top_p, min_p)), expected)
+        kept_counts.update(expected.sum(-1).tolist())
+        cut = cuts_a_tie_group(logits, expected)
+        cuts += int(cut.sum())
+        top_p_cuts += int(np.sum(cut & ((top_k <= 0) | (top_k >= vocab)) & (min_p == 0)))  # top-p alone
+    assert kept_counts >= {1, vocab}  # rows keeping one token and rows keeping every token
+    if vocab > 2:  # the sweep reaches the tie handling, top-p's included, and many kept counts
+        assert cuts >= 20 and top_p_cuts >= 5 and len(kept_counts) > vocab // 10, (cuts, top_p_cuts, kept_counts)
+
+
+@pytest.mark.parametrize(
+    "row, top_k, top_p, min_p, expected",
+    [
+        ([1.0, NEG, 0.0, NEG], 0, 1.0, 0.0, [1, 1, 1, 1]),  # no filter binds: banned tokens pass (never drawn)
+        ([1.0, NEG, 0.0, NEG], 3, 1.0, 0.0, [1, 1, 1, 0]),  # top-k counts banned tokens, lower ids first
+        ([1.0, NEG, 0.0, NEG], 0, 1.0, 0.01, [1, 0, 1, 0]),  # min-p drops them
+        ([1.0, NEG, 0.0, NEG], 0, 0.99999, 0.0, [1, 0, 1, 0]),  # so does top-p below the finite tokens' mass
+        ([NEG, NEG, NEG], 0, 0.5, 0.1, [1, 0, 0]),  # all banned: the first token alone, as argmax
+        ([NEG, NEG, NEG], 2, 1.0, 0.0, [1, 0, 0]),  # whatever the filters
+        ([-0.0, 0.0, -0.0, -1.0], 2, 1.0, 0.0, [1, 1, 0, 0]),  # -0.0 and 0.0 tie
+        ([2.0, 2.0, 2.0, 2.0], 0, 0.6, 0.0, [1, 1, 1, 0]),  # top-p cuts a tie group: 0, .25, .5 < .6
+        ([2.0, 2.0, 2.0, 2.0], 0, 0.0, 0.0, [1, 0, 0, 0]),  # top_p = 0 keeps the top token
+        ([0.0, 3.0, 1.0, 3.0], 0, 1.0, 2.0, [0, 1, 0, 0]),  # min_p > 1 too
+    ],
+)
+def test_mask_edge_cases(row, top_k, top_p, min_p, expected):
+    args = (np.asarray([row], np.float32), np.asarray([top_k], np.int32), np.asarray([top_p], np.float32))
+    for mask_fn in (top_k_top_p_min_p_mask, top_k_top_p_min_p_mask_sorted):
+        np.testing.assert_array_equal(np.asarray(mask_fn(*args, np.asarray([min_p], np.float32)))[0], expected)
 
 
 # --- bias and penalties ---
