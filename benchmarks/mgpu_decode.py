@@ -138,10 +138,14 @@ def run_config(case: dict[str, Any], kernel: str, config: str, fn: Callable[[], 
 
 
 def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -> list[dict[str, Any]]:
+    import jax.numpy as jnp
+
     from jpaged.kernels.paged_decode_mgpu import (
+        ctas_per_sm,
         paged_decode_attention_mgpu,
         paged_decode_mgpu_unsupported_reason,
         paged_decode_reference,
+        smem_bytes,
     )
 
     head_dim = args.head_dim
@@ -163,10 +167,10 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
         row = run_config(case, "mgpu", tuning.name, fn, ref, args)
         row["tuning"] = {"pages_per_block": tuning.pages_per_block, "num_stages": tuning.num_stages,
                          "num_splits": tuning.num_splits, "semantics": tuning.semantics}  # fmt: skip
+        row["smem_bytes"] = smem_bytes(jnp.bfloat16, head_dim, PAGE_SIZE, inputs[3].shape[1], tuning)
+        row["ctas_per_sm"] = ctas_per_sm(row["smem_bytes"])  # estimated from SMEM
         rows.append(row)
     if args.triton:
-        import jax.numpy as jnp
-
         from jpaged.kernels import paged_attention
 
         cu_q_lens = jnp.arange(batch + 1, dtype=jnp.int32)
@@ -187,6 +191,7 @@ COLUMNS = [
     ("K+V TB/s", "kv_TBps"),
     ("of 4.28", "of_hbm"),
     ("rel err", "rel_err"),
+    ("CTAs/SM", "ctas_per_sm"),
     ("error", "error"),
 ]
 

@@ -14,8 +14,7 @@ stages and reaches 2.0-2.7 TB/s of the H200's 4.28 TB/s copy bandwidth. By Littl
 loaded DRAM latency needs ~4.3 MB in flight over 132 SMs, i.e. >= ~32 KB per SM at all times. Here every page is
 a TMA bulk-tensor copy (issued by one thread, completing on an mbarrier) into a ring of `num_stages` SMEM slots,
 each slot holding `pages_per_block` pages of K and of V (32 KB per slot for 4 pages of 16 x 128 bf16), so that
-(num_stages - 1) slots, 32-64 KB per CTA and 64-128 KB per SM at two CTAs per SM, are in flight while one is
-being computed on.
+num_stages - 1 slots (and, while a CTA waits, all of them) are in flight while one is being computed on.
 
 Design.
 - Grid (B, K, num_splits): one program (a single warpgroup, 128 threads) per (sequence, kv head, split). The G query
@@ -27,29 +26,38 @@ Design.
 - Math: both products on the tensor cores (wgmma), as JAX's FlashAttention-3 Mosaic GPU kernel does:
   scores [64, block_kv] = q_tile @ K_block^T, an online softmax in registers (exp2 with log2(e) * sm_scale folded
   in, positions >= seq_len masked), P is stored to a swizzled SMEM tile and acc [64, H] += P @ V_block.
-  With G <= 8 of 64 rows useful, the tensor cores do 8-64x the useful work. Budget: per SM 4.28 TB/s / 132 =
-  32 GB/s, i.e. a 64-position block (32 KB of K+V at H 128 bf16) every ~1.0 us = ~1850 cycles at 1.83 GHz; the two
-  64 x 64 x 128 wgmmas take 2 x 512 cycles of an SM's ~1024 dense bf16 FMA/cycle, ~55% of that budget, and the
-  softmax on 64 x 64 scores another few hundred cycles. It fits, without much headroom, when two CTAs per SM
-  overlap one's softmax with the other's wgmma. Register math (no MMA) would cost G * 16K FMA per block on the CUDA
-  cores (128 FMA/cycle/SM: 1024 cycles at G = 8) plus bf16 conversions and cross-lane reductions: no better at
-  G = 8 and far more code. A transposed formulation (K_block @ q^T with N = 8) would cut the MMA work 8x but puts
-  the softmax reduction across warps and needs P transposed in SMEM: a later optimisation if measurements show the
-  tensor cores or the softmax, not HBM, to be the limit.
+  With G <= 8 of 64 rows useful, the tensor cores do 8-64x the useful work, which decode can afford. Budget: per SM
+  4.28 TB/s / 132 = 32 GB/s, i.e. a 64-position block (32 KB of K+V at H 128 bf16) every ~1.0 us = ~1850 cycles
+  at 1.83 GHz. The two 64 x 64 x 128 wgmmas are 2 x 524K FMA = 2 x 256 cycles at an SM's 2048 dense bf16
+  FMA/cycle (989 TFLOP/s; ~320 at the 788 TFLOP/s measured on random data), ~30% of the budget; the softmax on
+  64 x 64 scores (~10 ops an element over 128 lanes) ~300 cycles; the acc rescale and add ~130; the 8 KB P store
+  and the fences and barrier waits the rest: ~1100 cycles serial in one warpgroup, ~60% of the budget, and two
+  CTAs per SM overlap one's softmax with the other's wgmmas. Register math (no MMA) would cost G * 16K FMA per
+  block on the CUDA cores (128 FMA/cycle/SM: 1024 cycles at G = 8) plus bf16 conversions and cross-lane
+  reductions: no better at G = 8 and far more code. A transposed formulation (K_block @ q^T with N = 8) would cut
+  the MMA work 8x but puts the softmax reduction across warps and needs P transposed in SMEM: a later optimisation
+  if measurements show the tensor cores or the softmax, not HBM, to be the limit.
 - Paging: the program first TMA-copies its window of the page table (the pages its split can touch) into SMEM with
   one contiguous bulk copy, then issues, per ring slot, one [S, H] TMA per page for K and one for V into the slot's
   tile rows; K and V of a slot have one barrier each (pages_per_block copies arrive on it). K/V pages are addressed
   through the [K * P * S, H] view of the cache, row (h * P + page) * S: a multiple of 8, as the swizzled tile needs.
-  The slot of block j is refilled with block j + num_stages as soon as block j's PV wgmma has completed.
+  Block j's slot is refilled with block j + num_stages as soon as it is consumed: K's half after the QK wgmma
+  (while the softmax and PV run), V's after the PV wgmma.
 - Split-K (flash-decoding, num_splits > 1): split s of a sequence walks the s-th of num_splits equal contiguous shares
   of its ceil(seq_len / block_kv) blocks (sized from the actual length, so a short sequence leaves later splits
   empty); each writes its normalised float32 output rows and their log2-sum-exp, and a jnp combine weighs them.
-  An empty split writes zeros and a log2-sum-exp of MASK_VALUE (weight 0).
+  An empty split writes zeros and a log2-sum-exp of MASK_VALUE (weight 0). The float32 output staging shares the
+  ring's SMEM (a RefUnion: it is written only after the last block), so splitting costs no occupancy.
+- SMEM per program (`smem_bytes`), default tuning, H 128, S 16: 2 x 32 KB ring + 16 KB q staging + 16 KB q tile +
+  8 KB P tile + the page-table window (4 bytes a page) + ~2 KB = ~111 KB at 1024 pages: two CTAs per SM (228 KB),
+  four ring slots and up to 128 KB of K/V loads in flight per SM. num_stages 3 or pages_per_block 8 give one CTA
+  per SM with as many slots; which is better is for the GPU to say.
 - Padding rows (b >= num_seqs) and empty sequences run zero blocks and write zeros: no masking pass after the kernel.
 
 Constraints (`paged_decode_mgpu_unsupported_reason`): q/k/v bfloat16 or float16 (the wgmma operand types), one
-dtype; H a multiple of 64 and <= 256; S a multiple of 8; pages_per_block * S a multiple of 64 (the swizzle-128
-wgmma K granularity) and <= 256; G <= 64; the SMEM ring, q tiles and page-table window within 227 KB.
+dtype; H 64 or 128 (at 256 the two float32 accumulators, 2 x 64 x 256 over 128 threads, would spill); S a multiple
+of 8; pages_per_block * S a multiple of 64 (the swizzle-128 wgmma K granularity) and <= 256; G <= 64; the SMEM
+ring, q tiles and page-table window within 227 KB.
 
 Verified so far only on CPU: the Mosaic GPU lowering (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",)),
 layout inference included) and Pallas' Mosaic GPU interpreter (InterpretGPUParams), which runs the TMA copies,
@@ -75,6 +83,7 @@ ROWS = 64  # wgmma's fixed M: the q tile's rows (G of them are this program's he
 _SWIZZLE = 128  # bytes: the widest wgmma swizzle; a tile row of 64 16-bit elements
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 _SMEM_LIMIT = 227 * 1024  # H100/H200 max dynamic SMEM per block
+_SM_SMEM = 228 * 1024  # SMEM per SM
 _LOG2E = math.log2(math.e)
 SEMANTICS = ("warpgroup", "lane")
 
@@ -136,14 +145,25 @@ def _window(max_pages: int, pages_per_block: int, num_splits: int) -> int:
 
 
 def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: DecodeTuning) -> int:
-    """SMEM one program allocates (a lower bound: Mosaic aligns each buffer to 1 KB)."""
+    """SMEM one program allocates: its buffers, each rounded to 1 KB, and 3 KB for barriers and Mosaic's reduction
+    scratch (an upper bound: 112,688 bytes lowered vs 113,664 estimated for the default tuning at 1024 pages)."""
     itemsize = jnp.dtype(q_dtype).itemsize
     block_kv = tuning.pages_per_block * page_size
-    ring = 2 * tuning.num_stages * block_kv * head_dim * itemsize  # K and V slots
-    tiles = 2 * ROWS * head_dim * itemsize + ROWS * block_kv * itemsize  # q staging, q tile, P tile
-    table = 4 * _window(max_pages, tuning.pages_per_block, tuning.num_splits)
-    split_out = (ROWS * head_dim + ROWS) * 4 if tuning.num_splits > 1 else 0  # float32 output + lse staging
-    return ring + tiles + table + split_out
+    ring = 2 * tuning.num_stages * block_kv * head_dim * itemsize
+    split_out = (ROWS * head_dim + 256) * 4 if tuning.num_splits > 1 else 0  # float32 output, log-sum-exp
+    buffers = [
+        ROWS * head_dim * itemsize,  # q staging
+        ROWS * head_dim * itemsize,  # q tile
+        max(ring, split_out),  # K and V ring slots; split-K's output staging shares their SMEM
+        ROWS * block_kv * itemsize,  # P tile
+        4 * _window(max_pages, tuning.pages_per_block, tuning.num_splits),  # page-table window
+    ]
+    return sum(_round_up(b, 1024) for b in buffers) + 3 * 1024
+
+
+def ctas_per_sm(smem: int) -> int:
+    """Programs that fit an H100/H200 SM by SMEM (228 KB, 1 KB reserved per CTA); registers allow 2 at 128 threads."""
+    return min(2, _SM_SMEM // (smem + 1024))
 
 
 def paged_decode_mgpu_unsupported_reason(
@@ -157,8 +177,8 @@ def paged_decode_mgpu_unsupported_reason(
         return f"dtype {q.dtype} is not bfloat16 or float16 (wgmma operands)"
     if k_pages.dtype != q.dtype:
         return f"k/v pages dtype {k_pages.dtype} differs from q's {q.dtype}"
-    if head_dim % 64 or head_dim > 256:
-        return f"head_dim {head_dim} is not a multiple of 64 <= 256"
+    if head_dim not in (64, 128):
+        return f"head_dim {head_dim} is not 64 or 128"
     if page_size % 8:
         return f"page_size {page_size} is not a multiple of 8 (the swizzled tile's row group)"
     block_kv = tuning.pages_per_block * page_size
@@ -220,10 +240,15 @@ def _decode_kernel(
         o_ref, *scratch = refs  # o_ref [B * N, H] q.dtype
     else:
         o_ref, lse_ref, *scratch = refs  # o_ref [splits, B * N, H] f32; lse_ref [splits, B, K, 64] f32
-    (q_stage, q_tile, k_ring, v_ring, p_tile, table, out_stage, q_bar, table_bar, k_bars, v_bars) = scratch
+    (q_stage, q_tile, kv_smem, p_tile, table, q_bar, table_bar, k_bars, v_bars) = scratch
     # q_stage [64, H] q.dtype unswizzled: q rows as TMA brings them, and the bf16 output rows on the way out
-    # q_tile [64, H] swizzled (wgmma A); k_ring/v_ring [num_stages, block_kv, H] swizzled; p_tile [64, block_kv]
-    # table [window] int32: page ids; out_stage: None, or (o32 [64, H] f32, lse [64] f32) for split-K
+    # q_tile [64, H] swizzled (wgmma A); p_tile [64, block_kv] swizzled; table [window] int32: page ids
+    # kv_smem: (k_ring, v_ring), each [num_stages, block_kv, H] swizzled; for split-K a union of that with
+    # (o32 [64, H] f32, lse [64] f32), the output staging, which is used only once the ring is idle
+    if splits == 1:
+        k_ring, v_ring = kv_smem
+    else:
+        (k_ring, v_ring), out_stage = kv_smem
     ppb = tuning.pages_per_block
     stages = tuning.num_stages
     block_kv = ppb * page_size
@@ -254,18 +279,22 @@ def _decode_kernel(
     plgpu.copy_gmem_to_smem(page_tables_ref.at[b, pl.ds(table_start, window)], table, table_bar,
                             oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)  # fmt: skip
 
-    def issue(block, slot):
-        """TMA-copies the K and V pages of the split's `block`-th block into ring slot `slot`."""
+    def issue(block, slot, src_ref, ring, bars):
+        """TMA-copies the K (or V) pages of the split's `block`-th block into ring slot `slot`."""
         for p in range(ppb):
             page = table[table_offset + block * ppb + p]
             rows = pl.ds((h * num_pages + page) * page_size, page_size)
-            dst = pl.ds(p * page_size, page_size)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_ring.at[slot, dst], k_bars.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_ring.at[slot, dst], v_bars.at[slot])
+            plgpu.copy_gmem_to_smem(src_ref.at[rows], ring.at[slot, pl.ds(p * page_size, page_size)], bars.at[slot])
 
+    issue_k = functools.partial(issue, src_ref=k_ref, ring=k_ring, bars=k_bars)
+    issue_v = functools.partial(issue, src_ref=v_ref, ring=v_ring, bars=v_bars)
     plgpu.barrier_wait(table_bar)
     for i in range(stages):
-        pl.when(i < num_blocks)(functools.partial(issue, i, i))
+
+        @pl.when(i < num_blocks)
+        def _(i=i):
+            issue_k(i, i)
+            issue_v(i, i)
 
     plgpu.barrier_wait(q_bar)
     # Once per program: bank conflicts do not matter (optimized=False lets the lane lowering accept the copy).
@@ -288,6 +317,9 @@ def _decode_kernel(
             return acc_ref[...]
 
         scores = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))  # [64, block_kv]
+        refill = j + stages < num_blocks
+        # Reading the scores waited for the wgmma: K's slot is free, refill it while the softmax and PV run.
+        pl.when(refill)(lambda: issue_k(j + stages, slot))
         kv_pos = (lo + j) * block_kv + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
         scores = jnp.where(kv_pos < kv_len, scores * scale, MASK_VALUE)
         # Every block this loop visits holds a visible position, so m_next is a real score in every row.
@@ -309,10 +341,7 @@ def _decode_kernel(
         pv = pl.run_scoped(compute_pv, plgpu.ACC((ROWS, acc.shape[1]), jnp.float32))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
 
-        @pl.when(j + stages < num_blocks)
-        def _():
-            issue(j + stages, slot)
-
+        pl.when(refill)(lambda: issue_v(j + stages, slot))
         return acc, m_next, l_next
 
     acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
@@ -371,13 +400,18 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
     v_rows = v_pages.reshape(num_kv_heads * num_pages * page_size, head_dim)
 
     dtype = q.dtype
-    out_stage = None
+    ring = (
+        _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # K
+        _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # V
+    )
+    kv_smem: Any = ring
     out_rows = num_seqs_max * num_heads
     out_type: Any
     if splits == 1:
         out_type = jax.ShapeDtypeStruct((out_rows, head_dim), dtype)
     else:
         out_stage = (plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32))
+        kv_smem = plgpu.RefUnion(ring, out_stage)  # keeps split-K at the SMEM (and CTAs per SM) of no split
         out_type = (
             jax.ShapeDtypeStruct((splits, out_rows, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((splits, num_seqs_max, num_kv_heads, ROWS), jnp.float32),
@@ -385,11 +419,9 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
     scratch = (
         plgpu.SMEM((ROWS, head_dim), dtype),  # q_stage
         _swizzled((ROWS, head_dim), dtype),  # q_tile
-        _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # k_ring
-        _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # v_ring
+        kv_smem,
         _swizzled((ROWS, block_kv), dtype),  # p_tile
         plgpu.SMEM((window,), jnp.int32),  # table
-        out_stage,
         plgpu.Barrier(),  # q
         plgpu.Barrier(),  # table
         plgpu.Barrier(num_arrivals=ppb, num_barriers=tuning.num_stages),  # K slots: one arrival per page copy

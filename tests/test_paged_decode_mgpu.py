@@ -199,3 +199,14 @@ def test_gpu_sweep(page_size, group):
 def test_gpu_tunings(tuning):
     args = make_inputs(page_size=16, group=4, lens=(1, 15, 16, 17, 7 * 64 + 5, 3000), num_kv_heads=8, seed=1)
     check(args, tuning=tuning, interpret=False)
+
+
+def test_benchmark_runs_interpreted(tmp_path):
+    from benchmarks import mgpu_decode
+
+    out = tmp_path / "mgpu.json"
+    record = mgpu_decode.main(["--cases", "mha", "--tunings", "ppb=4,st=2,splits=2", "--json-out", str(out)])
+    assert record["interpret"] and out.exists()
+    [row] = record["rows"]
+    assert row["ok"], row.get("error")
+    assert row["rel_err"] <= MAX_REL_ERR and row["ctas_per_sm"] == 2
