@@ -142,6 +142,12 @@ def test_lowers_for_cuda_page_sizes(page_size, semantics):
     assert "mosaic_gpu" in lower_for_cuda(8, 8, 1, 4096, tuning, page_size=page_size)
 
 
+@pytest.mark.parametrize("semantics", mgpu.SEMANTICS)
+def test_lowers_for_cuda_head_dim_64_one_stage(semantics):
+    tuning = DecodeTuning(num_stages=1, num_splits=3, semantics=semantics)
+    assert "mosaic_gpu" in lower_for_cuda(4, 16, 2, 1000, tuning, head_dim=64)
+
+
 # -- validation -------------------------------------------------------------------------------------------------------
 def test_tuning_rejects_bad_values():
     for bad in (dict(pages_per_block=3), dict(pages_per_block=0), dict(num_stages=0), dict(num_stages=9),
@@ -184,6 +190,43 @@ def test_wrapper_validates():
 
 
 # -- compiled on a GPU ------------------------------------------------------------------------------------------------
+def tma_wgmma_smoke(a, b, *, interpret: bool):
+    """The kernel's building blocks alone: two swizzled TMA loads on one barrier, a wgmma with B transposed (as the
+    kernel's QK), a float32 tile stored back through SMEM. If this fails on a GPU, Mosaic GPU itself is the problem."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(a_ref, b_ref, o_ref, a_smem, b_smem, o_smem, bar):
+        plgpu.copy_gmem_to_smem(a_ref, a_smem, bar)
+        plgpu.copy_gmem_to_smem(b_ref, b_smem, bar)
+        plgpu.barrier_wait(bar)
+
+        def matmul(acc_ref):
+            plgpu.wgmma(acc_ref, a_smem, b_smem.transpose((1, 0)))
+            return acc_ref[...]
+
+        o_smem[...] = pl.run_scoped(matmul, plgpu.ACC((64, 64), jnp.float32))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [mgpu._swizzled((64, 64), a.dtype), mgpu._swizzled((64, 64), b.dtype),
+               plgpu.SMEM((64, 64), jnp.float32), plgpu.Barrier(num_arrivals=2)]  # fmt: skip
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((64, 64), jnp.float32), scratch_types=scratch,
+                        interpret=mgpu.interpret_params() if interpret else None)(a, b)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "interpret", [pytest.param(True, id="interpret"), pytest.param(False, id="gpu", marks=pytest.mark.gpu)]
+)
+def test_tma_wgmma_smoke(interpret):
+    a = jax.random.normal(jax.random.key(0), (64, 64), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (64, 64), jnp.bfloat16)
+    out = jax.jit(functools.partial(tma_wgmma_smoke, interpret=interpret))(a, b)
+    ref = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32).T)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(("page_size", "group"), SWEEP, ids=[f"S{s}-G{g}" for s, g in SWEEP])
 def test_gpu_sweep(page_size, group):
