@@ -508,5 +508,12 @@ def test_sampling_has_no_device_side_control_flow(num_logprobs):
     waited for, which made dispatching each engine step wait for the whole model (measured on an H200)."""
     logits = jnp.zeros((4, 64), jnp.float32)
     text = sample_jit.lower(logits, make_meta(4), num_logprobs=num_logprobs).as_text()
-    for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if"):
-        assert op not in text, f"{op} in the sampler's program"
+    # Off GPU, JAX lowers threefry with a rolled loop of five rounds (a constant trip count); on a GPU it is a
+    # single kernel. Every other function must be straight-line code.
+    functions = text.split("func.func ")[1:]
+    assert any(f.startswith("public @main") for f in functions)
+    for function in functions:
+        if function.startswith("private @threefry2x32"):
+            continue
+        for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if"):
+            assert op not in function, f"{op} in {function[:60]!r}"
