@@ -80,10 +80,9 @@ def make_inputs(heads: int, kv_heads: int, batch: int, ctx: int, *, head_dim: in
 
 def default_tunings(kv_heads: int, batch: int) -> list[Any]:
     """Ring depth x block size at the split count that fills the GPU, other split counts, the lane lowering."""
-    from jpaged.kernels.paged_decode_mgpu import DecodeTuning
+    from jpaged.kernels.paged_decode_mgpu import DecodeTuning, default_tuning
 
-    programs = batch * kv_heads
-    fill = 1 if programs >= 264 else min(16, 1 << max(0, math.ceil(math.log2(264 / programs))))
+    fill = default_tuning(batch, kv_heads).num_splits
     tunings = [DecodeTuning(pages_per_block=ppb, num_stages=st, num_splits=fill)
                for ppb, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))]  # fmt: skip
     tunings += [DecodeTuning(num_splits=s) for s in sorted({1, 2, fill // 2 or 1, 2 * fill}) if s != fill]

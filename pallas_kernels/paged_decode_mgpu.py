@@ -59,9 +59,12 @@ dtype; H 64 or 128 (at 256 the two float32 accumulators, 2 x 64 x 256 over 128 t
 of 8; pages_per_block * S a multiple of 64 (the swizzle-128 wgmma K granularity) and <= 256; G <= 64; the SMEM
 ring, q tiles and page-table window within 227 KB.
 
-Verified so far only on CPU: the Mosaic GPU lowering (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",)),
-layout inference included) and Pallas' Mosaic GPU interpreter (InterpretGPUParams), which runs the TMA copies,
-barriers and wgmmas of this kernel on CPU. Not yet compiled (ptxas) nor measured on a GPU.
+Verified so far only on CPU (tests/test_paged_decode_mgpu.py): Pallas' Mosaic GPU interpreter (InterpretGPUParams,
+uninitialised memory NaN) runs this kernel's TMA copies, barriers and wgmmas and matches the reference over page
+sizes 8/16/32 x G 1/4/8 x lengths 1, S - 1, S, S + 1, long, padding rows, split-K, 1-4 stages, H 64, float16; and the
+CUDA lowering (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",)): Mosaic GPU's Python passes, layout
+inference included) succeeds for the anchor shapes under both lowerings. Not yet compiled (LLVM, ptxas), run or
+timed on a GPU; the interpreter does not model wgmma's asynchrony or check that an SMEM read waited for its TMA.
 """
 
 from __future__ import annotations
@@ -119,6 +122,21 @@ class DecodeTuning:
         if self.num_splits > 1:
             name += f"_split{self.num_splits}"
         return name + ("_lane" if self.semantics == "lane" else "")
+
+
+# Programs that fill an H200 (132 SMs) at two CTAs per SM; a guess, not measured yet.
+_TARGET_PROGRAMS = 264
+_MAX_SPLITS = 16
+
+
+def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
+    """The tuning when none is given: split-K only when B * K programs would leave SMs idle, with the fewest
+    splits (a power of two, <= 16) that reach ~264 programs. UNMEASURED: the GPU benchmark sweeps around it."""
+    programs = num_seqs * num_kv_heads
+    splits = 1
+    while programs * splits < _TARGET_PROGRAMS and splits < _MAX_SPLITS:
+        splits *= 2
+    return DecodeTuning(num_splits=splits)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -483,10 +501,11 @@ def paged_decode_attention_mgpu(
     q: [B, N, H], row b the query of sequence b at kv position seq_lens[b] - 1. k_pages/v_pages: [K, P, S, H],
     N % K == 0. page_tables: [B, max_pages] int32 (unused entries -> page 0). seq_lens: [B] int32 kv length
     including the current token. num_seqs: [1] int32; rows b >= num_seqs[0] are padding and come back as 0.
+    tuning: the kernel's block sizes; None picks `default_tuning` (split-K when B * K programs underfill the GPU).
     interpret=True runs Pallas' Mosaic GPU interpreter (CPU; slow, for tests) instead of compiling for a GPU.
     """
     _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_window)
-    tuning = DecodeTuning() if tuning is None else tuning
+    tuning = default_tuning(q.shape[0], k_pages.shape[0]) if tuning is None else tuning
     reason = paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
     if reason is not None:
         raise ValueError(f"paged_decode_attention_mgpu cannot run these shapes: {reason}")

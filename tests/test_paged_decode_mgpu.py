@@ -155,6 +155,9 @@ def test_tuning_rejects_bad_values():
         with pytest.raises(ValueError):
             DecodeTuning(**bad)
     assert DecodeTuning(num_splits=4).name == "ppb4_st2_split4"
+    assert mgpu.default_tuning(64, 8).num_splits == 1  # 512 programs
+    assert mgpu.default_tuning(16, 8).num_splits == 4  # 128 programs -> 512
+    assert mgpu.default_tuning(1, 1).num_splits == 16
 
 
 def test_unsupported_reason():
