@@ -239,7 +239,7 @@ def _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_wind
 def _decode_kernel(
     seq_lens_ref,  # [B] int32 GMEM
     num_seqs_ref,  # [1] int32 GMEM
-    page_tables_ref,  # [B, W_table] int32 GMEM, W_table % 4 == 0, % pages_per_block == 0
+    page_tables_ref,  # [B, W_table] int32 GMEM, W_table a multiple of 32 and of pages_per_block
     q_ref,  # [max(B * N, 64), H] GMEM: q rows (sequence-major, then head)
     k_ref,  # [K * P * S, H] GMEM: k_pages viewed as rows; page p of kv head h is rows (h * P + p) * S + [0, S)
     v_ref,  # [K * P * S, H] GMEM
