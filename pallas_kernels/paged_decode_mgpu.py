@@ -81,6 +81,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jpaged.kernels.paged_attention import MASK_VALUE, paged_attention_reference
+from jpaged.kernels.paged_attention import _validate as validate_ragged
 
 ROWS = 64  # wgmma's fixed M: the q tile's rows (G of them are this program's heads)
 _SWIZZLE = 128  # bytes: the widest wgmma swizzle; a tile row of 64 16-bit elements
@@ -211,25 +212,13 @@ def paged_decode_mgpu_unsupported_reason(
 
 
 def _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_window) -> None:
-    """Static shape/dtype checks (values are traced)."""
+    """Static shape/dtype checks (values are traced): paged_attention's, for a batch of one query per sequence."""
     if q.ndim != 3:
         raise ValueError(f"q must be [B, N, H] (one decode query per sequence), got shape {q.shape}")
-    if k_pages.ndim != 4:
-        raise ValueError(f"k_pages must be [K, P, S, H], got shape {k_pages.shape}")
-    if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
-        raise ValueError(f"v_pages {v_pages.shape} {v_pages.dtype} must match k_pages {k_pages.shape} {k_pages.dtype}")
-    num_seqs_max, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[0]
-    if k_pages.shape[3] != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of k/v pages ({k_pages.shape[3]}) differ")
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    for name, arr, shape in (("page_tables", page_tables, (num_seqs_max, page_tables.shape[-1])),
-                             ("seq_lens", seq_lens, (num_seqs_max,)), ("num_seqs", num_seqs, (1,))):  # fmt: skip
-        if arr.shape != shape or arr.ndim != len(shape):
-            raise ValueError(f"{name} must have shape {shape} (q has B = {num_seqs_max} rows), got {arr.shape}")
-        if arr.dtype != jnp.int32:
-            raise ValueError(f"{name} must be int32, got {arr.dtype}")
+    if page_tables.ndim == 2 and page_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"page_tables must have one row per q row (B = {q.shape[0]}), got shape {page_tables.shape}")
+    cu_q_lens = jax.ShapeDtypeStruct((q.shape[0] + 1,), jnp.int32)  # arange(B + 1): one token per sequence
+    validate_ragged(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sliding_window)
     if page_tables.shape[1] == 0:
         raise ValueError("page_tables must have at least one column")
     if sliding_window is not None:
