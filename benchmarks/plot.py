@@ -43,6 +43,18 @@ def records(paths: Sequence[str | Path]) -> Iterator[dict[str, Any]]:
         yield from walk(json.loads(Path(path).read_text()))
 
 
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    """The plots' common finish: grid, legend, a 120 dpi PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_throughput(recs: list[dict[str, Any]], out: Path, bandwidth: float) -> Path | None:
     import matplotlib.pyplot as plt
 
@@ -102,13 +114,7 @@ def plot_throughput(recs: list[dict[str, Any]], out: Path, bandwidth: float) -> 
     ax.set_xlabel("sequences per decode step")
     ax.set_ylabel("output tokens / s")
     ax.set_title("Offline throughput against batch size (hollow: extrapolated)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    path = out / "throughput_vs_batch.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "throughput_vs_batch.png")
 
 
 def plot_kernels(recs: list[dict[str, Any]], out: Path, bandwidth: float, goal: float) -> Path | None:
@@ -145,13 +151,7 @@ def plot_kernels(recs: list[dict[str, Any]], out: Path, bandwidth: float, goal: 
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("K+V bandwidth (TB/s)")
     ax.set_title("Decode paged attention: bandwidth against context length")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    path = out / "kernel_bandwidth_vs_context.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "kernel_bandwidth_vs_context.png")
 
 
 def plot_decode(recs: list[dict[str, Any]], out: Path) -> Path | None:
@@ -181,13 +181,7 @@ def plot_decode(recs: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_xlabel("sequences per decode step")
     ax.set_ylabel("decode tokens / s")
     ax.set_title("Decode throughput against batch size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    path = out / "decode_vs_batch.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "decode_vs_batch.png")
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
