@@ -20,7 +20,6 @@ Mixtral at B = 1, all 8 from B ~ 16).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -205,7 +204,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides = argparse.Namespace(**vars(args))
         overrides.max_num_seqs = max(args.max_num_seqs, max(args.batches))
         llm, record["engine_info"] = make_llm(overrides, longest if args.max_model_len is None else None)
-        record["engine_info"]["config"] = dataclasses.asdict(llm.engine.config)
         for row in measure_jpaged(llm, shape, args):
             if (hf := hf_rows.get(row["batch"])) and hf.get("decode_tok_s"):
                 row |= {"hf_decode_tok_s": hf["decode_tok_s"], "hf_step_ms": hf["step_ms"]}
