@@ -16,7 +16,7 @@
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
 # Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "profile" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
-# ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256),
+# ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (100: seconds for that step; one batch generates to its longest request, up to 1,024 tokens),
 # KERNEL_GRID (quick), CONTEXT_SWEEP (512,1024,2048,4096,8192,16384; empty: none), MAX_MODEL_LEN (2048),
@@ -92,10 +92,12 @@ if want hf; then  # HF first and alone: JAX is not running, so torch has the GPU
   # shellcheck disable=SC2086
   step hf-fixed 80 "$PY" benchmarks/throughput.py --engine hf --model "$MODEL" --run "fixed:$HF_FIXED_N" \
     --batch-size "$HF_FIXED_BATCH" $TP_ARGS --json-out "$RESULTS" --json-key hf_fixed
-  # shellcheck disable=SC2086
-  step hf-sharegpt "${HF_SHAREGPT_LIMIT_S:-100}" "$PY" benchmarks/throughput.py --engine hf --model "$MODEL" \
-    --run "sharegpt-synthetic:$HF_SHAREGPT_N" --batch-size "$HF_SHAREGPT_BATCH" \
-    --hf-max-batches "$HF_SHAREGPT_MAX_BATCHES" $TP_ARGS --json-out "$RESULTS" --json-key hf_sharegpt
+  if ((HF_SHAREGPT_N > 0)); then
+    # shellcheck disable=SC2086
+    step hf-sharegpt "${HF_SHAREGPT_LIMIT_S:-100}" "$PY" benchmarks/throughput.py --engine hf --model "$MODEL" \
+      --run "sharegpt-synthetic:$HF_SHAREGPT_N" --batch-size "$HF_SHAREGPT_BATCH" \
+      --hf-max-batches "$HF_SHAREGPT_MAX_BATCHES" $TP_ARGS --json-out "$RESULTS" --json-key hf_sharegpt
+  fi
 fi
 
 if want jpaged; then

@@ -48,7 +48,13 @@ class EngineConfig:
     )
     tensor_parallel_size: int = dataclasses.field(default=1, metadata=_help("devices to shard the model over"))
     seed: int = dataclasses.field(default=0, metadata=_help("seed for requests that bring none"))
-    attn_impl: str = dataclasses.field(default="auto", metadata=_help("attention kernel: auto, pallas or reference"))
+    attn_impl: str = dataclasses.field(
+        default="auto",
+        metadata=_help(
+            "attention kernels: auto (GPU: Mosaic GPU decode on Hopper, Pallas Triton otherwise; CPU: reference), "
+            "mgpu, pallas or reference"
+        ),
+    )
     async_scheduling: bool = dataclasses.field(
         default=True, metadata=_help("schedule and dispatch step N+1 before step N's tokens reach the host")
     )
@@ -75,8 +81,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.attn_impl not in ("auto", "pallas", "reference"):
-            raise ValueError(f"attn_impl must be auto, pallas or reference, got {self.attn_impl!r}")
+        if self.attn_impl not in ("auto", "mgpu", "pallas", "reference"):
+            raise ValueError(f"attn_impl must be auto, mgpu, pallas or reference, got {self.attn_impl!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not Path(self.model).is_dir():

@@ -1,7 +1,8 @@
 """Turns a `SchedulerOutput` into device arrays, runs the one jitted step, and brings back only what the host needs.
 
 The step is `forward` + sampling, compiled once per padding bucket (token count T, sequence count B, and a few static
-switches: logprobs, prompt logprobs, penalties); the KV pages are donated, so every step updates them in place.
+switches: logprobs, prompt logprobs, penalties, and whether the batch is decode-only where attention has a decode
+kernel of its own); the KV pages are donated, so every step updates them in place.
 What crosses to the host each step: the sampled token ids [B] (and logprobs when some request asked for them).
 """
 
@@ -22,6 +23,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jpaged import sharding
+from jpaged.kernels.paged_attention import has_decode_kernel
 from jpaged.models import get_forward
 from jpaged.models.config import ModelConfig
 from jpaged.models.metadata import AttentionMetadata
@@ -148,6 +150,9 @@ class ModelRunner:
         self.kv_pages = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         self._replicated = sharding.replicated(mesh)
         self.attn_impl = attn_impl
+        # Steps whose every sequence has one token get their own compiled variant only where attention then runs
+        # another kernel (the Mosaic GPU decode kernel on Hopper); elsewhere it would compile the same program twice.
+        self.decode_steps = has_decode_kernel(attn_impl)
         self.warmup_seconds: float | None = None  # set by warm_up()
         self._last_samples = jax.device_put(np.zeros(max_num_seqs, np.int32), self._replicated)
 
@@ -196,12 +201,17 @@ class ModelRunner:
 
     def warm_up(self) -> float:
         """Compiles the step for every token bucket (the common variant: no logprobs, penalties or prompt
-        logprobs), then runs each once on an all-padding batch, which only writes into the null page.
+        logprobs; with `decode_steps`, also the decode-only variant of each bucket a decode step can land in), then
+        runs each once on an all-padding batch, which only writes into the null page.
 
         XLA compiles on host threads without the GIL, so the buckets compile concurrently, one thread per core."""
         start = time.perf_counter()
         empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
-        batches = [self._pack(empty, t_pad=t_pad)[0] for t_pad in self.token_buckets]
+        variants = [(t_pad, False) for t_pad in self.token_buckets]
+        if self.decode_steps:
+            largest_decode = bucket(self.max_num_seqs, self.token_buckets)
+            variants += [(t_pad, True) for t_pad in self.token_buckets if t_pad <= largest_decode]
+        batches = [self._pack(empty, t_pad=t_pad, decode_only=decode)[0] for t_pad, decode in variants]
 
         def compile_bucket(batch: StepInput) -> float:
             t0 = time.perf_counter()
@@ -216,12 +226,12 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(compile_bucket, b) for b in batches]
             show = len(futures) >= 4
-            for t_pad, future in tqdm(
-                zip(self.token_buckets, futures, strict=True), total=len(futures), desc="Compiling step buckets",
+            for (t_pad, decode), future in tqdm(
+                zip(variants, futures, strict=True), total=len(futures), desc="Compiling step buckets",
                 disable=not show,
             ):  # fmt: skip
-                logger.info("compiled step bucket T=%d B=%d in %.2f s", t_pad, min(t_pad, self.max_num_seqs),
-                            future.result())  # fmt: skip
+                logger.info("compiled step bucket T=%d B=%d%s in %.2f s", t_pad, min(t_pad, self.max_num_seqs),
+                            " (decode)" if decode else "", future.result())  # fmt: skip
         for batch in batches:  # the compiled executables now serve the real call path
             with jax.set_mesh(self.mesh):
                 self.kv_pages, sampled, _, _ = _jitted_step(
@@ -230,12 +240,17 @@ class ModelRunner:
                 )  # fmt: skip
             jax.block_until_ready(sampled.token_ids)
         elapsed = self.warmup_seconds = time.perf_counter() - start
-        logger.info("warm-up: %d buckets compiled in %.1f s", len(self.token_buckets), elapsed)
+        logger.info("warm-up: %d buckets compiled in %.1f s", len(variants), elapsed)
         return elapsed
 
     # -- packing ----------------------------------------------------------------------------------------------------
-    def _pack(self, sched: SchedulerOutput, t_pad: int | None = None) -> tuple[StepInput, int, bool]:
+    def _pack(
+        self, sched: SchedulerOutput, t_pad: int | None = None, decode_only: bool | None = None
+    ) -> tuple[StepInput, int, bool]:
         reqs, counts = sched.requests, sched.num_new_tokens
+        if decode_only is None:
+            # A one-token prefill chunk is a decode query too: it sits at its sequence's last position.
+            decode_only = self.decode_steps and bool(counts) and all(n == 1 for n in counts)
         t_pad = t_pad or bucket(sum(counts), self.token_buckets)
         b_pad = min(t_pad, self.max_num_seqs)
         want_prompt = any(
@@ -285,6 +300,7 @@ class ModelRunner:
             cu_q_lens=_host(cu_q_lens),
             num_seqs=_host(np.array([len(reqs)], np.int32)),
             logits_indices=_host(logits_indices),
+            decode_only=decode_only,
         )
         batch = StepInput(
             tokens=_host(tokens),

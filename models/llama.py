@@ -80,7 +80,7 @@ def _write_and_attend(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, cfg
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
     out = paged_attention(
         q, k_pages, v_pages, meta.page_tables, meta.seq_lens, meta.cu_q_lens, meta.num_seqs,
-        sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window, impl=impl,
+        sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window, impl=impl, decode_only=meta.decode_only,
     )  # fmt: skip
     return out, k_pages, v_pages
 

@@ -22,3 +22,6 @@ class AttentionMetadata:
     cu_q_lens: jax.Array  # [B + 1] int32 sequence b's tokens are rows cu_q_lens[b]:cu_q_lens[b+1] of the batch
     num_seqs: jax.Array  # [1] int32 live sequences; rows b >= num_seqs[0] are padding
     logits_indices: jax.Array  # [R] int32 token rows whose logits the step returns (each sequence's last, or all)
+    # Static (part of the compiled program's key, not an array): every live sequence has one token, in row b. Set
+    # only where attention has a decode kernel of its own (kernels.paged_attention.has_decode_kernel).
+    decode_only: bool = dataclasses.field(default=False, metadata={"static": True})

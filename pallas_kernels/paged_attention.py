@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import ManualAxisType
 
-IMPLS = ("auto", "reference", "pallas")
+IMPLS = ("auto", "reference", "pallas", "mgpu")
 # Finite, so fully masked rows never compute inf - inf = nan; exp(MASK_VALUE - a real score) underflows to 0.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -522,7 +522,20 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "impl", "tuning", "interpret"))
+def _on_hopper() -> bool:
+    """The Mosaic GPU decode kernel needs sm_90 (wgmma, TMA)."""
+    return _on_gpu() and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
+def has_decode_kernel(impl: str) -> bool:
+    """Whether `paged_attention(..., decode_only=True)` runs a kernel of its own under `impl`, so that a caller who
+    knows a batch is decode-only gains by saying so (and compiling that case separately)."""
+    return impl == "mgpu" or (impl == "auto" and _on_hopper())
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "sliding_window", "impl", "tuning", "interpret", "decode_only")
+)
 def paged_attention(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [K, P, S, H]
@@ -537,6 +550,7 @@ def paged_attention(
     impl: str = "auto",
     tuning: AttentionTuning | None = None,
     interpret: bool = False,
+    decode_only: bool = False,
 ) -> jax.Array:  # [T, N, H] in q.dtype
     """Ragged paged attention over a flat token batch mixing prefill chunks and decode tokens.
 
@@ -547,13 +561,39 @@ def paged_attention(
     seq_lens[b] - q_len_b + i and attends to kv positions <= its own (and > pos - sliding_window when set).
     Padding rows come back as 0. Scores and the softmax accumulate in float32.
 
-    impl: "reference" (jnp), "pallas" (Triton-style Pallas kernel; off GPU only with interpret=True), or
-    "auto": "pallas" on GPU when `pallas_gpu_unsupported_reason` finds nothing, else "reference".
-    tuning: the kernel's; None picks `default_tuning` for the static shapes (split-K for decode of few sequences).
+    decode_only: the caller's promise that every live sequence has exactly one query, in row b (cu_q_lens is
+    arange(B + 1) over the live sequences, T >= B). It lets "auto" and "mgpu" run the Mosaic GPU decode kernel
+    (jpaged.kernels.paged_decode_mgpu), which streams pages by TMA at ~4 TB/s on an H200 where the ragged kernel
+    gets ~2.5; a broken promise gives wrong results, not an error (the values are traced).
+    impl: "reference" (jnp), "pallas" (Triton-style Pallas kernel; off GPU only with interpret=True), "mgpu"
+    (the Mosaic GPU kernel for decode_only batches, raising where it cannot run them; "pallas" for the rest), or
+    "auto": on a Hopper GPU "mgpu" for decode_only batches it supports, else "pallas" on GPU where
+    `pallas_gpu_unsupported_reason` finds nothing, else "reference".
+    tuning: the ragged kernel's; None picks `default_tuning` for the static shapes (split-K for decode of few
+    sequences). The decode kernel picks its own (`paged_decode_mgpu.default_tuning`).
     """
     _validate(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sliding_window)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if decode_only and q.shape[0] < page_tables.shape[0]:
+        raise ValueError(f"decode_only needs a q row per sequence: T = {q.shape[0]} < B = {page_tables.shape[0]}")
+    if decode_only and impl in ("auto", "mgpu"):
+        # Imported here: the Mosaic GPU module builds on this one's checks and reference.
+        from jpaged.kernels import paged_decode_mgpu as mgpu
+
+        num_rows = page_tables.shape[0]
+        reason = mgpu.decode_unsupported_reason(q[:num_rows], k_pages, page_tables, sliding_window)
+        if impl == "mgpu" and reason is not None:
+            raise ValueError(f"impl='mgpu' cannot run this decode batch: {reason}")
+        if impl == "mgpu" and not (interpret or _on_hopper()):
+            backend = jax.default_backend()
+            raise ValueError(f"impl='mgpu' needs a Hopper GPU (sm_90) or interpret=True (backend is {backend!r})")
+        if reason is None and (interpret or _on_hopper()):
+            out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables, seq_lens, num_seqs,
+                                                   sm_scale=sm_scale, interpret=interpret)  # fmt: skip
+            return jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
+    if impl == "mgpu":
+        impl = "pallas"
     if tuning is None:
         tuning = default_tuning(q.shape[0], page_tables.shape[0], q.shape[1], k_pages.shape[0])
     if impl == "auto":

