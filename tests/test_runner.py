@@ -71,7 +71,7 @@ def test_kv_pages_are_donated_and_updated_in_place():
 def _mixed_workload(seed: int) -> tuple[list, list[SamplingParams]]:
     rng = np.random.default_rng(seed)
     prompts = [{"prompt_token_ids": [1, *rng.integers(3, 500, int(rng.integers(1, 60))).tolist()]} for _ in range(12)]
-    return prompts, [SamplingParams(max_tokens=int(rng.integers(1, 25))) for _ in prompts]
+    return prompts, [SamplingParams(temperature=0.0, max_tokens=int(rng.integers(1, 25))) for _ in prompts]
 
 
 def test_decode_only_steps_get_their_own_variant(monkeypatch):
@@ -124,7 +124,9 @@ def test_mosaic_decode_steps_match_the_triton_kernel(tmp_path):
     prompts = [rng.integers(3, 512, n).tolist() for n in (1, 15, 16, 17, 100, 300)]
     mosaic = LLM(str(tmp_path), attn_impl="auto", **common)
     assert mosaic.engine.runner.decode_steps
-    outs = mosaic.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=40, ignore_eos=True))
+    outs = mosaic.generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    )
     assert_pool_clean(mosaic)
     del mosaic
     triton = LLM(str(tmp_path), attn_impl="pallas", **common)
