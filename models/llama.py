@@ -30,7 +30,8 @@ from jpaged.models.metadata import AttentionMetadata
 
 Params = dict[str, Any]
 KVPages = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [K, P, S, H]
-FeedForward = Callable[[dict[str, jax.Array], jax.Array, ModelConfig], jax.Array]
+# feed_forward(layer, x [T, D], cfg, num_tokens [] int32: rows past it are padding) -> [T, D]
+FeedForward = Callable[[dict[str, jax.Array], jax.Array, ModelConfig, jax.Array], jax.Array]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -70,7 +71,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
+def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens: jax.Array | None = None) -> jax.Array:
+    del num_tokens  # dense: padding rows cost no more weight reads than real ones
     gate = jnp.einsum("td,df->tf", x, layer["w_gate"])
     up = jnp.einsum("td,df->tf", x, layer["w_up"])
     return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, layer["w_down"])
@@ -116,13 +118,14 @@ def decoder_forward(
 ) -> tuple[jax.Array, KVPages]:
     """tokens/positions [T] -> logits [R, V] (float32) at meta.logits_indices, and the updated pages."""
     x = params["embed"][tokens]
+    num_tokens = meta.cu_q_lens[meta.num_seqs[0]]  # rows past the last live sequence's are padding
     new_pages: KVPages = []
     for layer, layer_kv in zip(params["layers"], kv_pages, strict=True):
         h, layer_kv = attention(
             layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), positions, layer_kv, meta, cfg, attn_impl
         )
         x = x + h
-        x = x + feed_forward(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), cfg)
+        x = x + feed_forward(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), cfg, num_tokens)
         new_pages.append(layer_kv)
     x = rms_norm(x[meta.logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params.get("lm_head", params["embed"])

@@ -27,17 +27,27 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     return weights / jnp.sum(weights, axis=-1, keepdims=True), experts
 
 
-def moe(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, *, impl: str = "auto") -> jax.Array:
+def moe(
+    layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens: jax.Array | None = None, *,
+    impl: str = "auto",
+) -> jax.Array:  # fmt: skip
     """Grouped expert compute: assignments sorted by expert, one grouped matmul per projection, no token dropped.
 
+    num_tokens: [] int32; rows of x past it are the step's padding (a batch-1 decode step is padded to 16 rows).
+    They are routed to no expert, so they cost no weight reads: routed, they would pull in experts no real token
+    chose. None: every row is real. Padding rows come back as zeros.
     impl: `grouped_matmul`'s ("auto", "xla", "reference" or "pallas"); the model's forward uses "auto".
     """
-    k = cfg.num_experts_per_tok
+    k, num_experts = cfg.num_experts_per_tok, cfg.num_experts
     weights, experts = route(jnp.einsum("td,de->te", x, layer["router"]), k)
+    if num_tokens is not None:
+        # Expert id E: sorted after every real group and dropped by bincount, so these rows are the grouped
+        # matmul's padding (past sum(group_sizes)) and come back as zeros.
+        experts = jnp.where(jnp.arange(x.shape[0])[:, None] < num_tokens, experts, num_experts)
     flat_experts = experts.reshape(-1)  # [A]
     order = jnp.argsort(flat_experts, stable=True)  # [A] assignments grouped by expert
     token_of = order // k  # [A] which token each sorted assignment came from
-    group_sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)  # [E]
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
     gate = grouped_matmul(xs, layer["expert_gate"], group_sizes, impl=impl)  # [A, F]
     up = grouped_matmul(xs, layer["expert_up"], group_sizes, impl=impl)  # [A, F]

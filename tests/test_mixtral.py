@@ -59,6 +59,30 @@ def test_pallas_grouped_matmul_equals_ragged_dot(num_tokens):
         np.testing.assert_array_equal(moe(layer, x, cfg), xla)
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_padding_rows_route_to_no_expert(monkeypatch, impl):
+    """Rows past num_tokens (a step's padding) are no expert's rows: the real rows are unchanged, the padding comes
+    back as zeros, and the grouped matmuls see only the real rows' assignments (so they read no expert for them)."""
+    from jpaged.models import mixtral
+
+    cfg = tiny_config(8, 2)
+    layer = random_layer(cfg, jax.random.key(3))
+    x = jax.random.normal(jax.random.key(4), (16, cfg.hidden_size))
+    seen = []
+    real_grouped_matmul = mixtral.grouped_matmul
+
+    def spy(lhs, rhs, group_sizes, **kwargs):
+        seen.append(int(jnp.sum(group_sizes)))
+        return real_grouped_matmul(lhs, rhs, group_sizes, **kwargs)
+
+    monkeypatch.setattr(mixtral, "grouped_matmul", spy)
+    out = moe(layer, x, cfg, jnp.int32(3), impl=impl)
+    np.testing.assert_allclose(out[:3], moe(layer, x[:3], cfg, impl=impl), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out[3:], 0)
+    assert seen[:3] == [3 * 2] * 3  # gate, up, down: the real rows' 6 assignments, none of the 26 padding ones
+    np.testing.assert_allclose(moe(layer, x, cfg, jnp.int32(16), impl=impl), moe(layer, x, cfg, impl=impl))
+
+
 def test_uneven_routing_one_expert_takes_all_another_none():
     cfg = tiny_config(4, 2)
     layer = random_layer(cfg, jax.random.key(0))
