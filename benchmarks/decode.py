@@ -5,7 +5,8 @@
 
 For each batch size B: B random prompts of --input-len tokens, each generating exactly --output-len tokens (greedy,
 ignore_eos), all submitted at once, so every step after the prefill decodes exactly B sequences.
-- jpaged (this process): one untimed run per B first (it compiles that batch's buckets; no global warm-up), then
+- jpaged (this process): one untimed run per B first, identical to the timed one (it compiles that batch's buckets,
+  the decode-only step of all B sequences included, which a shorter run may never reach; no global warm-up), then
   the engine is stepped by hand and each step's end is timed on the host. Decode time = from the step that gave
   every request its first token to the step that gave the last one its last: B * (output_len - 1) tokens.
 - HF (a child process that never starts JAX; benchmarks/hf_generate.py --decode-batches): one generate() per B,
@@ -84,7 +85,7 @@ def measure_jpaged(llm: Any, shape: common.ModelShape, args: argparse.Namespace)
             return [rng.integers(3, shape.vocab, args.input_len).tolist() for _ in range(n)]
 
         with common.CompileCounter() as warm_compiles:
-            run_batch(engine, prompts(), min(4, args.output_len), f"warm{b}")
+            run_batch(engine, prompts(), args.output_len, f"warm{b}")
         with common.CompileCounter() as compiles:
             timing = run_batch(engine, prompts(), args.output_len, f"b{b}")
         tokens = b * (args.output_len - 1)
