@@ -31,11 +31,11 @@ two (q is padded to the next one: a copy of q, never of the pages). float32 prod
 jax_default_matmul_precision (TF32 on GPUs unless it says "highest"). Compiling on GPU warns that jax 0.11.2 deprecates
 the Pallas Triton backend; nothing in jax replaces it for paged attention yet.
 
-Measured on one H200 (bf16, S = 16, default tuning, decode at full context, K/V bytes read once / time):
-Llama-3-8B heads (32/8, H 128) B 64 ctx 2048: 0.26 ms = 2.1 TB/s; B 256 ctx 1024: 0.46 ms = 2.35 TB/s;
-B 16 ctx 16k: 0.66 ms = 1.6 TB/s (before split-K: 128 programs underfill the GPU).
-Llama-2-7B heads (32/32) B 64 ctx 2048: 0.92 ms = 2.3 TB/s. JAX's own kernel: 0.40 / 0.68 / 0.74 / 1.16 ms.
-Split-K and the decode default that picks it (`default_tuning`) are not measured yet.
+Decode-only batches (`decode_only=True`) go to the Mosaic GPU kernel on Hopper (jpaged.kernels.paged_decode_mgpu).
+Measured on one H200 (bf16, S = 16, decode at full context, K/V bytes read once / time, 2026-11-29), this kernel's
+best tuning / the Mosaic kernel's default / JAX's own kernel: Llama-3-8B heads (32/8, H 128) B 64 ctx 2048:
+2.67 / 3.88 / 2.12 TB/s; B 256 ctx 1024: 2.76 / 3.89 / 2.18; B 16 ctx 16k: 2.42 / 3.92 / 2.31; Llama-2-7B heads
+(32/32) B 64 ctx 2048: 2.50 / 4.16 / 2.31 (benchmarks/kernels.py, benchmarks/mgpu_decode.py; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class AttentionTuning:
         return name
 
 
-# Programs that fill an H200 (132 SMs) for decode: two per SM. A guess, like the rule below: not yet measured.
+# Programs that fill an H200 (132 SMs) for decode: two per SM (the rule below is measured on one shape only).
 _TARGET_PROGRAMS = 264
 _MAX_SPLITS = 16
 # jpaged's runner pads the sequence axis to powers of two from 16 (runner.MIN_TOKEN_BUCKET): a bucket of B > 16
@@ -128,7 +128,9 @@ def default_tuning(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
     Decode also splits each sequence's KV blocks (split-K) when too few programs would run: one program per
     (sequence, kv head) left 100 of the H200's 132 SMs idle for single-stream Llama-2-7B (32 programs, 0.65 TB/s)
     and Llama-3-8B at B=16 reached 1.6-2.0 TB/s with 128 programs where JAX's kernel split 4 ways reached 2.31.
-    UNMEASURED rule, chosen from that profile and flash-decoding's practice: num_splits = the next power of two of
+    Measured on one shape only (Llama-3-8B heads, B=16, ctx 16k: 2.42 TB/s, ahead of the quick grid's fixed splits
+    of 2.15; 2026-11-29), since on Hopper decode runs the Mosaic GPU kernel. The rule, chosen from that profile and
+    flash-decoding's practice: num_splits = the next power of two of
     ceil(264 / (fewest live sequences * K)), capped at 16, i.e. 2-4 programs per SM; and target_programs = 264, so
     that at run time only as many splits work as the live sequences need (the rest exit at once). The static
     num_seqs is a padded bucket, so the grid is sized for its fewest live sequences (see _SMALLEST_SEQ_BUCKET):
