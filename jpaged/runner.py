@@ -152,7 +152,13 @@ class ModelRunner:
         self.attn_impl = attn_impl
         # Steps whose every sequence has one token get their own compiled variant only where attention then runs
         # another kernel (the Mosaic GPU decode kernel on Hopper); elsewhere it would compile the same program twice.
-        self.decode_steps = has_decode_kernel(attn_impl)
+        self.decode_steps = has_decode_kernel(
+            attn_impl,
+            jax.ShapeDtypeStruct((1, cfg.num_heads, cfg.head_dim), dtype),
+            jax.ShapeDtypeStruct(shape, dtype),
+            jax.ShapeDtypeStruct((1, self.max_pages_per_seq), jnp.int32),
+            cfg.sliding_window,
+        )
         self.warmup_seconds: float | None = None  # set by warm_up()
         self._last_samples = jax.device_put(np.zeros(max_num_seqs, np.int32), self._replicated)
 

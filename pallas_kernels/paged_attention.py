@@ -529,10 +529,18 @@ def _on_hopper() -> bool:
     return _on_gpu() and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
-def has_decode_kernel(impl: str) -> bool:
-    """Whether `paged_attention(..., decode_only=True)` runs a kernel of its own under `impl`, so that a caller who
-    knows a batch is decode-only gains by saying so (and compiling that case separately)."""
-    return impl == "mgpu" or (impl == "auto" and _on_hopper())
+def has_decode_kernel(impl: str, q, k_pages, page_tables, sliding_window: int | None = None) -> bool:
+    """Whether `paged_attention(..., decode_only=True)` runs a kernel of its own under `impl` for arrays shaped like
+    these (jax.ShapeDtypeStruct will do; q [B, N, H], k_pages [K, P, S, H], page_tables [B, max_pages]), so that a
+    caller who knows a batch is decode-only gains by saying so (and compiling that case separately). Always for
+    "mgpu", which raises on shapes it cannot run rather than falling back."""
+    if impl == "mgpu":
+        return True
+    if impl != "auto" or not _on_hopper():
+        return False
+    from jpaged.kernels.paged_decode_mgpu import decode_unsupported_reason
+
+    return decode_unsupported_reason(q, k_pages, page_tables, sliding_window) is None
 
 
 @functools.partial(

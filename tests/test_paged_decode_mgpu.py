@@ -240,9 +240,13 @@ def test_entry_point_decode_only_elsewhere():
 
 
 def test_has_decode_kernel():
-    assert has_decode_kernel("mgpu")
-    assert not has_decode_kernel("pallas") and not has_decode_kernel("reference")
-    assert has_decode_kernel("auto") == pa_module._on_hopper()
+    q, k, _, tables = make_inputs(page_size=16, group=4, lens=(20,))[:4]
+    assert has_decode_kernel("mgpu", q, k, tables)
+    assert not has_decode_kernel("pallas", q, k, tables) and not has_decode_kernel("reference", q, k, tables)
+    assert has_decode_kernel("auto", q, k, tables) == pa_module._on_hopper()
+    # Shapes the Mosaic kernel cannot run: "auto" compiles no separate decode steps for them.
+    assert not has_decode_kernel("auto", q.astype(jnp.float32), k.astype(jnp.float32), tables)
+    assert not has_decode_kernel("auto", q, k, tables, sliding_window=64)
 
 
 # -- compiled on a GPU ------------------------------------------------------------------------------------------------
