@@ -18,7 +18,8 @@
 # Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "profile" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
-# HF_SHAREGPT_LIMIT_S (100: seconds for that step; one batch generates to its longest request, up to 1,024 tokens),
+# HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
+# 1,024 tokens: ~92 s of generate() plus ~15 s of start-up on the H200; 100 s was too little),
 # KERNEL_GRID (quick), CONTEXT_SWEEP (512,1024,2048,4096,8192,16384; empty: none), MAX_MODEL_LEN (2048),
 # JPAGED_COMMIT (the commit to record: the copied tree has no .git), PYTHON (python3), EXTRA_ENGINE_ARGS (flags
 # for both jpaged processes, e.g. "--attn-impl pallas"), KERNEL_ARGS / TP_ARGS / LATENCY_ARGS (extra flags for
@@ -94,7 +95,7 @@ if want hf; then  # HF first and alone: JAX is not running, so torch has the GPU
     --batch-size "$HF_FIXED_BATCH" $TP_ARGS --json-out "$RESULTS" --json-key hf_fixed
   if ((HF_SHAREGPT_N > 0)); then
     # shellcheck disable=SC2086
-    step hf-sharegpt "${HF_SHAREGPT_LIMIT_S:-100}" "$PY" benchmarks/throughput.py --engine hf --model "$MODEL" \
+    step hf-sharegpt "${HF_SHAREGPT_LIMIT_S:-150}" "$PY" benchmarks/throughput.py --engine hf --model "$MODEL" \
       --run "sharegpt-synthetic:$HF_SHAREGPT_N" --batch-size "$HF_SHAREGPT_BATCH" \
       --hf-max-batches "$HF_SHAREGPT_MAX_BATCHES" $TP_ARGS --json-out "$RESULTS" --json-key hf_sharegpt
   fi
