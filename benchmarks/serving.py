@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,7 @@ import httpx
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
+BACKENDS = ("openai", "http", "aiohttp")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -130,8 +132,28 @@ class _Clock:
         return self.result
 
 
+_DONE = object()  # the stream's `data: [DONE]`
+
+
+def _feed_sse_line(clock: _Clock, line: str) -> object | str | None:
+    """One line of a completions stream: times text chunks and reads usage. Returns _DONE at `data: [DONE]`, the
+    message of an error event, else None."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == "[DONE]":
+        return _DONE
+    event = json.loads(payload)
+    if "error" in event:
+        return f"stream error: {event['error']}"
+    if any(choice.get("text") for choice in event.get("choices") or ()):
+        clock.on_text()
+    clock.on_usage(event.get("usage"))
+    return None
+
+
 async def send_http(client: httpx.AsyncClient, model: str, req: BenchRequest) -> RequestResult:
-    """One request over plain HTTP, reading the `data: {...}` events by hand."""
+    """One request over plain HTTP with httpx, reading the `data: {...}` events by hand."""
     clock = _Clock(req)
     try:
         async with client.stream("POST", "/v1/completions", json=request_body(model, req)) as resp:
@@ -139,18 +161,33 @@ async def send_http(client: httpx.AsyncClient, model: str, req: BenchRequest) ->
                 body = (await resp.aread()).decode(errors="replace")
                 return RequestResult(error=f"HTTP {resp.status_code}: {body[:300]}", prompt_len=req.prompt_len)
             async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+                outcome = _feed_sse_line(clock, line)
+                if outcome is _DONE:
                     break
-                event = json.loads(payload)
-                if "error" in event:
-                    return RequestResult(error=f"stream error: {event['error']}", prompt_len=req.prompt_len)
-                if any(choice.get("text") for choice in event.get("choices") or ()):
-                    clock.on_text()
-                clock.on_usage(event.get("usage"))
+                if isinstance(outcome, str):
+                    return RequestResult(error=outcome, prompt_len=req.prompt_len)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
+        return RequestResult(error=f"{type(e).__name__}: {e}", prompt_len=req.prompt_len)
+    return clock.finish()
+
+
+async def send_aiohttp(session: Any, model: str, req: BenchRequest) -> RequestResult:
+    """One request over plain HTTP with aiohttp (the client of vLLM's load generator), reading the events by hand."""
+    import aiohttp
+
+    clock = _Clock(req)
+    try:
+        async with session.post("/v1/completions", json=request_body(model, req)) as resp:
+            if resp.status != 200:
+                body = (await resp.read()).decode(errors="replace")
+                return RequestResult(error=f"HTTP {resp.status}: {body[:300]}", prompt_len=req.prompt_len)
+            async for raw in resp.content:  # one line at a time
+                outcome = _feed_sse_line(clock, raw.decode())
+                if outcome is _DONE:
+                    break
+                if isinstance(outcome, str):
+                    return RequestResult(error=outcome, prompt_len=req.prompt_len)
+    except (aiohttp.ClientError, json.JSONDecodeError) as e:
         return RequestResult(error=f"{type(e).__name__}: {e}", prompt_len=req.prompt_len)
     return clock.finish()
 
@@ -200,8 +237,8 @@ async def run_benchmark(
     seed: int = 0,
 ) -> BenchRun:
     """Sends every request (at `request_rate` per second, Poisson; inf: all at once) and times the replies."""
-    if backend not in ("openai", "http"):
-        raise ValueError(f"backend must be 'openai' or 'http', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not request_rate > 0:
         raise ValueError(f"request_rate must be > 0 (or inf), got {request_rate}")
     base_url = base_url.rstrip("/")
@@ -213,12 +250,25 @@ async def run_benchmark(
         timeout=httpx.Timeout(None, connect=30.0),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
     )
-    async with http:
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(http)
         if model is None:
             resp = await http.get("/v1/models")
             resp.raise_for_status()
             model = str(resp.json()["data"][0]["id"])
-        if backend == "openai":
+        if backend == "aiohttp":
+            import aiohttp
+
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    base_url=base_url,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, connect=30.0),
+                    connector=aiohttp.TCPConnector(limit=connections),
+                )
+            )
+            send = lambda req: send_aiohttp(session, model, req)
+        elif backend == "openai":
             import openai
 
             # The client brings its own connection pool (up to 1000 connections), so it gets no `http` here.
@@ -351,9 +401,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
     parser.add_argument(
         "--backend",
-        choices=("openai", "http"),
+        choices=BACKENDS,
         default="openai",
-        help="the async openai client, or plain httpx reading the SSE lines",
+        help="the async openai client, or plain HTTP reading the SSE lines with httpx or with aiohttp (the lightest)",
     )
     parser.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     parser.add_argument(

@@ -3,6 +3,7 @@ arithmetic, and a smoke run of a handful of requests against a real server. No t
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import math
@@ -104,6 +105,17 @@ def test_smoke_run_against_a_real_server(server_url, tmp_path):
     again = serving.main([*argv, "--backend", "openai", "--request-rate", "50"])
     assert (again["completed"], again["total_output_tokens"], again["output_len_mismatches"]) == (6, 30, 0)
     assert again["request_rate"] == 50.0 and again["backend"] == "openai"
+    # And so does aiohttp, the lightest client (offline_vs_server.py's default).
+    light = serving.main([*argv, "--backend", "aiohttp"])
+    assert (light["completed"], light["total_output_tokens"], light["output_len_mismatches"]) == (6, 30, 0)
+    assert light["ttft_ms"]["p50"] > 0 and light["itl_ms"]["p50"] > 0
+
+
+def test_aiohttp_backend_reports_http_errors(server_url):
+    bad = [serving.BenchRequest(prompt=[1, 2, 3], prompt_len=3, output_len=10**7)]  # beyond the model's context
+    run = asyncio.run(serving.run_benchmark(server_url, bad, backend="aiohttp"))
+    [result] = run.results
+    assert not result.ok and result.error.startswith("HTTP 400:") and "context" in result.error
 
 
 def test_offline_vs_server_script_parses(capsys):
