@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from jpaged import sharding
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import Detokenizer
+from jpaged.kernels.paged_attention import impl_unavailable_reason
 from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params, load_params, resolve_dtype
 from jpaged.outputs import CompletionOutput, RequestOutput
@@ -52,6 +53,9 @@ class LLMEngine:
         if cfg.sliding_window is not None and cfg.sliding_window < self.max_model_len:
             logger.info("sliding window of %d tokens over max_model_len %d", cfg.sliding_window, self.max_model_len)
         sharding.check_model_fits(cfg.num_heads, cfg.num_kv_heads, config.tensor_parallel_size)
+        unavailable = impl_unavailable_reason(config.attn_impl)  # before the weights load, not in the first step
+        if unavailable is not None:
+            raise ValueError(unavailable)
 
         self.tokenizer: PreTrainedTokenizerBase | None = (
             None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or model_dir)

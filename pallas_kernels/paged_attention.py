@@ -529,6 +529,18 @@ def _on_hopper() -> bool:
     return _on_gpu() and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
+def impl_unavailable_reason(impl: str) -> str | None:
+    """Why `impl` cannot run compiled on this machine's default backend (so an engine can refuse it at start-up
+    rather than fail inside its first step), or None."""
+    if impl not in IMPLS:
+        return f"attention implementation must be one of {IMPLS}, got {impl!r}"
+    if impl == "pallas" and not _on_gpu():
+        return f"attn_impl='pallas' needs an NVIDIA GPU (the backend is {jax.default_backend()!r})"
+    if impl == "mgpu" and not _on_hopper():
+        return f"attn_impl='mgpu' needs a Hopper GPU, sm_90 (the backend is {jax.default_backend()!r})"
+    return None
+
+
 def has_decode_kernel(impl: str, q, k_pages, page_tables, sliding_window: int | None = None) -> bool:
     """Whether `paged_attention(..., decode_only=True)` runs a kernel of its own under `impl` for arrays shaped like
     these (jax.ShapeDtypeStruct will do; q [B, N, H], k_pages [K, P, S, H], page_tables [B, max_pages]), so that a

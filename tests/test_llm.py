@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import KNOWN_GREEDY, STORIES, assert_pool_clean
@@ -260,3 +261,12 @@ def test_prompt_logprobs_survive_preemption_and_chunking(async_scheduling):
         )
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert_pool_clean(tight)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off GPU")
+@pytest.mark.parametrize(("impl", "message"), [("pallas", "needs an NVIDIA GPU"), ("mgpu", "needs a Hopper GPU, sm_90")])
+def test_a_kernel_this_machine_cannot_run_is_refused_at_start_up(impl, message):
+    with pytest.raises(ValueError, match=rf"attn_impl='{impl}' {message} \(the backend is 'cpu'\)"):
+        LLM(attn_impl=impl)
+    with pytest.raises(ValueError, match="attn_impl must be auto, mgpu, pallas or reference"):
+        LLM(attn_impl="triton")
