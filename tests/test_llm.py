@@ -264,7 +264,9 @@ def test_prompt_logprobs_survive_preemption_and_chunking(async_scheduling):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off GPU")
-@pytest.mark.parametrize(("impl", "message"), [("pallas", "needs an NVIDIA GPU"), ("mgpu", "needs a Hopper GPU, sm_90")])
+@pytest.mark.parametrize(
+    ("impl", "message"), [("pallas", "needs an NVIDIA GPU"), ("mgpu", "needs a Hopper GPU, sm_90")]
+)
 def test_a_kernel_this_machine_cannot_run_is_refused_at_start_up(impl, message):
     with pytest.raises(ValueError, match=rf"attn_impl='{impl}' {message} \(the backend is 'cpu'\)"):
         LLM(attn_impl=impl)
