@@ -168,3 +168,16 @@ def test_bad_impl():
 def test_pallas_off_gpu_needs_interpret():
     with pytest.raises(ValueError, match=r"needs a GPU .* or interpret=True"):
         write_kv(**_valid_args(), impl="pallas")
+
+
+def test_benchmark_checks_both_implementations(tmp_path):
+    """benchmarks/kv_write.py on tiny shapes (Pallas interpreted off GPU): every row checked against the reference
+    before it is timed, and written to JSON."""
+    from benchmarks import kv_write
+
+    out = tmp_path / "kv_write.json"
+    record = kv_write.main(["--tiny", "--tokens", "3", "--iters", "1", "--json-out", str(out)])
+    assert out.exists() and [row["impl"] for row in record["rows"]] == ["xla", "pallas"]
+    for row in record["rows"]:
+        assert row["ok"], row.get("error")
+        assert row["bytes"] == 4 * 3 * 2 * 16 * 2 and row["time_us"] > 0
