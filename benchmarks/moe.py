@@ -22,6 +22,10 @@ TFLOP/s); the issue's goals are batch-1 decode >= 80% of it, and batch 256 >= 10
 under the default tuning and a coordinate descent over GroupedMatmulTuning fields (one field at a time, the others at
 the best so far), next to ragged_dot on the same inputs; the best tuning per (T, projection) is what
 `default_tuning` should pick.
+
+--padded measures what the engine's step runs: T real tokens inside the step's padded token bucket (a power of two
+>= 16, as jpaged.runner pads), the padding routed to no expert (`moe`'s num_tokens), so the grouped matmuls see
+bucket x top-k rows of which T x top-k are real (batch-1 decode: 2 real rows of 32).
 """
 
 from __future__ import annotations
@@ -186,6 +190,13 @@ def reference_f32(layer: dict[str, Any], x: Any, cfg: Any) -> Any:
     return jnp.einsum("ted,te->td", out, dense_w)
 
 
+def padded_rows(tokens: int, args: argparse.Namespace) -> int:
+    """Rows of the step that carries `tokens` real tokens: the engine's token bucket with --padded, else T."""
+    from jpaged.runner import MIN_TOKEN_BUCKET
+
+    return max(MIN_TOKEN_BUCKET, 1 << (tokens - 1).bit_length()) if args.padded else tokens
+
+
 def run_layer(shape: Shape, layer: dict[str, Any], tokens: int, args: argparse.Namespace, ev: Evaluator) -> None:
     import jax
     import jax.numpy as jnp
@@ -193,7 +204,9 @@ def run_layer(shape: Shape, layer: dict[str, Any], tokens: int, args: argparse.N
     from jpaged.models.mixtral import moe, moe_dense_reference
 
     cfg = model_config(shape)
-    x = jax.random.normal(jax.random.key(args.seed + tokens), (tokens, shape.hidden), jnp.dtype(shape.dtype))
+    rows = padded_rows(tokens, args)
+    x_rows = jax.random.normal(jax.random.key(args.seed + tokens), (rows, shape.hidden), jnp.dtype(shape.dtype))
+    x = x_rows[:tokens]
     _, hit = routing(layer, x, shape)
     with jax.default_matmul_precision("highest"):
         ref = common.block(jax.jit(reference_f32, static_argnames="cfg")(layer, x, cfg))
@@ -201,15 +214,16 @@ def run_layer(shape: Shape, layer: dict[str, Any], tokens: int, args: argparse.N
     impls = list(args.impls)
     if tokens > args.dense_max_tokens and "dense" in impls:
         impls.remove("dense")
-    base = {"tokens": tokens, "experts_hit": hit}
+    base = {"tokens": tokens, "rows": rows, "experts_hit": hit}
     for impl in impls:
         if impl == "dense":
-            layer_fn = jax.jit(functools.partial(moe_dense_reference, cfg=cfg))
+            fn = functools.partial(jax.jit(functools.partial(moe_dense_reference, cfg=cfg)), layer, x)
         else:
-            layer_fn = jax.jit(functools.partial(moe, cfg=cfg, impl=impl))
+            real_rows = jax.jit(lambda layer, x, n, impl=impl: moe(layer, x, cfg, n, impl=impl)[:tokens])
+            fn = functools.partial(real_rows, layer, x_rows, jnp.int32(tokens))
         tol = MAX_REL_ERR_DENSE if impl == "dense" else MAX_REL_ERR
-        ev.run(base | {"impl": impl}, functools.partial(layer_fn, layer, x), ref,
-               byts=shape.expert_bytes(hit), flops=shape.flops(tokens), max_rel_err=tol)  # fmt: skip
+        ev.run(base | {"impl": impl}, fn, ref, byts=shape.expert_bytes(hit), flops=shape.flops(tokens),
+               max_rel_err=tol)  # fmt: skip
 
 
 # -- the tuning sweep -------------------------------------------------------------------------------------------------
@@ -243,11 +257,11 @@ def sweep_projection(
     x = jax.random.normal(jax.random.key(args.seed + tokens), (tokens, shape.hidden), jnp.dtype(shape.dtype))
     sizes, hit = routing(layer, x, shape)
     rhs = layer["expert_gate"] if projection == "gate_up" else layer["expert_down"]
-    rows, k, n = tokens * shape.top_k, rhs.shape[1], rhs.shape[2]
+    rows, k, n = padded_rows(tokens, args) * shape.top_k, rhs.shape[1], rhs.shape[2]  # past T * top-k: padding
     lhs = jax.random.normal(jax.random.key(args.seed + 1), (rows, k), rhs.dtype)
     with jax.default_matmul_precision("highest"):
         ref = common.block(grouped_matmul(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes, impl="xla"))
-    byts, flops = hit * k * n * shape.dtype_bytes, 2.0 * rows * k * n
+    byts, flops = hit * k * n * shape.dtype_bytes, 2.0 * tokens * shape.top_k * k * n
     base = {"tokens": tokens, "experts_hit": hit, "projection": projection, "rows": rows, "K": k, "N": n}
     ev.run(base | {"impl": "xla", "config": "ragged_dot"},
            lambda: grouped_matmul(lhs, rhs, sizes, impl="xla"), ref, byts=byts, flops=flops)  # fmt: skip
@@ -364,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: xla (ragged_dot), pallas, dense (moe_dense_reference), reference (grouped jnp)",
     )  # fmt: skip
     parser.add_argument("--dense-max-tokens", type=int, default=64, help="time the dense reference only up to this T")
+    parser.add_argument(
+        "--padded", action="store_true",
+        help="T real tokens inside the engine's padded token bucket, the padding routed to no expert (as a step runs)",
+    )  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="also tune the Pallas kernel per projection and T")
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None, help="sweep grid (default quick; tiny on CPU)")
     parser.add_argument("--max-configs", type=int, default=24, help="most tunings tried per (T, projection)")

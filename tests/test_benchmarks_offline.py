@@ -175,6 +175,17 @@ def test_moe_record(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "moe.json").read_text())["benchmark"] == "moe"
 
 
+def test_moe_padded_runs_the_engines_step_shape(tmp_path: Path) -> None:
+    """--padded: T real tokens in the step's 16-row bucket, the padding routed nowhere; still checked and timed."""
+    rec = moe.main(["--tiny", "--padded", "--tokens", "1", "--impls", "xla,pallas", "--iters", "1", "--sweep",
+                    "--max-configs", "1"])  # fmt: skip
+    for row in rec["rows"] + rec["sweep"]:
+        assert row["ok"], row
+    assert {r["rows"] for r in rec["rows"]} == {16}  # x rows: the bucket
+    assert {r["rows"] for r in rec["sweep"]} == {32}  # grouped-matmul rows: bucket x top-2, 2 of them real
+    assert all(r["experts_hit"] <= 2 for r in rec["rows"] + rec["sweep"])
+
+
 def test_decode_record(tiny_model: Path, tmp_path: Path) -> None:
     """Decode at two batch sizes: every request decodes exactly output_len - 1 tokens after its first, nothing
     compiles while timed, and the roofline reads more weights at the larger batch only for a mixture of experts."""
