@@ -23,7 +23,7 @@ from safetensors import safe_open
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, decode, kernels, latency, moe, profile_step, summary, throughput
+from benchmarks import common, decode, gemm, kernels, latency, moe, profile_step, summary, throughput
 from jpaged import sharding
 from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params
@@ -351,3 +351,19 @@ def test_bootstrap_maps_the_packages_of_a_bare_checkout() -> None:
     assert how == "checkout"
     assert Path(models) == REPO / "models" / "__init__.py"
     assert Path(kernels_init) == REPO / "pallas_kernels" / "__init__.py"
+
+
+def test_gemm_record_checks_the_fused_layout_and_runs_a_cublas_child(tmp_path: Path) -> None:
+    """gemm.py: the fused q/k/v and gate-up weights give the model's matmuls' results; --cublas adds the same rows
+    from a child process whose XLA_FLAGS turn Triton GEMMs off."""
+    rec = gemm.main(["--tiny", "--rows", "3", "--iters", "1", "--cublas", "--json-out", str(tmp_path / "gemm.json")])
+    assert [(r["variant"], r["xla_gemms"]) for r in rec["rows"]] == [
+        ("model", "default"),
+        ("fused", "default"),
+        ("model", "cublas"),
+        ("fused", "cublas"),
+    ]
+    for row in rec["rows"]:
+        assert row["ok"] and row["rel_err"] <= gemm.MAX_REL_ERR and row["time_us"] > 0, row
+        assert row["weight_bytes"] == 2 * (2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128)  # q, o; k, v; the MLP
+    assert json.loads((tmp_path / "gemm.json").read_text())["benchmark"] == "gemm"

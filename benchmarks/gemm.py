@@ -1,0 +1,192 @@
+"""One decoder layer's weight matmuls at decode batch sizes: as the model runs them, fused, and under cuBLAS.
+
+    python benchmarks/gemm.py --json-out gemm.json                 # GPU: Llama-2-7B layer, M = 1 ... 256 rows
+    python benchmarks/gemm.py --cublas --json-out gemm.json        # the same in a child process whose XLA uses
+                                                                   # cuBLAS for every GEMM (no Triton GEMM fusions)
+    python benchmarks/gemm.py                                      # CPU: a tiny layer (times meaningless)
+
+Why: a trace of a Llama-2-7B decode step at 128 sequences (docs/benchmarks.md, third session) spent 4.8 ms on the
+weight matmuls for 13 GB (2.7 TB/s): XLA's Triton GEMM fusions for q/k/v, gate and up ran at 2.4-2.8 TB/s and the
+one GEMM XLA gave to cuBLAS (the down projection) at 3.15 TB/s. This measures, per layer, M rows of x [M, D] through
+- "model": the seven matmuls as models/llama.py writes them (q, k, v, o, gate, up, down; XLA fuses what it fuses);
+- "fused": four matmuls over concatenated weights (one [D, (N + 2K) H] for q/k/v, one [D, 2F] for gate and up),
+  the layout a later change could load;
+and, with --cublas, both again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. Each variant is checked against
+the "model" output in float32 first (relative L2 error <= 1e-2). Bytes = the layer's weights read once; floor =
+bytes / 4.28 TB/s (at these M every GEMM is bandwidth-bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/gemm.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common
+
+MAX_REL_ERR = 1e-2
+CUBLAS_FLAG = "--xla_gpu_enable_triton_gemm=false"
+# (name, D, N q-heads, K kv-heads, H, F)
+GPU_SHAPE = ("llama2-7b", 4096, 32, 32, 128, 11008)
+TINY_SHAPE = ("tiny", 64, 4, 2, 16, 128)
+GPU_ROWS = (1, 16, 64, 128, 256)
+TINY_ROWS = (1, 16)
+
+
+def make_layer(d: int, n: int, k: int, h: int, f: int, *, seed: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
+    shapes = {"wq": (d, n, h), "wk": (d, k, h), "wv": (d, k, h), "wo": (n, h, d), "w_gate": (d, f), "w_up": (d, f),
+              "w_down": (f, d)}  # fmt: skip
+    return {name: jax.random.normal(next(keys), shape, jnp.bfloat16) * d**-0.5 for name, shape in shapes.items()}
+
+
+def model_matmuls(layer: dict[str, Any], x: Any) -> Any:
+    """The layer's matmuls as models/llama.py runs them (attention replaced by q itself; only GEMMs are timed)."""
+    import jax
+    import jax.numpy as jnp
+
+    q = jnp.einsum("td,dnh->tnh", x, layer["wq"])
+    k = jnp.einsum("td,dkh->tkh", x, layer["wk"])
+    v = jnp.einsum("td,dkh->tkh", x, layer["wv"])
+    o = jnp.einsum("tnh,nhd->td", q, layer["wo"])
+    gate = jnp.einsum("td,df->tf", x, layer["w_gate"])
+    up = jnp.einsum("td,df->tf", x, layer["w_up"])
+    down = jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, layer["w_down"])
+    return o + down, k, v
+
+
+def fuse(layer: dict[str, Any]) -> dict[str, Any]:
+    import jax.numpy as jnp
+
+    return {
+        "wqkv": jnp.concatenate([layer["wq"], layer["wk"], layer["wv"]], axis=1),  # [D, N + 2K, H]
+        "wo": layer["wo"],
+        "w_gate_up": jnp.concatenate([layer["w_gate"], layer["w_up"]], axis=1),  # [D, 2F]
+        "w_down": layer["w_down"],
+    }
+
+
+def fused_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads: int) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    qkv = jnp.einsum("td,dch->tch", x, fused["wqkv"])
+    q, k, v = jnp.split(qkv, [num_heads, num_heads + num_kv_heads], axis=1)
+    o = jnp.einsum("tnh,nhd->td", q, fused["wo"])
+    gate, up = jnp.split(jnp.einsum("td,df->tf", x, fused["w_gate_up"]), 2, axis=1)
+    down = jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, fused["w_down"])
+    return o + down, k, v
+
+
+def rel_err(out: Any, ref: Any) -> float:
+    import jax.numpy as jnp
+
+    diffs = [jnp.linalg.norm((a - b).astype(jnp.float32)) for a, b in zip(out, ref, strict=True)]
+    norms = [jnp.linalg.norm(b.astype(jnp.float32)) for b in ref]
+    return float(max(d / jnp.maximum(n, 1e-30) for d, n in zip(diffs, norms, strict=True)))
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    name, d, n, k, h, f = TINY_SHAPE if args.tiny else GPU_SHAPE
+    layer = make_layer(d, n, k, h, f, seed=args.seed)
+    fused = fuse(layer)
+    weight_bytes = sum(w.size * w.dtype.itemsize for w in layer.values())
+    model_fn = jax.jit(model_matmuls)
+    fused_fn = jax.jit(functools.partial(fused_matmuls, num_heads=n, num_kv_heads=k))
+    xla = "cublas" if CUBLAS_FLAG in os.environ.get("XLA_FLAGS", "") else "default"
+    rows = []
+    for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
+        x = jax.random.normal(jax.random.PRNGKey(args.seed + m), (m, d), jnp.bfloat16)
+        ref = common.block(model_fn(layer, x))
+        variants = (("model", functools.partial(model_fn, layer, x)), ("fused", functools.partial(fused_fn, fused, x)))
+        for variant, fn in variants:
+            row: dict[str, Any] = {
+                "shape": name,
+                "rows": m,
+                "variant": variant,
+                "xla_gemms": xla,
+                "weight_bytes": weight_bytes,
+                "floor_us": weight_bytes / args.bandwidth * 1e6,
+            }
+            row["rel_err"] = rel_err(common.block(fn()), ref)
+            row["ok"] = row["rel_err"] <= MAX_REL_ERR
+            if row["ok"]:
+                t = common.time_calls(fn, warmup=1, iters=args.iters)
+                seconds = t["pipelined_s"]
+                row |= {"time_us": seconds * 1e6, "TBps": weight_bytes / seconds / 1e12,
+                        "of_floor": row["floor_us"] / (seconds * 1e6)}  # fmt: skip
+            else:
+                row["error"] = f"relative error {row['rel_err']:.3g} > {MAX_REL_ERR}"
+            status = f"{row['time_us']:.1f} us, {row['TBps']:.2f} TB/s" if row.get("time_us") else row["error"]
+            common.log(f"{name} M={m:<4} {variant:<6} XLA {xla:<8} {status}")
+            rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("M rows", "rows"),
+    ("variant", "variant"),
+    ("XLA GEMMs", "xla_gemms"),
+    ("time us", "time_us"),
+    ("weights TB/s", "TBps"),
+    ("floor us", "floor_us"),
+    ("of floor", "of_floor"),
+    ("rel err", "rel_err"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=None, help="M, rows of x (default: per backend)")
+    parser.add_argument("--cublas", action="store_true", help=f"also run a child process with XLA_FLAGS={CUBLAS_FLAG}")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the --cublas child: print JSON rows
+    parser.add_argument("--tiny", action="store_true", help="a tiny layer (the default off GPU)")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
+    common.add_output_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    args.tiny = args.tiny or not common.on_gpu()
+    if args.tiny:
+        args.iters = min(args.iters, 2)
+    rows = measure(args)
+    if args.child:
+        print("ROWS " + json.dumps(rows))
+        return {"rows": rows}
+    if args.cublas:  # XLA reads its flags once per process, so the cuBLAS run needs its own
+        env = os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {CUBLAS_FLAG}".strip()}
+        child = ["--child", "--iters", str(args.iters), "--seed", str(args.seed), "--bandwidth", str(args.bandwidth)]
+        child += ["--rows", *map(str, args.rows)] if args.rows else []
+        child += ["--tiny"] if args.tiny else []
+        cmd = [sys.executable, str(Path(__file__).resolve()), *child]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        rows += json.loads(next(line[5:] for line in out.splitlines() if line.startswith("ROWS ")))
+    print(common.table(rows, COLUMNS, title="one layer's weight matmuls"))
+    record = {"benchmark": "gemm", "env": common.env_info(jax_devices=True), "args": vars(args), "rows": rows}
+    common.save(args, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
