@@ -15,7 +15,7 @@
 # and the next one runs. Every script merges its record into $OUT/results.json as soon as it has one, so a killed
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
-# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "profile" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
+# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "profile", "micro" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
@@ -120,6 +120,14 @@ if want profile; then  # where a decode step's time goes (device busy, top kerne
   # shellcheck disable=SC2086
   step profile 150 "$PY" benchmarks/profile_step.py --model "$MODEL" --batches 128 1 --trace-dir /tmp/jpaged-trace \
     $EXTRA_ENGINE_ARGS --json-out "$RESULTS" --json-key profile
+fi
+
+if want micro; then  # the pieces behind the open misses: weight GEMMs (XLA's Triton vs cuBLAS, fused layouts), KV
+  # writes against their bytes, and the MoE grouped matmul as a padded decode step runs it (with a tuning sweep)
+  step gemm 90 "$PY" benchmarks/gemm.py --cublas --json-out "$RESULTS" --json-key gemm
+  step kv-write 60 "$PY" benchmarks/kv_write.py --json-out "$RESULTS" --json-key kv_write
+  step moe-padded 150 "$PY" benchmarks/moe.py --padded --tokens 1,16,128 --impls xla,pallas --sweep \
+    --json-out "$RESULTS" --json-key moe_padded
 fi
 
 if want mixtral; then  # issue 4: Mixtral-8x7B-shaped decode at fixed batch sizes, HF (grouped_mm experts) first
