@@ -610,7 +610,8 @@ def paged_attention(
         if impl == "mgpu" and not (interpret or _on_hopper()):
             backend = jax.default_backend()
             raise ValueError(f"impl='mgpu' needs a Hopper GPU (sm_90) or interpret=True (backend is {backend!r})")
-        if reason is None and (interpret or _on_hopper()):
+        # "auto" picks the kernel on Hopper only, as it picks the Triton kernel on GPUs only, interpret or not.
+        if impl == "mgpu" or (reason is None and _on_hopper()):
             out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables, seq_lens, num_seqs,
                                                    sm_scale=sm_scale, interpret=interpret)  # fmt: skip
             return jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))

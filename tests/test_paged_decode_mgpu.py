@@ -227,6 +227,8 @@ def test_entry_point_decode_only_elsewhere():
     call = functools.partial(paged_attention, sm_scale=0.125)
     if not pa_module._on_hopper():  # "auto" without a Hopper GPU: the ragged path, decode_only or not
         np.testing.assert_array_equal(call(*ragged, decode_only=True), call(*ragged))
+        interpreted = call(*ragged, decode_only=True, interpret=True)  # interpret=True does not make "auto" Mosaic
+        np.testing.assert_array_equal(interpreted, call(*ragged, impl="reference"))
         with pytest.raises(ValueError, match="needs a Hopper GPU"):
             call(*ragged, impl="mgpu", decode_only=True)
     np.testing.assert_array_equal(call(*ragged, impl="reference", decode_only=True), call(*ragged, impl="reference"))
