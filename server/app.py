@@ -7,9 +7,12 @@ real one: an `LLMEngine` (step buckets compiled at start-up) behind an `AsyncEng
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import gc
 import hmac
+import html
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -37,22 +40,39 @@ from jpaged.server.state import DEFAULT_MAX_BODY_BYTES, ServerState
 
 logger = logging.getLogger(__name__)
 
-# /health is what a load balancer probes without credentials; / is the playground page, which a browser opens
-# without an Authorization header and which holds no data (its API calls carry the key the user types in).
-UNAUTHENTICATED_PATHS = frozenset({"/health", "/"})
+# /health is what a load balancer probes without credentials.
+UNAUTHENTICATED_PATHS = frozenset({"/health"})
+# The playground page: a browser's navigation cannot send a bearer token, so this page also takes HTTP Basic auth
+# (any user name, the API key as the password), and its 401 asks the browser to prompt for it.
+BASIC_AUTH_PATHS = frozenset({"/"})
 
 
 class APIKeyMiddleware:
-    """401 on every route but /health unless the request carries `Authorization: Bearer KEY`."""
+    """401 on every route but /health unless the request carries `Authorization: Bearer KEY` (or, for the playground
+    page, HTTP Basic auth with KEY as the password)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self._key = api_key.encode()
 
+    def _accepts(self, scheme: str, token: str, *, basic: bool) -> bool:
+        if scheme == "bearer":
+            given = token.encode()
+        elif scheme == "basic" and basic:
+            try:
+                _, _, password = base64.b64decode(token, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            given = password.encode()
+        else:
+            return False
+        return hmac.compare_digest(given, self._key)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
             await self.app(scope, receive, send)
             return
+        basic = scope["path"] in BASIC_AUTH_PATHS
         auth = Headers(scope=scope).get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if not auth:
@@ -60,13 +80,21 @@ class APIKeyMiddleware:
                 "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
                 "(Authorization: Bearer YOUR_KEY)."
             )
-        elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+        elif not self._accepts(scheme.lower(), token.strip(), basic=basic):
             message = "Incorrect API key provided."
         else:
             await self.app(scope, receive, send)
             return
-        response = APIError(401, message, headers={"WWW-Authenticate": "Bearer"}).response()
+        challenge = 'Basic realm="jpaged", charset="UTF-8"' if basic else "Bearer"
+        response = APIError(401, message, headers={"WWW-Authenticate": challenge}).response()
         await response(scope, receive, send)
+
+
+def _with_api_key(page: str, api_key: str) -> str:
+    """The playground page for a server with a key: only requests that proved they know the key get the page, so
+    it may carry the key for its own API calls (the page's key field starts with it)."""
+    meta = f'<meta name="jpaged-api-key" content="{html.escape(api_key, quote=True)}">'
+    return page.replace("<head>", "<head>\n" + meta, 1)
 
 
 def build_app(
@@ -110,7 +138,8 @@ def build_app(
         max_body_bytes=max_body_bytes,
         trust_request_chat_template=trust_request_chat_template,
     )
-    app.state.playground_html = playground_html if playground_html is not None else load_playground()
+    page = playground_html if playground_html is not None else load_playground()
+    app.state.playground_html = _with_api_key(page, api_key) if api_key else page
     return app
 
 
@@ -127,7 +156,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="name(s) clients use for the model; the first is used in responses "
                              "(default: the MODEL argument, or stories260K)")  # fmt: skip
     server.add_argument("--api-key", default=os.environ.get("JPAGED_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                        help="require 'Authorization: Bearer KEY' on every route but /health (the playground "
+                             "page also takes HTTP Basic auth with KEY as the password, so a browser can open it) "
                              "(default: $JPAGED_API_KEY, else none)")  # fmt: skip
     server.add_argument("--max-waiting-requests", type=int, default=None,
                         help="answer 503 with Retry-After when this many requests wait for the engine "

@@ -215,22 +215,32 @@ def fake() -> Iterator[tuple[RunningServer, FakeLLMEngine]]:
     running.stop()
 
 
-def test_every_route_but_health_and_the_playground_needs_the_api_key():
+def test_every_route_but_health_needs_the_api_key():
     running, _ = fake_server(app_kwargs={"api_key": API_KEY})
     try:
         paths = [(method, route.path.replace("{model:path}", MODEL_NAME)) for route in ROUTES
                  for method in sorted(route.methods - {"HEAD"})]  # fmt: skip
         assert len(paths) >= 11
+        basic_wrong = httpx.BasicAuth("user", "wrong")
         for method, path in paths:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
-                resp = httpx.request(method, running.url + path, headers=headers, json={})
-                if path in ("/health", "/"):
+            for kwargs in ({}, {"headers": {"Authorization": "Bearer wrong"}}, {"headers": {"Authorization": API_KEY}},
+                           {"auth": basic_wrong}):  # fmt: skip
+                resp = httpx.request(method, running.url + path, json={}, **kwargs)
+                if path == "/health":
                     assert resp.status_code == 200
                     continue
                 error = assert_error(resp, 401, "API key")
-                assert error["code"] == "invalid_api_key" and resp.headers["www-authenticate"] == "Bearer"
+                # The playground page asks a browser for the key (HTTP Basic); the API routes ask for a bearer token.
+                challenge = 'Basic realm="jpaged", charset="UTF-8"' if path == "/" else "Bearer"
+                assert error["code"] == "invalid_api_key" and resp.headers["www-authenticate"] == challenge
             resp = httpx.request(method, running.url + path, headers={"Authorization": f"Bearer {API_KEY}"}, json={})
             assert resp.status_code != 401, (method, path)
+            basic = httpx.request(method, running.url + path, auth=httpx.BasicAuth("anyone", API_KEY), json={})
+            assert (basic.status_code != 401) == (path in ("/health", "/")), (method, path)  # Basic: the page only
+        page = httpx.get(running.url + "/", auth=httpx.BasicAuth("", API_KEY))
+        assert f'<meta name="jpaged-api-key" content="{API_KEY}">' in page.text  # the page's API calls need it
+        garbled = httpx.get(running.url + "/", headers={"Authorization": "Basic %%%"})
+        assert_error(garbled, 401, "Incorrect API key")
         good = openai.OpenAI(base_url=running.base_url, api_key=API_KEY, max_retries=0)
         assert [m.id for m in good.models.list().data] == [MODEL_NAME]
         assert good.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2).choices[0].text == " a a"
