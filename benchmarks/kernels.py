@@ -9,7 +9,9 @@ Shapes (bf16, page size 16, every page table a random permutation of the pool, a
 - prefill: 4 prompts of 2048 tokens from scratch (Llama-3-8B and Llama-2-7B heads), and a mixed batch (Llama-3-8B:
   4 chunks of 512 tokens completing 2048-token prompts plus 60 decode tokens at context 2048).
 
-Kernels: jpaged's `paged_attention` with impl="pallas" under the kernel's own default tuning (`tuning=None`) and
+Kernels: for decode, what the engine's decode-only steps run ("jpaged decode": `paged_attention(decode_only=True)`
+with impl="auto", the Mosaic GPU kernel on Hopper, the jnp reference off GPU); and the Triton-lowered kernel, i.e.
+jpaged's `paged_attention` with impl="pallas" under the kernel's own default tuning (`tuning=None`) and
 under each `AttentionTuning` of a small sweep (coordinate descent: one field at a time, the others at the best so
 far; the fields are read from the dataclass, so new ones are swept when this script lists values for them), its
 impl="reference" (jnp), and, for decode, `jax.experimental.pallas.ops.gpu.paged_attention` tuned over
@@ -188,7 +190,9 @@ def rel_err(out: Any, ref: Any) -> float:
 
 
 # -- the kernels ------------------------------------------------------------------------------------------------------
-def jpaged_fn(inputs: dict[str, Any], *, impl: str, sm_scale: float, tuning: Any, interpret: bool) -> Callable[[], Any]:
+def jpaged_fn(
+    inputs: dict[str, Any], *, impl: str, sm_scale: float, tuning: Any, interpret: bool, decode_only: bool = False
+) -> Callable[[], Any]:
     from jpaged.kernels import paged_attention
 
     args = (
@@ -200,7 +204,7 @@ def jpaged_fn(inputs: dict[str, Any], *, impl: str, sm_scale: float, tuning: Any
         inputs["cu_q_lens"],
         inputs["num_seqs"],
     )
-    kwargs: dict[str, Any] = {"sm_scale": sm_scale, "impl": impl}
+    kwargs: dict[str, Any] = {"sm_scale": sm_scale, "impl": impl, "decode_only": decode_only}
     if impl == "pallas":
         kwargs |= {"tuning": tuning, "interpret": interpret}
     return lambda: paged_attention(*args, **kwargs)
@@ -429,6 +433,12 @@ def run_case(case: Case, args: argparse.Namespace, *, sweep: bool = True) -> lis
         "tuning=None",
         jpaged_fn(inputs, impl="pallas", sm_scale=sm_scale, tuning=None, interpret=args.interpret),
     )
+    if case.kind == "decode":  # what the engine's decode-only steps run (the Mosaic GPU kernel on Hopper)
+        ev.run(
+            "jpaged decode",
+            "decode_only, impl=auto",
+            jpaged_fn(inputs, impl="auto", sm_scale=sm_scale, tuning=None, interpret=False, decode_only=True),
+        )
     if sweep:
         kind = "decode" if case.kind == "decode" else "prefill"
         grid = args.grid_override or GRIDS[args.grid][kind]
@@ -449,12 +459,15 @@ def run_case(case: Case, args: argparse.Namespace, *, sweep: bool = True) -> lis
     return ev.rows
 
 
+JPAGED_KERNELS = ("jpaged decode", "jpaged pallas", "jpaged default")
+
+
 def case_summary(best: list[dict[str, Any]], goal_TBps: float) -> list[dict[str, Any]]:
     """One row per case: jpaged's best against JAX's best, and the roofline."""
     out: dict[str, dict[str, Any]] = {}
     for row in best:
         entry = out.setdefault(row["case"], {"case": row["case"], "kind": row["kind"]})
-        if row["kernel"] in ("jpaged pallas", "jpaged default"):
+        if row["kernel"] in JPAGED_KERNELS:
             if entry.get("jpaged_ms") is None or row["time_ms"] < entry["jpaged_ms"]:
                 entry |= {
                     "jpaged_ms": row["time_ms"],

@@ -127,8 +127,12 @@ def plot_kernels(recs: list[dict[str, Any]], out: Path, bandwidth: float, goal: 
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = {"jpaged": ("jpaged pallas", "jpaged default"), "JAX builtin": ("jax builtin",)}
-    for (label, kernels), color in zip(series.items(), ("C0", "C3"), strict=True):
+    series = {
+        "jpaged decode path": ("jpaged decode",),
+        "jpaged Triton": ("jpaged pallas", "jpaged default"),
+        "JAX builtin": ("jax builtin",),
+    }
+    for (label, kernels), color in zip(series.items(), ("C2", "C0", "C3"), strict=True):
         best: dict[tuple[int, int, int], float] = {}  # (context, batch, kv heads) -> best TB/s
         for r in rows:
             if r["kernel"] in kernels and r.get("context"):

@@ -149,7 +149,7 @@ def test_kernels_record(results: dict[str, Any]) -> None:
     rec = results["kernels"]
     assert rec["interpret"]  # no GPU here: minute shapes in interpret mode
     kernels_seen = {r["kernel"] for r in rec["rows"]}
-    assert {"jpaged default", "jpaged pallas", "jpaged reference", "jax builtin"} <= kernels_seen
+    assert {"jpaged decode", "jpaged default", "jpaged pallas", "jpaged reference", "jax builtin"} <= kernels_seen
     for row in rec["rows"]:
         assert row["ok"], row
         assert row["rel_err"] <= kernels.MAX_REL_ERR and row["time_ms"] > 0 and row["kv_TBps"] > 0
