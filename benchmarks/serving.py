@@ -132,43 +132,35 @@ class _Clock:
         return self.result
 
 
-_DONE = object()  # the stream's `data: [DONE]`
-
-
-def _feed_sse_line(clock: _Clock, line: str) -> object | str | None:
-    """One line of a completions stream: times text chunks and reads usage. Returns _DONE at `data: [DONE]`, the
-    message of an error event, else None."""
-    if not line.startswith("data:"):
-        return None
-    payload = line[5:].strip()
-    if payload == "[DONE]":
-        return _DONE
-    event = json.loads(payload)
-    if "error" in event:
-        return f"stream error: {event['error']}"
-    if any(choice.get("text") for choice in event.get("choices") or ()):
-        clock.on_text()
-    clock.on_usage(event.get("usage"))
-    return None
+async def _read_stream(clock: _Clock, req: BenchRequest, lines: AsyncIterator[str]) -> RequestResult:
+    """Reads a completions stream's `data: {...}` lines by hand: times the text chunks, takes the usage, stops at
+    `data: [DONE]`; an error event ends the request with its message."""
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            break
+        event = json.loads(payload)
+        if "error" in event:
+            return RequestResult(error=f"stream error: {event['error']}", prompt_len=req.prompt_len)
+        if any(choice.get("text") for choice in event.get("choices") or ()):
+            clock.on_text()
+        clock.on_usage(event.get("usage"))
+    return clock.finish()
 
 
 async def send_http(client: httpx.AsyncClient, model: str, req: BenchRequest) -> RequestResult:
-    """One request over plain HTTP with httpx, reading the `data: {...}` events by hand."""
+    """One request over plain HTTP with httpx, reading the events by hand."""
     clock = _Clock(req)
     try:
         async with client.stream("POST", "/v1/completions", json=request_body(model, req)) as resp:
             if resp.status_code != 200:
                 body = (await resp.aread()).decode(errors="replace")
                 return RequestResult(error=f"HTTP {resp.status_code}: {body[:300]}", prompt_len=req.prompt_len)
-            async for line in resp.aiter_lines():
-                outcome = _feed_sse_line(clock, line)
-                if outcome is _DONE:
-                    break
-                if isinstance(outcome, str):
-                    return RequestResult(error=outcome, prompt_len=req.prompt_len)
+            return await _read_stream(clock, req, resp.aiter_lines())
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return RequestResult(error=f"{type(e).__name__}: {e}", prompt_len=req.prompt_len)
-    return clock.finish()
 
 
 async def send_aiohttp(session: Any, model: str, req: BenchRequest) -> RequestResult:
@@ -181,15 +173,9 @@ async def send_aiohttp(session: Any, model: str, req: BenchRequest) -> RequestRe
             if resp.status != 200:
                 body = (await resp.read()).decode(errors="replace")
                 return RequestResult(error=f"HTTP {resp.status}: {body[:300]}", prompt_len=req.prompt_len)
-            async for raw in resp.content:  # one line at a time
-                outcome = _feed_sse_line(clock, raw.decode())
-                if outcome is _DONE:
-                    break
-                if isinstance(outcome, str):
-                    return RequestResult(error=outcome, prompt_len=req.prompt_len)
+            return await _read_stream(clock, req, (raw.decode() async for raw in resp.content))  # a line each
     except (aiohttp.ClientError, json.JSONDecodeError) as e:
         return RequestResult(error=f"{type(e).__name__}: {e}", prompt_len=req.prompt_len)
-    return clock.finish()
 
 
 async def send_openai(client: Any, model: str, req: BenchRequest) -> RequestResult:
