@@ -121,32 +121,34 @@ def num_tiles(m: int, num_groups: int, block_m: int) -> int:
 
 
 def default_tuning(m: int, k: int, n: int, num_groups: int) -> GroupedMatmulTuning:
-    """The tuning for a shape family, from static shapes. Unmeasured on a GPU so far (see the module docstring).
+    """The tuning for a shape family, from static shapes (a dense matmul is num_groups = 1).
 
-    Tiles are sized to the rows a group gets when routing is even (m / num_groups): decode (a row or two per active
-    expert) uses 16-row tiles, narrow N-blocks and long K chunks, since it streams weights and wants many programs in
-    flight; when even that leaves fewer than ~2 programs per SM (Mixtral's down projection at M = 2: 2 tiles x 64
-    N-blocks), K is split. Prefill-sized groups use the usual matmul tiles (64 or 128 rows x 128 columns x 64).
+    Tiles are sized to the rows a group gets when routing is even (m / num_groups). Decode-sized tiles (<= 64 rows)
+    stream weights: 128-column N-blocks, with long K chunks for 16-32-row tiles and short deep-pipelined ones for
+    64-row tiles, the winners of moe.py --sweep on the H200 (Mixtral-8x7B experts at 1, 16 and 128 tokens, 3.3-4.2
+    TB/s; docs/benchmarks.md). When the tiles that rows would fill leave fewer than ~2 programs per SM, K is split
+    (halving block_k down to 32 where K will not split further). Prefill-sized groups use the usual matmul tiles.
     """
     rows_per_group = max(1, m // max(1, num_groups))
     block_m = min(128, max(_MIN_BLOCK, 1 << (rows_per_group - 1).bit_length()))
     if block_m <= 32:
-        block_n, block_k, num_warps, num_stages = 64, 128, 4, 4
+        block_n, block_k, num_warps, num_stages = 128, 256, 4, 3
     elif block_m == 64:
-        block_n, block_k, num_warps, num_stages = 128, 64, 4, 3
+        block_n, block_k, num_warps, num_stages = 128, 32, 4, 4
     else:
         block_n, block_k, num_warps, num_stages = 128, 64, 8, 3
     block_n = _dividing_block(n, block_n)
     block_k = _dividing_block(k, block_k)
-    programs = num_tiles(m, num_groups, block_m) * max(1, n // block_n)
+    # Programs that carry rows when every tile is full: the unused slots of the static table return at once.
+    programs = max(1, -(-m // block_m)) * max(1, n // block_n)
     k_splits = 1
-    while (
-        programs * k_splits < _TARGET_PROGRAMS
-        and k_splits < _MAX_K_SPLITS
-        and k % (2 * k_splits * block_k) == 0
-        and k // (2 * k_splits * block_k) >= 4  # keep a few iterations per program for the pipeline
-    ):
-        k_splits *= 2
+    while programs * k_splits < _TARGET_PROGRAMS and k_splits < _MAX_K_SPLITS:
+        if k % (2 * k_splits * block_k) == 0 and k // (2 * k_splits * block_k) >= 4:  # a few iterations each
+            k_splits *= 2
+        elif block_k > 32 and k % (block_k // 2) == 0:
+            block_k //= 2
+        else:
+            break
     return GroupedMatmulTuning(block_m=block_m, block_n=block_n, block_k=block_k, k_splits=k_splits,
                                num_warps=num_warps, num_stages=num_stages)  # fmt: skip
 
@@ -206,6 +208,35 @@ def _row_tiles(group_sizes: jax.Array, *, num_rows: int, block_m: int):
     return group, start.astype(jnp.int32), length.astype(jnp.int32)
 
 
+def _swizzle(pid, *, group_m: int, num_tiles: int, num_n_blocks: int):
+    """Program id -> (row tile, N-block), Triton's matmul-tutorial order: group_m consecutive tiles sweep every
+    N-block before the next ones start (see the module docstring)."""
+    per_sweep = group_m * num_n_blocks
+    first_tile = (pid // per_sweep) * group_m
+    tiles_in_sweep = jnp.minimum(num_tiles - first_tile, group_m)
+    return first_tile + (pid % per_sweep) % tiles_in_sweep, (pid % per_sweep) // tiles_in_sweep
+
+
+def _matmul_tile(lhs_ref, rhs_ref, out_ref, group, start, rows, n_block, split, *, block_m: int, block_n: int,
+                 block_k: int, k_per_split: int):  # fmt: skip
+    """One program's work: rows [start, start + rows) of lhs (rows <= block_m) times rhs[group]'s N-block, over the
+    K range of `split`. Refs as in `_grouped_matmul_kernel`."""
+    n0 = pl.multiple_of(n_block * block_n, block_n)
+    row_valid = (jnp.arange(block_m) < rows)[:, None]  # [block_m, 1]
+    lhs_mask = jnp.broadcast_to(row_valid, (block_m, block_k))
+    out_mask = jnp.broadcast_to(row_valid, (block_m, block_n))
+
+    def body(i, acc):  # acc [block_m, block_n] float32
+        k0 = pl.multiple_of(split * k_per_split + i * block_k, block_k)
+        x = plgpu.load(lhs_ref.at[pl.ds(start, block_m), pl.ds(k0, block_k)], mask=lhs_mask, other=0)
+        w = rhs_ref[group, pl.ds(k0, block_k), pl.ds(n0, block_n)]  # [block_k, block_n]
+        return acc + plgpu.dot(x, w)  # [block_m, block_k] @ [block_k, block_n]
+
+    acc = jax.lax.fori_loop(0, k_per_split // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+    out = out_ref.at[split, pl.ds(start, block_m), pl.ds(n0, block_n)]  # [block_m, block_n]
+    plgpu.store(out, acc.astype(out_ref.dtype), mask=out_mask)
+
+
 def _grouped_matmul_kernel(
     tile_group_ref,  # [T] int32 group (expert) of each tile
     tile_start_ref,  # [T] int32 first row of each tile
@@ -214,64 +245,64 @@ def _grouped_matmul_kernel(
     rhs_ref,  # [E, K, N]
     out_ref,  # [S, M, N] S = k_splits; float32 partial sums when S > 1, else lhs.dtype
     *,
-    block_m: int,
-    block_n: int,
-    block_k: int,
     group_m: int,
     num_tiles: int,
     num_n_blocks: int,
-    k_per_split: int,
+    **blocks: int,
 ):
-    # Swizzle (Triton's matmul tutorial): group_m consecutive tiles sweep every N-block before the next ones start.
     pid = pl.program_id(0)
     split = pl.program_id(1)  # (read outside pl.when: the interpreter has no rule for it inside a branch)
-    per_sweep = group_m * num_n_blocks
-    first_tile = (pid // per_sweep) * group_m
-    tiles_in_sweep = jnp.minimum(num_tiles - first_tile, group_m)
-    tile = first_tile + (pid % per_sweep) % tiles_in_sweep
-    n_block = (pid % per_sweep) // tiles_in_sweep
+    tile, n_block = _swizzle(pid, group_m=group_m, num_tiles=num_tiles, num_n_blocks=num_n_blocks)
     rows = tile_len_ref[tile]
 
     @pl.when(rows > 0)  # unused tile slots load nothing, so groups without rows cost no weight traffic
     def _():
-        group = tile_group_ref[tile]
-        start = tile_start_ref[tile]
-        n0 = pl.multiple_of(n_block * block_n, block_n)
-        row_valid = (jnp.arange(block_m) < rows)[:, None]  # [block_m, 1]
-        lhs_mask = jnp.broadcast_to(row_valid, (block_m, block_k))
-        out_mask = jnp.broadcast_to(row_valid, (block_m, block_n))
+        group, start = tile_group_ref[tile], tile_start_ref[tile]
+        _matmul_tile(lhs_ref, rhs_ref, out_ref, group, start, rows, n_block, split, **blocks)
 
-        def body(i, acc):  # acc [block_m, block_n] float32
-            k0 = pl.multiple_of(split * k_per_split + i * block_k, block_k)
-            x = plgpu.load(lhs_ref.at[pl.ds(start, block_m), pl.ds(k0, block_k)], mask=lhs_mask, other=0)
-            w = rhs_ref[group, pl.ds(k0, block_k), pl.ds(n0, block_n)]  # [block_k, block_n]
-            return acc + plgpu.dot(x, w)  # [block_m, block_k] @ [block_k, block_n]
 
-        acc = jax.lax.fori_loop(0, k_per_split // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
-        out = out_ref.at[split, pl.ds(start, block_m), pl.ds(n0, block_n)]  # [block_m, block_n]
-        plgpu.store(out, acc.astype(out_ref.dtype), mask=out_mask)
+def _dense_matmul_kernel(
+    lhs_ref,  # [M, K]
+    rhs_ref,  # [1, K, N]
+    out_ref,  # [S, M, N] as in _grouped_matmul_kernel
+    *,
+    group_m: int,
+    num_tiles: int,
+    num_n_blocks: int,
+    **blocks: int,
+):
+    # One group holding every row: the tiles are static (tile t = rows [t * block_m, ...)), no table to read.
+    tile, n_block = _swizzle(pl.program_id(0), group_m=group_m, num_tiles=num_tiles, num_n_blocks=num_n_blocks)
+    block_m = blocks["block_m"]
+    start = tile * block_m
+    rows = jnp.minimum(lhs_ref.shape[0] - start, block_m)
+    _matmul_tile(lhs_ref, rhs_ref, out_ref, 0, start, rows, n_block, pl.program_id(1), **blocks)
+
+
+def _launch(kernel, tables, lhs, rhs, *, count: int, tuning: GroupedMatmulTuning, interpret: bool):
+    """Runs `kernel` over (count tiles x N-blocks, K splits); returns the [S, M, N] partial products."""
+    num_rows, n = lhs.shape[0], rhs.shape[2]
+    num_n_blocks = n // tuning.block_n
+    splits = tuning.k_splits
+    kernel = functools.partial(kernel, block_m=tuning.block_m, block_n=tuning.block_n, block_k=tuning.block_k,
+                               group_m=tuning.group_m, num_tiles=count, num_n_blocks=num_n_blocks,
+                               k_per_split=lhs.shape[1] // splits)  # fmt: skip
+    return pl.pallas_call(
+        kernel,
+        grid=(count * num_n_blocks, splits),
+        out_shape=pallas_out_struct((splits, num_rows, n), jnp.float32 if splits > 1 else lhs.dtype, *tables, lhs, rhs),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
+        interpret=interpret,
+        name=f"{'grouped' if tables else 'dense'}_matmul_{tuning.name}",
+    )(*tables, lhs, rhs)
 
 
 def _grouped_matmul_pallas(lhs, rhs, group_sizes, *, tuning: GroupedMatmulTuning, interpret: bool):
-    num_rows, _ = lhs.shape
-    n = rhs.shape[2]
+    num_rows = lhs.shape[0]
     tiles = _row_tiles(group_sizes, num_rows=num_rows, block_m=tuning.block_m)
-    count = tiles[0].shape[0]
-    num_n_blocks = n // tuning.block_n
-    splits = tuning.k_splits
-    out_dtype = jnp.float32 if splits > 1 else lhs.dtype
-    kernel = functools.partial(_grouped_matmul_kernel, block_m=tuning.block_m, block_n=tuning.block_n,
-                               block_k=tuning.block_k, group_m=tuning.group_m, num_tiles=count,
-                               num_n_blocks=num_n_blocks, k_per_split=lhs.shape[1] // splits)  # fmt: skip
-    out = pl.pallas_call(
-        kernel,
-        grid=(count * num_n_blocks, splits),
-        out_shape=pallas_out_struct((splits, num_rows, n), out_dtype, lhs, rhs, group_sizes),
-        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
-        interpret=interpret,
-        name=f"grouped_matmul_{tuning.name}",
-    )(*tiles, lhs, rhs)
-    out = out[0] if splits == 1 else out.sum(axis=0)
+    out = _launch(_grouped_matmul_kernel, tiles, lhs, rhs, count=tiles[0].shape[0], tuning=tuning,
+                  interpret=interpret)  # fmt: skip
+    out = out[0] if tuning.k_splits == 1 else out.sum(axis=0)
     # No program writes padding rows: zero them (their buffer contents are undefined).
     valid = jnp.arange(num_rows) < jnp.sum(jnp.maximum(group_sizes, 0))
     return jnp.where(valid[:, None], out, 0).astype(lhs.dtype)
@@ -339,3 +370,48 @@ def grouped_matmul(
     if lhs.shape[0] == 0:
         return jnp.zeros((0, n), lhs.dtype)
     return _grouped_matmul_pallas(lhs, rhs, group_sizes, tuning=tuning, interpret=interpret)
+
+
+def matmul_unsupported_reason(lhs: jax.Array, rhs: jax.Array, tuning: GroupedMatmulTuning) -> str | None:
+    """Why the dense kernel cannot run x [M, K] @ w [K, N] on a GPU, or None if it can."""
+    return grouped_matmul_unsupported_reason(lhs, rhs[None], tuning)
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "impl", "interpret"))
+def matmul(
+    lhs: jax.Array,  # [M, K]
+    rhs: jax.Array,  # [K, N]
+    *,
+    tuning: GroupedMatmulTuning | None = None,
+    impl: str = "auto",
+    interpret: bool | None = None,
+) -> jax.Array:  # [M, N] in lhs.dtype
+    """lhs @ rhs accumulated in float32: the grouped kernel's one-group case, with its tiles static.
+
+    For decode-sized M, where a weight matmul streams the weights and XLA's GEMMs reach 2.5-3.5 TB/s on the H200
+    (benchmarks/gemm.py). impl: "xla" (jnp.dot), "reference" (the same), "pallas", or "auto" ("pallas" on a GPU
+    when `matmul_unsupported_reason` finds nothing, else "xla"). tuning: None picks `default_tuning(M, K, N, 1)`.
+    """
+    if lhs.ndim != 2 or rhs.ndim != 2:
+        raise ValueError(f"matmul takes lhs [M, K] and rhs [K, N], got shapes {lhs.shape} and {rhs.shape}")
+    _validate(lhs, rhs[None], jnp.zeros((1,), jnp.int32))
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if tuning is None:
+        tuning = default_tuning(lhs.shape[0], *rhs.shape, 1)
+    if impl == "auto":
+        impl = "pallas" if _on_gpu() and matmul_unsupported_reason(lhs, rhs, tuning) is None else "xla"
+    if impl in ("xla", "reference"):
+        return jnp.dot(lhs, rhs, preferred_element_type=jnp.float32).astype(lhs.dtype)
+    if interpret is None:
+        interpret = not _on_gpu()
+    if not interpret and not _on_gpu():
+        raise ValueError(f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}) or interpret=True")
+    reason = matmul_unsupported_reason(lhs, rhs, tuning)
+    if reason is not None:
+        raise ValueError(f"impl='pallas' cannot run these shapes: {reason}")
+    if lhs.shape[0] == 0:
+        return jnp.zeros((0, rhs.shape[1]), lhs.dtype)
+    count = -(-lhs.shape[0] // tuning.block_m)
+    out = _launch(_dense_matmul_kernel, (), lhs, rhs[None], count=count, tuning=tuning, interpret=interpret)
+    return out[0] if tuning.k_splits == 1 else out.sum(axis=0).astype(lhs.dtype)

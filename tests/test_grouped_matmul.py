@@ -20,6 +20,7 @@ from jpaged.kernels.grouped_matmul import (
     grouped_matmul,
     grouped_matmul_reference,
     grouped_matmul_unsupported_reason,
+    matmul,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -135,6 +136,22 @@ class TestPallasInterpret:
         assert np.isfinite(np.asarray(out)).all()
         np.testing.assert_allclose(out, grouped_matmul(lhs, rhs, gs, impl="xla"), rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("num_rows", [1, 15, 16, 17, 40])
+    @pytest.mark.parametrize(
+        "tuning",
+        [None, GroupedMatmulTuning(block_m=16, block_n=16, block_k=16, k_splits=2, group_m=2)],
+        ids=["default", "split"],
+    )
+    def test_dense_matmul(self, num_rows, tuning):
+        """The one-group case with static tiles: every row is real, a partial last tile, split K."""
+        lhs, rhs, gs = make([num_rows], num_rows, seed=num_rows)
+        if not self.interpret and tuning is None:
+            reason = grouped_matmul_unsupported_reason(lhs, rhs, default_tuning(num_rows, K, N, 1))
+            if reason is not None:
+                pytest.skip(f"not a GPU shape: {reason}")
+        out = matmul(lhs, rhs[0], impl="pallas", tuning=tuning, interpret=self.interpret)
+        check(out, lhs, rhs, gs)
+
     def test_mixtral_model_dims(self):
         """The tiny HF Mixtral fixtures: D = 64, F = 32, 4 experts (gate/up K=64 N=32, down K=32 N=64)."""
         for k, n in ((64, 32), (32, 64)):
@@ -193,10 +210,14 @@ def test_every_row_count_fits_the_tile_table():
 
 
 def test_default_tuning_by_shape_family():
-    decode_up = default_tuning(2, 4096, 14336, 8)  # Mixtral-8x7B, batch 1: gate/up
+    decode_up = default_tuning(2, 4096, 2 * 14336, 8)  # Mixtral-8x7B, batch 1: the fused gate/up
     decode_down = default_tuning(2, 14336, 4096, 8)
-    assert decode_up.block_m == decode_down.block_m == 16
-    assert decode_up.k_splits == 1 and decode_down.k_splits > 1  # 2 tiles x 64 N-blocks is too few programs
+    assert decode_up.block_m == decode_down.block_m == 16 and decode_up.block_n == decode_down.block_n == 128
+    # Rows fill one tile: 224 N-blocks are too few programs for two per SM (264), 448 are enough; 32 need 8 splits.
+    assert (decode_up.k_splits, decode_down.k_splits) == (2, 8)
+    # Llama-2-7B's down projection, dense, at a decode step of 16 rows: K = 11008 = 43 * 256 splits only as 43 * 32
+    dense_down = default_tuning(16, 11008, 4096, 1)
+    assert (dense_down.block_k, dense_down.k_splits) == (32, 8)
     prefill = default_tuning(8192, 4096, 14336, 8)
     assert prefill.block_m == 128 and prefill.k_splits == 1
     for t in (decode_up, decode_down, prefill):
@@ -205,6 +226,20 @@ def test_default_tuning_by_shape_family():
     tiny = default_tuning(12, 64, 172, 4)  # stories260K-moe: F = 172 is no multiple of 16
     reason = grouped_matmul_unsupported_reason(jnp.zeros((12, 64)), jnp.zeros((4, 64, 172)), tiny)
     assert reason is not None and "N = 172" in reason
+
+
+def test_dense_matmul_validates():
+    lhs, rhs = jnp.zeros((4, 64)), jnp.zeros((64, 32))
+    with pytest.raises(ValueError, match=r"matmul takes lhs \[M, K\] and rhs \[K, N\]"):
+        matmul(lhs, rhs[None])
+    with pytest.raises(ValueError, match="K of lhs"):
+        matmul(lhs, jnp.zeros((32, 32)))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        matmul(lhs, rhs, impl="cublas")
+    with pytest.raises(ValueError, match="N = 32 is not a multiple of block_n = 64"):
+        matmul(lhs, rhs, impl="pallas", interpret=True, tuning=GroupedMatmulTuning(block_n=64, block_k=64))
+    if jax.default_backend() != "gpu":  # auto is XLA's dot off GPU
+        np.testing.assert_allclose(matmul(lhs + 1, rhs + 1), jnp.full((4, 32), 64.0))
 
 
 def test_gpu_constraints():
