@@ -409,6 +409,27 @@ class ModelShape:
         }
 
 
+def tune_coordinatewise(start: Any, evaluate: Callable[[Any], float], grid: dict[str, tuple[Any, ...]]) -> Any:
+    """Coordinate descent over a frozen tuning dataclass: each field of `grid` in turn, each of its values tried
+    with the other fields at the best so far; `evaluate` returns seconds (inf for a failed or skipped tuning).
+    Values the dataclass rejects and fields it lacks are skipped. Returns the best tuning."""
+    import dataclasses
+
+    best, best_t = start, evaluate(start)
+    fields = {f.name for f in dataclasses.fields(start)}
+    for name, values in grid.items():
+        if name not in fields:
+            continue
+        for value in values:
+            try:
+                tuning = dataclasses.replace(best, **{name: value})
+            except (ValueError, TypeError):
+                continue
+            if (t := evaluate(tuning)) < best_t:
+                best, best_t = tuning, t
+    return best
+
+
 def resolve_model(name: str) -> Path:
     """A config name under benchmarks/configs (llama2-7b), or a folder path."""
     path = Path(name)

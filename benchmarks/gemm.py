@@ -1,24 +1,30 @@
-"""One decoder layer's weight matmuls at decode batch sizes: as the model runs them, fused, and under cuBLAS.
+"""One decoder layer's weight matmuls at decode batch sizes: separate, fused, through jpaged's Pallas kernel, and
+under cuBLAS.
 
     python benchmarks/gemm.py --json-out gemm.json                 # GPU: Llama-2-7B layer, M = 1 ... 256 rows
     python benchmarks/gemm.py --cublas --json-out gemm.json        # the same in a child process whose XLA uses
                                                                    # cuBLAS for every GEMM (no Triton GEMM fusions)
+    python benchmarks/gemm.py --sweep --json-out gemm.json         # also tune the kernel per projection and M
     python benchmarks/gemm.py                                      # CPU: a tiny layer (times meaningless)
 
 Why: a trace of a Llama-2-7B decode step at 128 sequences (docs/benchmarks.md, third session) spent 4.8 ms on the
 weight matmuls for 13 GB (2.7 TB/s): XLA's Triton GEMM fusions for q/k/v, gate and up ran at 2.4-2.8 TB/s and the
 one GEMM XLA gave to cuBLAS (the down projection) at 3.15 TB/s. This measures, per layer, M rows of x [M, D] through
-- "model": the seven matmuls as models/llama.py writes them (q, k, v, o, gate, up, down; XLA fuses what it fuses);
+- "model": seven matmuls as models/llama.py wrote them until the fused layout (q, k, v, o, gate, up, down);
 - "fused": four matmuls over concatenated weights (one [D, (N + 2K) H] for q/k/v, one [D, 2F] for gate and up),
-  the layout a later change could load;
-and, with --cublas, both again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. Each variant is checked against
-the "model" output in float32 first (relative L2 error <= 1e-2). Bytes = the layer's weights read once; floor =
-bytes / 4.28 TB/s (at these M every GEMM is bandwidth-bound).
+  the layout models/llama.py now loads;
+- "kernel": the fused four through `jpaged.kernels.grouped_matmul.matmul` (the Pallas kernel, default tuning),
+  as the model runs decode steps with matmul_impl="auto" on a GPU;
+and, with --cublas, the first two again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. --sweep then times each
+fused projection alone (qkv, o, gate_up, down) under XLA and under a coordinate descent of kernel tunings. Each
+variant is checked against the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read
+once; floor = bytes / 4.28 TB/s (at these M every GEMM is bandwidth-bound).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,6 +94,109 @@ def fused_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads
     return o + down, k, v
 
 
+def kernel_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads: int) -> Any:
+    import jax
+
+    from jpaged.kernels.grouped_matmul import matmul
+
+    d, c, h = fused["wqkv"].shape
+    qkv = matmul(x, fused["wqkv"].reshape(d, c * h), impl="pallas").reshape(-1, c, h)
+    q, k, v = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads :]
+    o = matmul(q.reshape(q.shape[0], -1), fused["wo"].reshape(-1, d), impl="pallas")
+    gate, up = jax.numpy.split(matmul(x, fused["w_gate_up"], impl="pallas"), 2, axis=1)
+    down = matmul(jax.nn.silu(gate) * up, fused["w_down"], impl="pallas")
+    return o + down, k, v
+
+
+def projections(fused: dict[str, Any]) -> dict[str, Any]:
+    """The four fused weights as [K, N] matrices."""
+    d = fused["wqkv"].shape[0]
+    return {"qkv": fused["wqkv"].reshape(d, -1), "o": fused["wo"].reshape(-1, d), "gate_up": fused["w_gate_up"],
+            "down": fused["w_down"]}  # fmt: skip
+
+
+# Candidate values per GroupedMatmulTuning field, tried one field at a time (common.tune_coordinatewise).
+SWEEP_GRID: dict[str, tuple[int, ...]] = {
+    "block_m": (16, 32, 64, 128),
+    "block_n": (64, 128, 256),
+    "block_k": (32, 64, 128, 256),
+    "k_splits": (1, 2, 4, 8),
+    "num_warps": (4, 8),
+    "num_stages": (3, 4),
+    "group_m": (1, 4, 8),
+}
+
+
+def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[str, Any]]) -> None:
+    """Each fused projection alone at each M: XLA's dot, the kernel's default tuning, then coordinate descent."""
+    import functools
+    import math
+
+    import jax
+
+    from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
+
+    for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
+        for proj, w in projections(fused).items():
+            k, n = w.shape
+            x = jax.random.normal(jax.random.PRNGKey(args.seed + m), (m, k), w.dtype)
+            ref = common.block(matmul(x, w, impl="xla"))
+            byts = k * n * w.dtype.itemsize
+            base = {"rows": m, "projection": proj, "K": k, "N": n, "weight_bytes": byts,
+                    "floor_us": byts / args.bandwidth * 1e6}  # fmt: skip
+            seen: dict[Any, float] = {}
+
+            def run(
+                config: str,
+                fn: Any,
+                tuning: Any = None,
+                base: dict[str, Any] = base,
+                ref: Any = ref,
+                m: int = m,
+                proj: str = proj,
+            ) -> float:
+                row = dict(base, config=config)
+                try:
+                    row["rel_err"] = rel_err([common.block(fn())], [ref])
+                    row["ok"] = row["rel_err"] <= MAX_REL_ERR
+                    if row["ok"]:
+                        seconds = common.time_calls(fn, warmup=1, iters=args.iters)["pipelined_s"]
+                        row |= {"time_us": seconds * 1e6, "TBps": row["weight_bytes"] / seconds / 1e12}
+                except Exception as e:  # a tuning that fails to compile is a result
+                    first = str(e).splitlines()[0][:200] if str(e) else ""
+                    row |= {"ok": False, "error": f"{type(e).__name__}: {first}"}
+                if tuning is not None:
+                    row["tuning"] = dataclasses.asdict(tuning)
+                status = f"{row['time_us']:.1f} us, {row['TBps']:.2f} TB/s" if row.get("time_us") else row.get("error")
+                common.log(f"  M={m:<4} {proj:<8} {config:<32} {status}")
+                rows_out.append(row)
+                return row["time_us"] if row.get("time_us") else math.inf
+
+            run("xla", functools.partial(matmul, x, w, impl="xla"))
+
+            def evaluate(tuning: Any, x: Any = x, w: Any = w, seen: dict[Any, float] = seen) -> float:
+                if tuning not in seen:
+                    if len(seen) >= args.max_configs or matmul_unsupported_reason(x, w, tuning) is not None:
+                        seen[tuning] = math.inf
+                    else:
+                        fn = functools.partial(matmul, x, w, impl="pallas", tuning=tuning)
+                        seen[tuning] = run(tuning.name, fn, tuning)
+                return seen[tuning]
+
+            common.tune_coordinatewise(default_tuning(m, k, n, 1), evaluate, SWEEP_GRID)
+
+
+def best_sweep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (M, projection): XLA's row and the fastest correct kernel tuning."""
+    best: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        if row.get("time_us"):
+            key = (row["rows"], row["projection"], row["config"] == "xla")
+            if key not in best or row["time_us"] < best[key]["time_us"]:
+                best[key] = row
+    return [best[key] for key in sorted(best)]
+
+
 def rel_err(out: Any, ref: Any) -> float:
     import jax.numpy as jnp
 
@@ -108,12 +217,15 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     weight_bytes = sum(w.size * w.dtype.itemsize for w in layer.values())
     model_fn = jax.jit(model_matmuls)
     fused_fn = jax.jit(functools.partial(fused_matmuls, num_heads=n, num_kv_heads=k))
+    kernel_fn = jax.jit(functools.partial(kernel_matmuls, num_heads=n, num_kv_heads=k))
     xla = "cublas" if CUBLAS_FLAG in os.environ.get("XLA_FLAGS", "") else "default"
     rows = []
     for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
         x = jax.random.normal(jax.random.PRNGKey(args.seed + m), (m, d), jnp.bfloat16)
         ref = common.block(model_fn(layer, x))
-        variants = (("model", functools.partial(model_fn, layer, x)), ("fused", functools.partial(fused_fn, fused, x)))
+        variants = [("model", functools.partial(model_fn, layer, x)), ("fused", functools.partial(fused_fn, fused, x))]
+        if xla == "default" and (common.on_gpu() or args.tiny):  # the kernel is the same under either XLA flag
+            variants.append(("kernel", functools.partial(kernel_fn, fused, x)))
         for variant, fn in variants:
             row: dict[str, Any] = {
                 "shape": name,
@@ -123,14 +235,17 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "weight_bytes": weight_bytes,
                 "floor_us": weight_bytes / args.bandwidth * 1e6,
             }
-            row["rel_err"] = rel_err(common.block(fn()), ref)
-            row["ok"] = row["rel_err"] <= MAX_REL_ERR
+            try:
+                row["rel_err"] = rel_err(common.block(fn()), ref)
+                row["ok"] = row["rel_err"] <= MAX_REL_ERR
+            except Exception as e:  # the kernel cannot tile these shapes (or fails to compile): report, go on
+                row |= {"rel_err": None, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             if row["ok"]:
                 t = common.time_calls(fn, warmup=1, iters=args.iters)
                 seconds = t["pipelined_s"]
                 row |= {"time_us": seconds * 1e6, "TBps": weight_bytes / seconds / 1e12,
                         "of_floor": row["floor_us"] / (seconds * 1e6)}  # fmt: skip
-            else:
+            elif row["rel_err"] is not None:
                 row["error"] = f"relative error {row['rel_err']:.3g} > {MAX_REL_ERR}"
             status = f"{row['time_us']:.1f} us, {row['TBps']:.2f} TB/s" if row.get("time_us") else row["error"]
             common.log(f"{name} M={m:<4} {variant:<6} XLA {xla:<8} {status}")
@@ -150,6 +265,18 @@ COLUMNS = [
 ]
 
 
+SWEEP_COLUMNS = [
+    ("M rows", "rows"),
+    ("projection", "projection"),
+    ("K", "K"),
+    ("N", "N"),
+    ("config", "config"),
+    ("time us", "time_us"),
+    ("TB/s", "TBps"),
+    ("floor us", "floor_us"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cublas", action="store_true", help=f"also run a child process with XLA_FLAGS={CUBLAS_FLAG}")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the --cublas child: print JSON rows
     parser.add_argument("--tiny", action="store_true", help="a tiny layer (the default off GPU)")
+    parser.add_argument("--sweep", action="store_true", help="also tune the kernel per fused projection and M")
+    parser.add_argument("--max-configs", type=int, default=14, help="most kernel tunings tried per (M, projection)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
@@ -185,6 +314,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(common.table(rows, COLUMNS, title="one layer's weight matmuls"))
     record = {"benchmark": "gemm", "env": common.env_info(jax_devices=True), "args": vars(args), "rows": rows}
     common.save(args, record)
+    if args.sweep:
+        _, d, n, k, h, f = TINY_SHAPE if args.tiny else GPU_SHAPE
+        sweep_rows: list[dict[str, Any]] = []
+        sweep(fuse(make_layer(d, n, k, h, f, seed=args.seed)), args, sweep_rows)
+        record |= {"sweep": sweep_rows, "sweep_best": best_sweep_rows(sweep_rows)}
+        common.save(args, record)
+        print(common.table(record["sweep_best"], SWEEP_COLUMNS, title="per projection: XLA and the best kernel tuning"))
     return record
 
 

@@ -18,10 +18,10 @@ to back, waited for once). Bytes: the weights of the experts the routing actuall
 x F (the dense reference does E / top-k times more, not counted). Roofline: max(bytes / 4.28 TB/s, FLOPs / 659
 TFLOP/s); the issue's goals are batch-1 decode >= 80% of it, and batch 256 >= 10x HF transformers (see decode.py).
 
---sweep times each projection's grouped matmul alone (gate/up: K = D, N = F; down: K = F, N = D) on the same routing,
-under the default tuning and a coordinate descent over GroupedMatmulTuning fields (one field at a time, the others at
-the best so far), next to ragged_dot on the same inputs; the best tuning per (T, projection) is what
-`default_tuning` should pick.
+--sweep times each projection's grouped matmul alone (gate/up, fused as the model runs it: K = D, N = 2F; down:
+K = F, N = D) on the same routing, under the default tuning and a coordinate descent over GroupedMatmulTuning fields
+(one field at a time, the others at the best so far), next to ragged_dot on the same inputs; the best tuning per
+(T, projection) is what `default_tuning` should pick.
 
 --padded measures what the engine's step runs: T real tokens inside the step's padded token bucket (a power of two
 >= 16, as jpaged.runner pads), the padding routed to no expert (`moe`'s num_tokens), so the grouped matmuls see
@@ -97,12 +97,11 @@ def make_layer(shape: Shape, seed: int) -> dict[str, Any]:
 
     d, f, e = shape.hidden, shape.ffn, shape.experts
     dtype = jnp.dtype(shape.dtype)
-    keys = jax.random.split(jax.random.key(seed), 4)
-    return {
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return {  # the model's layout (models/mixtral.py): gate and up fused
         "router": jax.random.normal(keys[0], (d, e), dtype),
-        "expert_gate": (jax.random.normal(keys[1], (e, d, f), jnp.float32) / d**0.5).astype(dtype),
-        "expert_up": (jax.random.normal(keys[2], (e, d, f), jnp.float32) / d**0.5).astype(dtype),
-        "expert_down": (jax.random.normal(keys[3], (e, f, d), jnp.float32) / f**0.5).astype(dtype),
+        "expert_gate_up": (jax.random.normal(keys[1], (e, d, 2 * f), jnp.float32) / d**0.5).astype(dtype),
+        "expert_down": (jax.random.normal(keys[2], (e, f, d), jnp.float32) / f**0.5).astype(dtype),
     }
 
 
@@ -184,8 +183,7 @@ def reference_f32(layer: dict[str, Any], x: Any, cfg: Any) -> Any:
     dense_w = jnp.zeros((x.shape[0], cfg.num_experts), jnp.float32)
     dense_w = dense_w.at[jnp.arange(x.shape[0])[:, None], experts].set(weights)  # [T, E]
     x32 = x.astype(jnp.float32)
-    gate = jnp.einsum("td,edf->tef", x32, layer["expert_gate"].astype(jnp.float32))
-    up = jnp.einsum("td,edf->tef", x32, layer["expert_up"].astype(jnp.float32))
+    gate, up = jnp.split(jnp.einsum("td,edf->tef", x32, layer["expert_gate_up"].astype(jnp.float32)), 2, axis=2)
     out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, layer["expert_down"].astype(jnp.float32))
     return jnp.einsum("ted,te->td", out, dense_w)
 
@@ -252,11 +250,11 @@ def sweep_projection(
     import jax.numpy as jnp
 
     from jpaged.kernels import grouped_matmul, grouped_matmul_unsupported_reason
-    from jpaged.kernels.grouped_matmul import GroupedMatmulTuning, default_tuning
+    from jpaged.kernels.grouped_matmul import default_tuning
 
     x = jax.random.normal(jax.random.key(args.seed + tokens), (tokens, shape.hidden), jnp.dtype(shape.dtype))
     sizes, hit = routing(layer, x, shape)
-    rhs = layer["expert_gate"] if projection == "gate_up" else layer["expert_down"]
+    rhs = layer["expert_gate_up"] if projection == "gate_up" else layer["expert_down"]
     rows, k, n = padded_rows(tokens, args) * shape.top_k, rhs.shape[1], rhs.shape[2]  # past T * top-k: padding
     lhs = jax.random.normal(jax.random.key(args.seed + 1), (rows, k), rhs.dtype)
     with jax.default_matmul_precision("highest"):
@@ -279,19 +277,7 @@ def sweep_projection(
         seen[tuning] = row["time_ms"] if row.get("ok") and row.get("time_ms") else math.inf
         return seen[tuning]
 
-    best = default_tuning(rows, k, n, shape.experts)
-    best_t = evaluate(best)
-    fields = {f.name for f in dataclasses.fields(GroupedMatmulTuning)}
-    for name, values in GRIDS[args.grid].items():
-        if name not in fields:
-            continue
-        for value in values:
-            try:
-                tuning = dataclasses.replace(best, **{name: value})
-            except (ValueError, TypeError):
-                continue  # the dataclass rejects it
-            if (t := evaluate(tuning)) < best_t:
-                best, best_t = tuning, t
+    common.tune_coordinatewise(default_tuning(rows, k, n, shape.experts), evaluate, GRIDS[args.grid])
 
 
 def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -55,6 +55,12 @@ class EngineConfig:
             "mgpu, pallas or reference"
         ),
     )
+    matmul_impl: str = dataclasses.field(
+        default="auto",
+        metadata=_help(
+            "weight matmuls of decode-sized steps (<= 256 rows): auto (GPU: the Pallas kernel; CPU: XLA), pallas or xla"
+        ),
+    )
     async_scheduling: bool = dataclasses.field(
         default=True, metadata=_help("schedule and dispatch step N+1 before step N's tokens reach the host")
     )
@@ -83,6 +89,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.attn_impl not in ("auto", "mgpu", "pallas", "reference"):
             raise ValueError(f"attn_impl must be auto, mgpu, pallas or reference, got {self.attn_impl!r}")
+        if self.matmul_impl not in ("auto", "pallas", "xla"):
+            raise ValueError(f"matmul_impl must be auto, pallas or xla, got {self.matmul_impl!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not Path(self.model).is_dir():

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -54,6 +55,8 @@ class LLMEngine:
             logger.info("sliding window of %d tokens over max_model_len %d", cfg.sliding_window, self.max_model_len)
         sharding.check_model_fits(cfg.num_heads, cfg.num_kv_heads, config.tensor_parallel_size)
         unavailable = impl_unavailable_reason(config.attn_impl)  # before the weights load, not in the first step
+        if unavailable is None and config.matmul_impl == "pallas" and jax.default_backend() != "gpu":
+            unavailable = f"matmul_impl='pallas' needs an NVIDIA GPU (the backend is {jax.default_backend()!r})"
         if unavailable is not None:
             raise ValueError(unavailable)
 
@@ -87,6 +90,7 @@ class LLMEngine:
             self.mesh,
             dtype=dtype,
             attn_impl=config.attn_impl,
+            matmul_impl=config.matmul_impl,
             num_pages=num_pages,
             page_size=config.page_size,
             max_model_len=self.max_model_len,

@@ -97,10 +97,11 @@ def _step(
     *,
     cfg: ModelConfig,
     attn_impl: str,
+    matmul_impl: str,
     num_logprobs: int,
     want_prompt_logprobs: bool,
 ):
-    forward = get_forward(cfg, attn_impl=attn_impl)
+    forward = get_forward(cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
     # With async scheduling the host packs this step before it has seen the last one's samples: take them here.
     tokens = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.tokens)
     logits, kv_pages = forward(params, tokens, batch.positions, kv_pages, batch.attn)
@@ -113,7 +114,7 @@ def _step(
 # One jitted step for the process: engines with the same model config and bucket shapes share compiled code.
 _jitted_step = jax.jit(
     _step,
-    static_argnames=("cfg", "attn_impl", "num_logprobs", "want_prompt_logprobs"),
+    static_argnames=("cfg", "attn_impl", "matmul_impl", "num_logprobs", "want_prompt_logprobs"),
     donate_argnames=("kv_pages",),
 )
 
@@ -127,6 +128,7 @@ class ModelRunner:
         *,
         dtype: jnp.dtype,
         attn_impl: str,
+        matmul_impl: str = "auto",
         num_pages: int,
         page_size: int,
         max_model_len: int,
@@ -150,6 +152,7 @@ class ModelRunner:
         self.kv_pages = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         self._replicated = sharding.replicated(mesh)
         self.attn_impl = attn_impl
+        self._statics = {"cfg": cfg, "attn_impl": attn_impl, "matmul_impl": matmul_impl}  # the step's static args
         # Steps whose every sequence has one token get their own compiled variant only where attention then runs
         # another kernel (the Mosaic GPU decode kernel on Hopper); elsewhere it would compile the same program twice.
         self.decode_steps = has_decode_kernel(
@@ -178,8 +181,7 @@ class ModelRunner:
                 self.kv_pages,
                 batch,
                 self._last_samples,
-                cfg=self.cfg,
-                attn_impl=self.attn_impl,
+                **self._statics,
                 num_logprobs=num_logprobs,
                 want_prompt_logprobs=want_prompt,
             )
@@ -223,7 +225,7 @@ class ModelRunner:
             t0 = time.perf_counter()
             with jax.set_mesh(self.mesh):
                 _jitted_step.lower(
-                    self.params, self.kv_pages, batch, self._last_samples, cfg=self.cfg, attn_impl=self.attn_impl,
+                    self.params, self.kv_pages, batch, self._last_samples, **self._statics,
                     num_logprobs=0, want_prompt_logprobs=False,
                 ).compile()  # fmt: skip
             return time.perf_counter() - t0
@@ -241,7 +243,7 @@ class ModelRunner:
         for batch in batches:  # the compiled executables now serve the real call path
             with jax.set_mesh(self.mesh):
                 self.kv_pages, sampled, _, _ = _jitted_step(
-                    self.params, self.kv_pages, batch, self._last_samples, cfg=self.cfg, attn_impl=self.attn_impl,
+                    self.params, self.kv_pages, batch, self._last_samples, **self._statics,
                     num_logprobs=0, want_prompt_logprobs=False,
                 )  # fmt: skip
             jax.block_until_ready(sampled.token_ids)

@@ -2,7 +2,9 @@
 
 One mesh axis, `tp` (tensor parallel). Attention is split by heads: each device holds a slice of the query heads, the
 KV heads they read and the matching slice of every KV page, so the paged-attention kernel runs with no communication
-and only the output projection (`wo`) and the MLP's down projection all-reduce. When a model has fewer KV heads than
+and only the output projection (`wo`) and the MLP's down projection all-reduce. The fused q/k/v weight is laid out
+per KV head ([D, K, G + 2, H]: a KV head's G query heads, its key, its value), so splitting it on K hands every
+device whole attention groups; the fused gate/up weight ([D, 2, F]) splits on F. When a model has fewer KV heads than
 devices, the loader repeats each KV head (`replicate_kv_heads`) so every device still owns whole heads.
 """
 
@@ -20,14 +22,12 @@ TP = "tp"
 
 # The dimension of each parameter that is split across `tp`; parameters not named here (norms, embeddings, the MoE
 # router and experts for now) are replicated.
-# Dimension legend as in models/llama.py: D model, N q-heads, K kv-heads, H head dim, F ffn, V vocab, E experts.
+# Dimension legend as in models/llama.py: D model, N q-heads, K kv-heads, G = N / K, H head dim, F ffn, V vocab,
+# E experts.
 _SHARDED_DIM: dict[str, int] = {
-    "wq": 1,  # [D, N, H]
-    "wk": 1,  # [D, K, H]
-    "wv": 1,  # [D, K, H]
+    "wqkv": 1,  # [D, K, G + 2, H]
     "wo": 0,  # [N, H, D]
-    "w_gate": 1,  # [D, F]
-    "w_up": 1,  # [D, F]
+    "w_gate_up": 2,  # [D, 2, F]
     "w_down": 0,  # [F, D]
     "lm_head": 0,  # [V, D]
 }
@@ -57,9 +57,14 @@ def kv_heads_per_pool(num_kv_heads: int, tp: int) -> int:
     return max(num_kv_heads, tp)
 
 
+def sharded_dim(name: str) -> int | None:
+    """The dimension of parameter `name` split across `tp`, or None if it is replicated."""
+    return _SHARDED_DIM.get(name)
+
+
 def param_spec(path: tuple[Any, ...], leaf: Any, tp: int) -> P:
     name = str(getattr(path[-1], "key", path[-1]))
-    dim = _SHARDED_DIM.get(name)
+    dim = sharded_dim(name)
     if dim is None or tp == 1 or leaf.shape[dim] % tp:
         return P()
     spec: list[str | None] = [None] * leaf.ndim
@@ -87,8 +92,7 @@ def over_kv_heads(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     def wrapped(q, k, v, k_pages, v_pages, meta):
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or TP not in mesh.axis_names or mesh.shape[TP] == 1:
+        if _tp_size() == 1:
             return fn(q, k, v, k_pages, v_pages, meta)
         heads = P(None, TP, None)
         return jax.shard_map(
@@ -104,5 +108,48 @@ def over_kv_heads(fn: Callable[..., Any]) -> Callable[..., Any]:
             out_specs=(heads, P(TP), P(TP)),
             check_vma=False,
         )(q, k, v, k_pages, v_pages, meta)
+
+    return wrapped
+
+
+def _tp_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or TP not in mesh.axis_names else mesh.shape[TP]
+
+
+def column_parallel(fn: Callable[[jax.Array, jax.Array], jax.Array], w_dim: int) -> Callable[..., jax.Array]:
+    """Wraps `fn(x [T, I], w) -> [T, ...]` (a projection whose weight is split on its dimension `w_dim`, an output
+    dimension) to run per device on its slice of w, giving its slice of the output (on output dimension w_dim).
+
+    Per device, so `fn` may reshape its local w freely (a kernel wants it 2-D). Without a `tp` axis in the current
+    mesh, `fn` runs as it is.
+    """
+
+    def wrapped(x: jax.Array, w: jax.Array) -> jax.Array:
+        tp = _tp_size()
+        if tp == 1 or w.shape[w_dim] % tp:  # param_spec replicates a weight that does not split evenly
+            return fn(x, w)
+        w_spec = [None] * w.ndim
+        w_spec[w_dim] = TP
+        out_spec = [None] * w.ndim  # out [T, w.shape[1:]...]: w's dimension d >= 1 is out's dimension d
+        out_spec[w_dim] = TP
+        return jax.shard_map(fn, in_specs=(P(), P(*w_spec)), out_specs=P(*out_spec), check_vma=False)(x, w)
+
+    return wrapped
+
+
+def row_parallel(fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable[..., jax.Array]:
+    """Wraps `fn(x [T, I...], w [I..., O]) -> [T, O]` (a projection contracting over a split dimension: x split on
+    its dimension 1, w on its dimension 0) to run per device on its slices, then sum the partial outputs."""
+
+    def wrapped(x: jax.Array, w: jax.Array) -> jax.Array:
+        tp = _tp_size()
+        if tp == 1 or w.shape[0] % tp:  # param_spec replicates a weight that does not split evenly
+            return fn(x, w)
+
+        def local(x: jax.Array, w: jax.Array) -> jax.Array:
+            return jax.lax.psum(fn(x, w), TP)
+
+        return jax.shard_map(local, in_specs=(P(None, TP), P(TP)), out_specs=P(), check_vma=False)(x, w)
 
     return wrapped

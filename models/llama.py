@@ -1,13 +1,19 @@
 """Llama (and Mistral) as a pure function over a ragged token batch and a paged KV cache.
 
-Dimensions: T tokens, D model, N q-heads, K kv-heads, H head dim, F ffn, V vocab, R logit rows.
+Dimensions: T tokens, D model, N q-heads, K kv-heads, G = N / K, H head dim, F ffn, V vocab, R logit rows.
 
 Parameters are a plain pytree of per-layer arrays (a Python list, unrolled in the jitted graph: on the H200 a
 `lax.scan` over stacked layer weights streams them at a third of the bandwidth, see ../shared/anchors/README.md):
 
     {"embed": [V, D], "final_norm": [D], "lm_head": [V, D] (untied models only),
-     "layers": [{"attn_norm": [D], "wq": [D, N, H], "wk": [D, K, H], "wv": [D, K, H], "wo": [N, H, D],
-                 "mlp_norm": [D], "w_gate": [D, F], "w_up": [D, F], "w_down": [F, D]}, ...]}
+     "layers": [{"attn_norm": [D], "wqkv": [D, K, G + 2, H], "wo": [N, H, D],
+                 "mlp_norm": [D], "w_gate_up": [D, 2, F], "w_down": [F, D]}, ...]}
+
+q/k/v and gate/up are fused (the loader concatenates HF's matrices) because a decode step is a stream of weight
+reads and fewer, larger matmuls stream faster (benchmarks/gemm.py). wqkv is ordered per KV head, so splitting it
+on K over devices hands each device whole attention groups (jpaged/sharding.py).
+
+Weight matmuls with few rows (decode) can run on the Pallas dense-matmul kernel (`matmul_impl`, see `project`).
 
 Mixtral (models/mixtral.py) reuses everything here and swaps the feed-forward.
 """
@@ -23,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jpaged import sharding
+from jpaged.kernels.grouped_matmul import matmul
 from jpaged.kernels.kv_write import write_kv
 from jpaged.kernels.paged_attention import paged_attention
 from jpaged.models.config import ModelConfig, RopeConfig
@@ -30,8 +37,8 @@ from jpaged.models.metadata import AttentionMetadata
 
 Params = dict[str, Any]
 KVPages = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [K, P, S, H]
-# feed_forward(layer, x [T, D], cfg, num_tokens [] int32: rows past it are padding) -> [T, D]
-FeedForward = Callable[[dict[str, jax.Array], jax.Array, ModelConfig, jax.Array], jax.Array]
+# feed_forward(layer, x [T, D], cfg, num_tokens [] int32: rows past it are padding, *, matmul_impl) -> [T, D]
+FeedForward = Callable[..., jax.Array]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -71,11 +78,41 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens: jax.Array | None = None) -> jax.Array:
+# Weight matmuls of at most this many rows may take the Pallas kernel (decode steps; prefill-sized ones are
+# compute-bound and stay with XLA's GEMMs).
+MAX_KERNEL_ROWS = 256
+
+
+def _project(x: jax.Array, w: jax.Array, *, impl: str) -> jax.Array:
+    """x [T, I...] @ w [I..., O...] contracting x's trailing dims with w's leading ones -> [T, O...]."""
+    contract = x.ndim - 1
+    x2 = x.reshape(x.shape[0], -1)
+    w2 = w.reshape(x2.shape[1], -1)
+    if impl == "auto":
+        impl = "auto" if x.shape[0] <= MAX_KERNEL_ROWS else "xla"
+    out = matmul(x2, w2, impl=impl)
+    return out.reshape(x.shape[0], *w.shape[contract:])
+
+
+def project(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) -> jax.Array:
+    """x @ layer[name] under tensor parallelism: a weight split on an output dimension runs per device
+    (column-parallel); one split on its first, contracted, dimension sums the devices' partial outputs (row-parallel).
+
+    impl: "xla" (XLA's GEMMs), "pallas" (the kernel for every step of <= MAX_KERNEL_ROWS rows) or "auto" (the kernel
+    on a GPU for such steps, XLA otherwise).
+    """
+    w, dim = layer[name], sharding.sharded_dim(name)
+    fn = functools.partial(_project, impl=impl)
+    if dim == 0:
+        return sharding.row_parallel(fn)(x, w)
+    return sharding.column_parallel(fn, w_dim=dim)(x, w)
+
+
+def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens: jax.Array | None = None, *,
+        matmul_impl: str = "xla") -> jax.Array:  # fmt: skip
     del num_tokens  # dense: padding rows cost no more weight reads than real ones
-    gate = jnp.einsum("td,df->tf", x, layer["w_gate"])
-    up = jnp.einsum("td,df->tf", x, layer["w_up"])
-    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, layer["w_down"])
+    gate_up = project(x, layer, "w_gate_up", impl=matmul_impl)  # [T, 2, F]
+    return project(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], layer, "w_down", impl=matmul_impl)
 
 
 def _write_and_attend(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, cfg: ModelConfig, impl: str):
@@ -95,14 +132,17 @@ def attention(
     meta: AttentionMetadata,
     cfg: ModelConfig,
     attn_impl: str,
+    matmul_impl: str = "xla",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope)
-    q = apply_rope(jnp.einsum("td,dnh->tnh", x, layer["wq"]), positions, inv_freq)
-    k = apply_rope(jnp.einsum("td,dkh->tkh", x, layer["wk"]), positions, inv_freq)
-    v = jnp.einsum("td,dkh->tkh", x, layer["wv"])
+    qkv = project(x, layer, "wqkv", impl=matmul_impl)  # [T, K, G + 2, H]
+    num_tokens, _, _, head_dim = qkv.shape
+    q = apply_rope(qkv[:, :, :-2].reshape(num_tokens, -1, head_dim), positions, inv_freq)  # [T, N, H]
+    k = apply_rope(qkv[:, :, -2], positions, inv_freq)  # [T, K, H]
+    v = qkv[:, :, -1]  # [T, K, H]
     attend = sharding.over_kv_heads(functools.partial(_write_and_attend, cfg=cfg, impl=attn_impl))
     out, k_pages, v_pages = attend(q, k, v, *layer_kv, meta)
-    return jnp.einsum("tnh,nhd->td", out, layer["wo"]), (k_pages, v_pages)
+    return project(out, layer, "wo", impl=matmul_impl), (k_pages, v_pages)
 
 
 def decoder_forward(
@@ -115,17 +155,18 @@ def decoder_forward(
     cfg: ModelConfig,
     feed_forward: FeedForward,
     attn_impl: str = "auto",
+    matmul_impl: str = "auto",
 ) -> tuple[jax.Array, KVPages]:
     """tokens/positions [T] -> logits [R, V] (float32) at meta.logits_indices, and the updated pages."""
     x = params["embed"][tokens]
     num_tokens = meta.cu_q_lens[meta.num_seqs[0]]  # rows past the last live sequence's are padding
     new_pages: KVPages = []
     for layer, layer_kv in zip(params["layers"], kv_pages, strict=True):
-        h, layer_kv = attention(
-            layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), positions, layer_kv, meta, cfg, attn_impl
-        )
+        h, layer_kv = attention(layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), positions, layer_kv, meta,
+                                cfg, attn_impl, matmul_impl)  # fmt: skip
         x = x + h
-        x = x + feed_forward(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), cfg, num_tokens)
+        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+        x = x + feed_forward(layer, h, cfg, num_tokens, matmul_impl=matmul_impl)
         new_pages.append(layer_kv)
     x = rms_norm(x[meta.logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params.get("lm_head", params["embed"])
@@ -142,5 +183,7 @@ def forward(
     *,
     cfg: ModelConfig,
     attn_impl: str = "auto",
+    matmul_impl: str = "auto",
 ) -> tuple[jax.Array, KVPages]:
-    return decoder_forward(params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=mlp, attn_impl=attn_impl)
+    return decoder_forward(params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=mlp, attn_impl=attn_impl,
+                           matmul_impl=matmul_impl)  # fmt: skip

@@ -26,7 +26,7 @@ from jpaged.models.config import ModelConfig
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
 _EXPERT_KEY = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])$")
 
-# HF name inside a layer -> (jpaged name, how to turn HF's [out, in] matrix into jpaged's einsum layout)
+# HF name inside a layer -> jpaged's name for it (pieces of a fused weight are put together by `_fuse`)
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "mlp_norm",
@@ -40,6 +40,13 @@ _LAYER_NAMES = {
     "block_sparse_moe.gate": "router",
 }
 _EXPERT_NAMES = {"w1": "expert_gate", "w3": "expert_up", "w2": "expert_down"}
+# Fused parameter -> the pieces it is made of, in order.
+_FUSED = {
+    "wqkv": ("wq", "wk", "wv"),
+    "w_gate_up": ("w_gate", "w_up"),
+    "expert_gate_up": ("expert_gate", "expert_up"),
+}
+_PART_OF = {part: fused for fused, parts in _FUSED.items() for part in parts}
 
 
 def resolve_dtype(dtype: str, model_dir: Path | None) -> jnp.dtype:
@@ -70,6 +77,19 @@ def _replicate_kv_heads(name: str, w: np.ndarray, cfg: ModelConfig, tp: int) -> 
     return np.repeat(w, repeats, axis=1) if name in ("wk", "wv") and repeats > 1 else w
 
 
+def _fuse(name: str, parts: list[np.ndarray]) -> np.ndarray:
+    """Pieces (in jpaged's layout, KV heads already repeated) -> the fused parameter `name`."""
+    if name == "wqkv":  # q [D, N, H], k and v [D, K, H] -> [D, K, G + 2, H]: each KV head's query heads, k, v
+        q, k, v = parts
+        d, kv_heads, h = k.shape
+        return np.concatenate([q.reshape(d, kv_heads, -1, h), k[:, :, None], v[:, :, None]], axis=2)
+    if name == "w_gate_up":  # [D, F] twice -> [D, 2, F]
+        return np.stack(parts, axis=1)
+    if name == "expert_gate_up":  # [E, D, F] twice -> [E, D, 2F]: one grouped matmul, split by columns
+        return np.concatenate(parts, axis=2)
+    raise AssertionError(name)
+
+
 def _safetensors_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -81,13 +101,13 @@ def _param_shapes(cfg: ModelConfig, tp: int) -> dict[str, Any]:
     d, n, h, f, v = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
     k = sharding.kv_heads_per_pool(cfg.num_kv_heads, tp)
     layer: dict[str, tuple[int, ...]] = {
-        "attn_norm": (d,), "wq": (d, n, h), "wk": (d, k, h), "wv": (d, k, h), "wo": (n, h, d), "mlp_norm": (d,),
+        "attn_norm": (d,), "wqkv": (d, k, n // k + 2, h), "wo": (n, h, d), "mlp_norm": (d,),
     }  # fmt: skip
     if cfg.is_moe:
         e = cfg.num_experts
-        layer |= {"router": (d, e), "expert_gate": (e, d, f), "expert_up": (e, d, f), "expert_down": (e, f, d)}
+        layer |= {"router": (d, e), "expert_gate_up": (e, d, 2 * f), "expert_down": (e, f, d)}
     else:
-        layer |= {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+        layer |= {"w_gate_up": (d, 2, f), "w_down": (f, d)}
     shapes: dict[str, Any] = {
         "embed": (v, d),
         "final_norm": (d,),
@@ -114,6 +134,18 @@ def load_params(
     show = progress if progress is not None else total > 1 << 30
     params: dict[str, Any] = {"layers": [{} for _ in range(cfg.num_layers)]}
     experts: dict[tuple[int, str], dict[int, np.ndarray]] = defaultdict(dict)
+    pieces: dict[tuple[int, str], dict[str, np.ndarray]] = defaultdict(dict)  # (layer, fused name) -> parts so far
+
+    def place(i: int, name: str, w: np.ndarray) -> None:
+        """Puts a layer's parameter on its devices, or holds a piece of a fused one until the rest arrives."""
+        if (fused := _PART_OF.get(name)) is not None:
+            have = pieces[(i, fused)]
+            have[name] = w
+            if len(have) < len(_FUSED[fused]):
+                return
+            name, w = fused, _fuse(fused, [have[part] for part in _FUSED[fused]])
+            del pieces[(i, fused)]
+        params["layers"][i][name] = jax.device_put(w.astype(dtype), shardings["layers"][i][name])
 
     with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not show) as bar:
         for file in files:
@@ -138,15 +170,16 @@ def load_params(
                         name = _LAYER_NAMES.get(rest)
                         if name is None:
                             continue  # e.g. rotary_emb.inv_freq in old checkpoints: recomputed, not loaded
-                        w = _replicate_kv_heads(name, _to_jpaged_layout(name, w, cfg), cfg, tp)
-                        params["layers"][i][name] = jax.device_put(w.astype(dtype), shardings["layers"][i][name])
+                        place(i, name, _replicate_kv_heads(name, _to_jpaged_layout(name, w, cfg), cfg, tp))
     for (i, name), by_expert in experts.items():
         if sorted(by_expert) != list(range(cfg.num_experts)):
             raise ValueError(
                 f"layer {i}: expected experts 0..{cfg.num_experts - 1} for {name}, found {sorted(by_expert)}"
             )
-        stacked = np.stack([by_expert[e] for e in range(cfg.num_experts)])
-        params["layers"][i][name] = jax.device_put(stacked.astype(dtype), shardings["layers"][i][name])
+        place(i, name, np.stack([by_expert[e] for e in range(cfg.num_experts)]))
+    for i, fused in pieces:  # a fused parameter some of whose pieces never came
+        missing = [part for part in _FUSED[fused] if part not in pieces[(i, fused)]]
+        raise ValueError(f"checkpoint in {str(model_dir)!r} lacks tensors for: layers.{i}.{', '.join(missing)}")
     _check_complete(params, expected, model_dir)
     return params
 

@@ -2,8 +2,8 @@
 
 Dimensions: T tokens, D model, F ffn, E experts, A = T * top-k token-expert assignments.
 
-Expert weights are stacked per layer (`expert_gate`/`expert_up` [E, D, F], `expert_down` [E, F, D], `router`
-[D, E]) so a later change can shard them across devices on E.
+Expert weights are stacked per layer (`expert_gate_up` [E, D, 2F]: each expert's gate then up columns,
+`expert_down` [E, F, D], `router` [D, E]) so a later change can shard them across devices on E.
 
 The expert matmuls are `jpaged.kernels.grouped_matmul` (ragged_dot's contract). Its "auto" choice is the Pallas kernel
 on a GPU, which reads only the weights of experts that received tokens (2 of 8 at batch 1, top-2), and
@@ -29,7 +29,7 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
 
 def moe(
     layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens: jax.Array | None = None, *,
-    impl: str = "auto",
+    impl: str = "auto", matmul_impl: str = "auto",
 ) -> jax.Array:  # fmt: skip
     """Grouped expert compute: assignments sorted by expert, one grouped matmul per projection, no token dropped.
 
@@ -37,7 +37,9 @@ def moe(
     They are routed to no expert, so they cost no weight reads: routed, they would pull in experts no real token
     chose. None: every row is real. Padding rows come back as zeros.
     impl: `grouped_matmul`'s ("auto", "xla", "reference" or "pallas"); the model's forward uses "auto".
+    matmul_impl: the dense projections' (llama.project); the router's matmul stays with XLA (E columns).
     """
+    del matmul_impl
     k, num_experts = cfg.num_experts_per_tok, cfg.num_experts
     weights, experts = route(jnp.einsum("td,de->te", x, layer["router"]), k)
     if num_tokens is not None:
@@ -49,8 +51,7 @@ def moe(
     token_of = order // k  # [A] which token each sorted assignment came from
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
-    gate = grouped_matmul(xs, layer["expert_gate"], group_sizes, impl=impl)  # [A, F]
-    up = grouped_matmul(xs, layer["expert_up"], group_sizes, impl=impl)  # [A, F]
+    gate, up = jnp.split(grouped_matmul(xs, layer["expert_gate_up"], group_sizes, impl=impl), 2, axis=1)  # [A, F] x2
     out = grouped_matmul(jax.nn.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[token_of].add(out)
@@ -61,13 +62,12 @@ def moe_dense_reference(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelCon
     weights, experts = route(jnp.einsum("td,de->te", x, layer["router"]), cfg.num_experts_per_tok)
     dense_w = jnp.zeros((x.shape[0], cfg.num_experts), jnp.float32)
     dense_w = dense_w.at[jnp.arange(x.shape[0])[:, None], experts].set(weights)  # [T, E]
-    gate = jnp.einsum("td,edf->tef", x, layer["expert_gate"])
-    up = jnp.einsum("td,edf->tef", x, layer["expert_up"])
+    gate, up = jnp.split(jnp.einsum("td,edf->tef", x, layer["expert_gate_up"]), 2, axis=2)
     out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, layer["expert_down"])
     return jnp.einsum("ted,te->td", out, dense_w.astype(out.dtype))
 
 
-def forward(params, tokens, positions, kv_pages, meta, *, cfg: ModelConfig, attn_impl: str = "auto"):
-    return llama.decoder_forward(
-        params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=moe, attn_impl=attn_impl
-    )
+def forward(params, tokens, positions, kv_pages, meta, *, cfg: ModelConfig, attn_impl: str = "auto",
+            matmul_impl: str = "auto"):  # fmt: skip
+    return llama.decoder_forward(params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=moe,
+                                 attn_impl=attn_impl, matmul_impl=matmul_impl)  # fmt: skip

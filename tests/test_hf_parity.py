@@ -70,3 +70,37 @@ def test_stories_story_matches_hf():
     out = llm.generate({"prompt_token_ids": ref["story_prompt"]}, SamplingParams(temperature=0, max_tokens=60))[0]
     assert out.outputs[0].token_ids == ref["story_greedy"]
     assert "Once upon a time" + out.outputs[0].text == ref["story_text"]
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", ["llama-gqa4", "mixtral-e4-top2"])
+def test_weight_matmuls_through_the_kernel_match_hf(name):
+    """The decode-step path of a GPU (every weight matmul through the Pallas dense kernel, interpreted here) gives
+    HF's prompt logprobs for the fixture's first prompt."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpaged.models import get_forward
+    from jpaged.models.metadata import AttentionMetadata
+
+    model, ref = load_reference(name)
+    llm = LLM(str(model), dtype="float32", max_model_len=128, skip_tokenizer_init=True)
+    runner, page_size = llm.engine.runner, llm.engine.config.page_size
+    prompt = ref["prompts"][0]
+    n = len(prompt)
+    meta = AttentionMetadata(
+        slot_mapping=jnp.arange(n, dtype=jnp.int32) + page_size,  # pages 1.. in order
+        page_tables=jnp.arange(1, -(-n // page_size) + 1, dtype=jnp.int32)[None, :],
+        seq_lens=jnp.array([n], jnp.int32),
+        cu_q_lens=jnp.array([0, n], jnp.int32),
+        num_seqs=jnp.array([1], jnp.int32),
+        logits_indices=jnp.arange(n, dtype=jnp.int32),
+    )
+    forward = jax.jit(get_forward(llm.engine.model_config, matmul_impl="pallas"))
+    with jax.set_mesh(runner.mesh), jax.default_matmul_precision("highest"):
+        logits, _ = forward(runner.params, jnp.array(prompt, jnp.int32), jnp.arange(n, dtype=jnp.int32),
+                            runner.kv_pages, meta)  # fmt: skip
+    logits = np.asarray(logits, np.float64)
+    got = [log_softmax(logits[i])[prompt[i + 1]] for i in range(n - 1)]
+    np.testing.assert_allclose(got, ref["prompt_logprobs"][0], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(log_softmax(logits[-1]), log_softmax(np.asarray(ref["last_logits"][0])), atol=1e-3)

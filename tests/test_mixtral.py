@@ -26,12 +26,11 @@ def tiny_config(num_experts: int, top_k: int) -> ModelConfig:
 
 def random_layer(cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
     e, d, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-    k = jax.random.split(key, 4)
+    k = jax.random.split(key, 3)
     return {
         "router": jax.random.normal(k[0], (d, e)),
-        "expert_gate": jax.random.normal(k[1], (e, d, f)) * 0.3,
-        "expert_up": jax.random.normal(k[2], (e, d, f)) * 0.3,
-        "expert_down": jax.random.normal(k[3], (e, f, d)) * 0.3,
+        "expert_gate_up": jax.random.normal(k[1], (e, d, 2 * f)) * 0.3,
+        "expert_down": jax.random.normal(k[2], (e, f, d)) * 0.3,
     }
 
 
