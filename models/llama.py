@@ -13,7 +13,8 @@ q/k/v and gate/up are fused (the loader concatenates HF's matrices) because a de
 reads and fewer, larger matmuls stream faster (benchmarks/gemm.py). wqkv is ordered per KV head, so splitting it
 on K over devices hands each device whole attention groups (jpaged/sharding.py).
 
-Weight matmuls with few rows (decode) can run on the Pallas dense-matmul kernel (`matmul_impl`, see `project`).
+Weight matmuls with few rows (decode) can run on the Pallas dense-matmul kernel (matmul_impl="pallas", see
+`project`); by default they are XLA's, measured faster on the H200.
 
 Mixtral (models/mixtral.py) reuses everything here and swaps the feed-forward.
 """
@@ -88,9 +89,10 @@ def _project(x: jax.Array, w: jax.Array, *, impl: str) -> jax.Array:
     contract = x.ndim - 1
     x2 = x.reshape(x.shape[0], -1)
     w2 = w.reshape(x2.shape[1], -1)
-    if impl == "auto":
-        impl = "auto" if x.shape[0] <= MAX_KERNEL_ROWS else "xla"
-    out = matmul(x2, w2, impl=impl)
+    # "auto" is XLA's GEMMs: on the H200 they beat the kernel for Llama-2-7B's decode shapes, per layer and end to
+    # end (docs/benchmarks.md, fourth session). "pallas" keeps the kernel one flag away for other GPUs and shapes.
+    use_kernel = impl == "pallas" and x.shape[0] <= MAX_KERNEL_ROWS
+    out = matmul(x2, w2, impl="pallas" if use_kernel else "xla")
     return out.reshape(x.shape[0], *w.shape[contract:])
 
 
@@ -98,8 +100,7 @@ def project(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) 
     """x @ layer[name] under tensor parallelism: a weight split on an output dimension runs per device
     (column-parallel); one split on its first, contracted, dimension sums the devices' partial outputs (row-parallel).
 
-    impl: "xla" (XLA's GEMMs), "pallas" (the kernel for every step of <= MAX_KERNEL_ROWS rows) or "auto" (the kernel
-    on a GPU for such steps, XLA otherwise).
+    impl: "xla" or "auto" (XLA's GEMMs), or "pallas" (the Pallas kernel for steps of <= MAX_KERNEL_ROWS rows).
     """
     w, dim = layer[name], sharding.sharded_dim(name)
     fn = functools.partial(_project, impl=impl)

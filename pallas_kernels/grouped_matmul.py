@@ -402,7 +402,7 @@ def matmul(
     if impl == "auto":
         impl = "pallas" if _on_gpu() and matmul_unsupported_reason(lhs, rhs, tuning) is None else "xla"
     if impl in ("xla", "reference"):
-        return jnp.dot(lhs, rhs, preferred_element_type=jnp.float32).astype(lhs.dtype)
+        return jnp.dot(lhs, rhs)  # XLA's GEMMs accumulate 16-bit inputs in float32 and round the result
     if interpret is None:
         interpret = not _on_gpu()
     if not interpret and not _on_gpu():
