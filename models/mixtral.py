@@ -49,20 +49,12 @@ def moe(
     flat_experts = experts.reshape(-1)  # [A]
     order = jnp.argsort(flat_experts, stable=True)  # [A] assignments grouped by expert
     token_of = order // k  # [A] which token each sorted assignment came from
-    # Group sizes and each assignment's place in `order` by comparisons and prefix sums, not bincount and an inverse
-    # permutation: scatters are kernels of their own on a GPU, these fuse. Column E holds the padding rows.
-    one_hot = (flat_experts[:, None] == jnp.arange(num_experts + 1)).astype(jnp.int32)  # [A, E + 1]
-    sizes = jnp.sum(one_hot, axis=0)  # [E + 1]
-    group_sizes = sizes[:num_experts]  # [E]
-    first = jnp.cumsum(sizes) - sizes  # [E + 1] where each group starts in `order`
-    sorted_position = jnp.sum(one_hot * (jnp.cumsum(one_hot, axis=0) - 1 + first), axis=1)  # [A] (stable)
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
     gate, up = jnp.split(grouped_matmul(xs, layer["expert_gate_up"], group_sizes, impl=impl), 2, axis=1)  # [A, F] x2
     out = grouped_matmul(jax.nn.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
-    # Back to (token, slot) order by a gather and a weighted sum over the k slots, not a scatter-add into the tokens
-    # (atomics, and a kernel of its own in the batch-1 trace).
-    per_slot = out[sorted_position].reshape(x.shape[0], k, -1)  # [T, k, D]
-    return jnp.einsum("tkd,tk->td", per_slot, weights.astype(out.dtype))
+    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
+    return jnp.zeros_like(x).at[token_of].add(out)
 
 
 def moe_dense_reference(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:
