@@ -312,7 +312,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         rows += json.loads(next(line[5:] for line in out.splitlines() if line.startswith("ROWS ")))
     print(common.table(rows, COLUMNS, title="one layer's weight matmuls"))
-    record = {"benchmark": "gemm", "env": common.env_info(jax_devices=True), "args": vars(args), "rows": rows}
+    record: dict[str, Any] = {
+        "benchmark": "gemm",
+        "env": common.env_info(jax_devices=True),
+        "args": vars(args),
+        "rows": rows,
+    }
     common.save(args, record)
     if args.sweep:
         _, d, n, k, h, f = TINY_SHAPE if args.tiny else GPU_SHAPE

@@ -148,7 +148,7 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
     )
 
     head_dim = args.head_dim
-    case = {"case": name, "heads": heads, "kv_heads": kv_heads, "batch": batch, "context": ctx,
+    case: dict[str, Any] = {"case": name, "heads": heads, "kv_heads": kv_heads, "batch": batch, "context": ctx,
             "kv_bytes": kv_bytes(kv_heads, batch, ctx, head_dim)}  # fmt: skip
     common.log(f"{name}: {case['kv_bytes'] / 1e9:.3f} GB of K+V")
     inputs = make_inputs(heads, kv_heads, batch, ctx, head_dim=head_dim, seed=args.seed)

@@ -129,9 +129,11 @@ def column_parallel(fn: Callable[[jax.Array, jax.Array], jax.Array], w_dim: int)
         tp = _tp_size()
         if tp == 1 or w.shape[w_dim] % tp:  # param_spec replicates a weight that does not split evenly
             return fn(x, w)
-        w_spec = [None] * w.ndim
+        w_spec: list[str | None] = [None] * w.ndim
         w_spec[w_dim] = TP
-        out_spec = [None] * w.ndim  # out [T, w.shape[1:]...]: w's dimension d >= 1 is out's dimension d
+        out_spec: list[str | None] = [
+            None
+        ] * w.ndim  # out [T, w.shape[1:]...]: w's dimension d >= 1 is out's dimension d
         out_spec[w_dim] = TP
         return jax.shard_map(fn, in_specs=(P(), P(*w_spec)), out_specs=P(*out_spec), check_vma=False)(x, w)
 

@@ -104,6 +104,8 @@ def project(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) 
     """
     w, dim = layer[name], sharding.sharded_dim(name)
     fn = functools.partial(_project, impl=impl)
+    if dim is None:  # replicated
+        return fn(x, w)
     if dim == 0:
         return sharding.row_parallel(fn)(x, w)
     return sharding.column_parallel(fn, w_dim=dim)(x, w)

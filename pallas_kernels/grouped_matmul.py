@@ -398,7 +398,7 @@ def matmul(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if tuning is None:
-        tuning = default_tuning(lhs.shape[0], *rhs.shape, 1)
+        tuning = default_tuning(lhs.shape[0], rhs.shape[0], rhs.shape[1], 1)
     if impl == "auto":
         impl = "pallas" if _on_gpu() and matmul_unsupported_reason(lhs, rhs, tuning) is None else "xla"
     if impl in ("xla", "reference"):
