@@ -185,6 +185,11 @@ class ModelRunner:
                 num_logprobs=num_logprobs,
                 want_prompt_logprobs=want_prompt,
             )
+        # Start the copies of what the host will read as soon as the step ends, not when `fetch` asks: with async
+        # scheduling, `fetch` runs only after the next step has been packed and dispatched.
+        for out in (sampled.token_ids, *((sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
+                                         if num_logprobs else ())):  # fmt: skip
+            out.copy_to_host_async()
         begins = tuple(r.num_computed_tokens for r in sched.requests)
         return InFlight(sched=sched, begins=begins, sampled=sampled, prompt=prompt, num_logprobs=num_logprobs)
 
