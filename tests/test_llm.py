@@ -216,6 +216,14 @@ def test_unsupported_architecture_and_missing_weights(tmp_path):
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*not supported"):
         LLM(str(model))
     (model / "config.json").write_text(json.dumps(config))
+    # Part of a fused weight missing (layer 1's key projection; q and v are there): named in the error.
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, model / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks tensors for: layers\.1\.wk"):
+        LLM(str(model))
     (model / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         LLM(str(model))
@@ -272,3 +280,7 @@ def test_a_kernel_this_machine_cannot_run_is_refused_at_start_up(impl, message):
         LLM(attn_impl=impl)
     with pytest.raises(ValueError, match="attn_impl must be auto, mgpu, pallas or reference"):
         LLM(attn_impl="triton")
+    with pytest.raises(ValueError, match=r"matmul_impl='pallas' needs an NVIDIA GPU \(the backend is 'cpu'\)"):
+        LLM(matmul_impl="pallas")
+    with pytest.raises(ValueError, match="matmul_impl must be auto, pallas or xla"):
+        LLM(matmul_impl="cublas")
