@@ -12,9 +12,9 @@ weight matmuls for 13 GB (2.7 TB/s): XLA's Triton GEMM fusions for q/k/v, gate a
 one GEMM XLA gave to cuBLAS (the down projection) at 3.15 TB/s. This measures, per layer, M rows of x [M, D] through
 - "model": seven matmuls as models/llama.py wrote them until the fused layout (q, k, v, o, gate, up, down);
 - "fused": four matmuls over concatenated weights (one [D, (N + 2K) H] for q/k/v, one [D, 2F] for gate and up),
-  the layout models/llama.py now loads;
+  the bytes and shapes models/llama.py now loads (its q/k/v are ordered per KV head; the GEMM is the same);
 - "kernel": the fused four through `jpaged.kernels.grouped_matmul.matmul` (the Pallas kernel, default tuning),
-  as the model runs decode steps with matmul_impl="auto" on a GPU;
+  as the model runs decode steps with matmul_impl="pallas" on a GPU;
 and, with --cublas, the first two again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. --sweep then times each
 fused projection alone (qkv, o, gate_up, down) under XLA and under a coordinate descent of kernel tunings. Each
 variant is checked against the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read

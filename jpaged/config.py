@@ -58,7 +58,8 @@ class EngineConfig:
     matmul_impl: str = dataclasses.field(
         default="auto",
         metadata=_help(
-            "weight matmuls of decode-sized steps (<= 256 rows): auto (GPU: the Pallas kernel; CPU: XLA), pallas or xla"
+            "weight matmuls: auto or xla (XLA's GEMMs, measured faster on the H200), or pallas (jpaged's Pallas "
+            "kernel for steps of <= 256 rows, where it can tile the weight; GPU only)"
         ),
     )
     async_scheduling: bool = dataclasses.field(

@@ -57,6 +57,12 @@ def kv_heads_per_pool(num_kv_heads: int, tp: int) -> int:
     return max(num_kv_heads, tp)
 
 
+# The layer projections by role: column-parallel weights split on an output dimension (this one), row-parallel ones
+# on their first, contracted, dimension (their outputs are summed over devices).
+COLUMN_PARALLEL: dict[str, int] = {name: _SHARDED_DIM[name] for name in ("wqkv", "w_gate_up")}
+ROW_PARALLEL = frozenset({"wo", "w_down"})  # each split on dimension 0 in _SHARDED_DIM
+
+
 def sharded_dim(name: str) -> int | None:
     """The dimension of parameter `name` split across `tp`, or None if it is replicated."""
     return _SHARDED_DIM.get(name)

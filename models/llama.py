@@ -22,6 +22,7 @@ Mixtral (models/mixtral.py) reuses everything here and swaps the feed-forward.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,11 +31,13 @@ import jax
 import jax.numpy as jnp
 
 from jpaged import sharding
-from jpaged.kernels.grouped_matmul import matmul
+from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
 from jpaged.kernels.kv_write import write_kv
 from jpaged.kernels.paged_attention import paged_attention
 from jpaged.models.config import ModelConfig, RopeConfig
 from jpaged.models.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 KVPages = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [K, P, S, H]
@@ -92,6 +95,11 @@ def _project(x: jax.Array, w: jax.Array, *, impl: str) -> jax.Array:
     # "auto" is XLA's GEMMs: on the H200 they beat the kernel for Llama-2-7B's decode shapes, per layer and end to
     # end (docs/benchmarks.md, fourth session). "pallas" keeps the kernel one flag away for other GPUs and shapes.
     use_kernel = impl == "pallas" and x.shape[0] <= MAX_KERNEL_ROWS
+    if use_kernel and (reason := matmul_unsupported_reason(x2, w2, default_tuning(*x2.shape, w2.shape[1], 1))):
+        # A width the kernel cannot tile (not a multiple of 16, e.g. a device's slice under tensor parallelism):
+        # XLA for this projection, said once per compilation.
+        logger.info("matmul_impl='pallas': XLA for a [%d, %d] x [%d, %d] projection (%s)", *x2.shape, *w2.shape, reason)
+        use_kernel = False
     out = matmul(x2, w2, impl="pallas" if use_kernel else "xla")
     return out.reshape(x.shape[0], *w.shape[contract:])
 
@@ -100,19 +108,21 @@ def project(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) 
     """x @ layer[name] under tensor parallelism: a weight split on an output dimension runs per device
     (column-parallel); one split on its first, contracted, dimension sums the devices' partial outputs (row-parallel).
 
-    impl: "xla" or "auto" (XLA's GEMMs), or "pallas" (the Pallas kernel for steps of <= MAX_KERNEL_ROWS rows).
+    impl: "xla" or "auto" (XLA's GEMMs), or "pallas" (the Pallas kernel for steps of <= MAX_KERNEL_ROWS rows, where
+    it can tile the weight).
     """
-    w, dim = layer[name], sharding.sharded_dim(name)
-    fn = functools.partial(_project, impl=impl)
-    if dim is None:  # replicated
-        return fn(x, w)
-    if dim == 0:
+    w, fn = layer[name], functools.partial(_project, impl=impl)
+    if name in sharding.ROW_PARALLEL:
         return sharding.row_parallel(fn)(x, w)
-    return sharding.column_parallel(fn, w_dim=dim)(x, w)
+    if name in sharding.COLUMN_PARALLEL:
+        return sharding.column_parallel(fn, w_dim=sharding.COLUMN_PARALLEL[name])(x, w)
+    raise ValueError(
+        f"{name!r} is not a layer projection (known: {[*sharding.COLUMN_PARALLEL, *sharding.ROW_PARALLEL]})"
+    )
 
 
 def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens: jax.Array | None = None, *,
-        matmul_impl: str = "xla") -> jax.Array:  # fmt: skip
+        matmul_impl: str = "auto") -> jax.Array:  # fmt: skip
     del num_tokens  # dense: padding rows cost no more weight reads than real ones
     gate_up = project(x, layer, "w_gate_up", impl=matmul_impl)  # [T, 2, F]
     return project(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], layer, "w_down", impl=matmul_impl)
@@ -135,7 +145,7 @@ def attention(
     meta: AttentionMetadata,
     cfg: ModelConfig,
     attn_impl: str,
-    matmul_impl: str = "xla",
+    matmul_impl: str = "auto",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope)
     qkv = project(x, layer, "wqkv", impl=matmul_impl)  # [T, K, G + 2, H]

@@ -177,9 +177,10 @@ def load_params(
                 f"layer {i}: expected experts 0..{cfg.num_experts - 1} for {name}, found {sorted(by_expert)}"
             )
         place(i, name, np.stack([by_expert[e] for e in range(cfg.num_experts)]))
-    for i, fused in pieces:  # a fused parameter some of whose pieces never came
-        missing = [part for part in _FUSED[fused] if part not in pieces[(i, fused)]]
-        raise ValueError(f"checkpoint in {str(model_dir)!r} lacks tensors for: layers.{i}.{', '.join(missing)}")
+    if pieces:  # fused parameters some of whose pieces never came
+        missing = [f"layers.{i}.{part}" for (i, fused), have in sorted(pieces.items()) for part in _FUSED[fused]
+                   if part not in have]  # fmt: skip
+        raise ValueError(f"checkpoint in {str(model_dir)!r} lacks tensors for: {', '.join(missing[:8])}")
     _check_complete(params, expected, model_dir)
     return params
 

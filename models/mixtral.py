@@ -37,7 +37,8 @@ def moe(
     They are routed to no expert, so they cost no weight reads: routed, they would pull in experts no real token
     chose. None: every row is real. Padding rows come back as zeros.
     impl: `grouped_matmul`'s ("auto", "xla", "reference" or "pallas"); the model's forward uses "auto".
-    matmul_impl: the dense projections' (llama.project); the router's matmul stays with XLA (E columns).
+    matmul_impl: accepted for the FeedForward signature; the experts take `impl`, and the router's matmul (E
+    columns) stays with XLA.
     """
     del matmul_impl
     k, num_experts = cfg.num_experts_per_tok, cfg.num_experts

@@ -142,11 +142,18 @@ def default_tuning(m: int, k: int, n: int, num_groups: int) -> GroupedMatmulTuni
     # Programs that carry rows when every tile is full: the unused slots of the static table return at once.
     programs = max(1, -(-m // block_m)) * max(1, n // block_n)
     k_splits = 1
+
+    def splits_further(block_k: int) -> bool:  # K divides into twice the splits, a few iterations each
+        return k % (2 * k_splits * block_k) == 0 and k // (2 * k_splits * block_k) >= 4
+
     while programs * k_splits < _TARGET_PROGRAMS and k_splits < _MAX_K_SPLITS:
-        if k % (2 * k_splits * block_k) == 0 and k // (2 * k_splits * block_k) >= 4:  # a few iterations each
+        smaller = block_k // 2
+        while not splits_further(block_k) and smaller >= 32 and not splits_further(smaller):
+            smaller //= 2  # look for the largest shorter chunk that lets K split again
+        if splits_further(block_k):
             k_splits *= 2
-        elif block_k > 32 and k % (block_k // 2) == 0:
-            block_k //= 2
+        elif smaller >= 32:
+            block_k = smaller
         else:
             break
     return GroupedMatmulTuning(block_m=block_m, block_n=block_n, block_k=block_k, k_splits=k_splits,
