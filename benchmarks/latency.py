@@ -54,11 +54,15 @@ def timed_request(engine: Any, request_id: str, prompt: list[int], output_len: i
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     arrivals: list[float] = []
+    step_returns: list[float] = []  # when each engine.step() call returned, up to the first token: where TTFT goes
     t0 = time.perf_counter()
     engine.add_request(request_id, prompt, params)
     seen = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        outs = engine.step()
+        if not arrivals:
+            step_returns.append(time.perf_counter() - t0)
+        for out in outs:
             n = len(out.outputs[0].token_ids)
             if n > seen:
                 now = time.perf_counter()
@@ -71,6 +75,8 @@ def timed_request(engine: Any, request_id: str, prompt: list[int], output_len: i
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return {
         "ttft_s": first - t0,
+        "steps_to_first_token": len(step_returns),
+        "step_returns_ms": [round(s * 1e3, 3) for s in step_returns],
         "decode_s": decode_s,
         "decode_tok_s": (seen - 1) / decode_s if seen > 1 and decode_s > 0 else None,
         "median_itl_s": statistics.median(gaps) if gaps else None,
