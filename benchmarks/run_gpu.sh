@@ -15,7 +15,8 @@
 # and the next one runs. Every script merges its record into $OUT/results.json as soon as it has one, so a killed
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
-# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "profile", "micro" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
+# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro" and
+# "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
@@ -82,6 +83,10 @@ step() {
 
 echo "== start $(date -u +%FT%TZ), budget ${BUDGET_S}s, sections: $SECTIONS, model $MODEL" | tee "$LOG"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 | tee -a "$LOG"
+
+if want gputests; then  # every test marked gpu (kernels against their references, the engine on them, bf16 parity)
+  step gpu-tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests
+fi
 
 if want kernels; then
   # shellcheck disable=SC2086
