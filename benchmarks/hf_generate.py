@@ -56,7 +56,9 @@ def load_model(model_dir: Path, dtype_name: str, device: str, seed: int, experts
             model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to(dtype).eval()
+    # No .to(dtype): it would also round the rotary embedding's float32 inv_freq to bf16, which HF's own loading
+    # (from_pretrained with a dtype) keeps in float32; the parameters are in `dtype` already.
+    model = model.eval()
     if experts != "default":
         model.set_experts_implementation(experts)
         model._optimize_model_for_decode = contextlib.nullcontext  # keep it while decoding too
