@@ -15,6 +15,8 @@ one GEMM XLA gave to cuBLAS (the down projection) at 3.15 TB/s. This measures, p
   the bytes and shapes models/llama.py now loads (its q/k/v are ordered per KV head; the GEMM is the same);
 - "kernel": the fused four through `jpaged.kernels.grouped_matmul.matmul` (the Pallas kernel, default tuning),
   as the model runs decode steps with matmul_impl="pallas" on a GPU;
+- "mgpu" (M <= 64): the fused four through `jpaged.kernels.matmul_mgpu` (Mosaic GPU, weights streamed by TMA;
+  Hopper only, its interpreter off GPU);
 and, with --cublas, the first two again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. --sweep then times each
 fused projection alone (qkv, o, gate_up, down) under XLA and under a coordinate descent of kernel tunings. Each
 variant is checked against the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -108,6 +111,21 @@ def kernel_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_head
     return o + down, k, v
 
 
+def mgpu_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads: int, interpret: bool) -> Any:
+    import jax
+
+    from jpaged.kernels.matmul_mgpu import matmul_mgpu
+
+    mm = functools.partial(matmul_mgpu, interpret=interpret)
+    d, c, h = fused["wqkv"].shape
+    qkv = mm(x, fused["wqkv"].reshape(d, c * h)).reshape(-1, c, h)
+    q, k, v = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads :]
+    o = mm(q.reshape(q.shape[0], -1), fused["wo"].reshape(-1, d))
+    gate, up = jax.numpy.split(mm(x, fused["w_gate_up"]), 2, axis=1)
+    down = mm(jax.nn.silu(gate) * up, fused["w_down"])
+    return o + down, k, v
+
+
 def projections(fused: dict[str, Any]) -> dict[str, Any]:
     """The four fused weights as [K, N] matrices."""
     d = fused["wqkv"].shape[0]
@@ -129,7 +147,6 @@ SWEEP_GRID: dict[str, tuple[int, ...]] = {
 
 def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[str, Any]]) -> None:
     """Each fused projection alone at each M: XLA's dot, the kernel's default tuning, then coordinate descent."""
-    import functools
     import math
 
     import jax
@@ -206,7 +223,6 @@ def rel_err(out: Any, ref: Any) -> float:
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import functools
 
     import jax
     import jax.numpy as jnp
@@ -218,6 +234,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     model_fn = jax.jit(model_matmuls)
     fused_fn = jax.jit(functools.partial(fused_matmuls, num_heads=n, num_kv_heads=k))
     kernel_fn = jax.jit(functools.partial(kernel_matmuls, num_heads=n, num_kv_heads=k))
+    mgpu_fn = jax.jit(functools.partial(mgpu_matmuls, num_heads=n, num_kv_heads=k, interpret=not common.on_gpu()))
     xla = "cublas" if CUBLAS_FLAG in os.environ.get("XLA_FLAGS", "") else "default"
     rows = []
     for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
@@ -226,6 +243,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         variants = [("model", functools.partial(model_fn, layer, x)), ("fused", functools.partial(fused_fn, fused, x))]
         if xla == "default" and (common.on_gpu() or args.tiny):  # the kernel is the same under either XLA flag
             variants.append(("kernel", functools.partial(kernel_fn, fused, x)))
+            if m <= 64:
+                variants.append(("mgpu", functools.partial(mgpu_fn, fused, x)))
         for variant, fn in variants:
             row: dict[str, Any] = {
                 "shape": name,

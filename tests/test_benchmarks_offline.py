@@ -354,7 +354,7 @@ def test_bootstrap_maps_the_packages_of_a_bare_checkout() -> None:
 
 
 def test_gemm_record_checks_the_fused_layout_and_runs_a_cublas_child(tmp_path: Path) -> None:
-    """gemm.py: the fused q/k/v and gate-up weights, plain and through jpaged's kernel (interpreted here), give the
+    """gemm.py: the fused q/k/v and gate-up weights, plain and through jpaged's kernels (interpreted here), give the
     model's matmuls' results; --cublas adds the XLA rows from a child process whose XLA_FLAGS turn Triton GEMMs off;
     --sweep times each fused projection under XLA and kernel tunings and keeps the best of each."""
     rec = gemm.main(["--tiny", "--rows", "3", "--iters", "1", "--cublas", "--sweep", "--max-configs", "2",
@@ -363,6 +363,7 @@ def test_gemm_record_checks_the_fused_layout_and_runs_a_cublas_child(tmp_path: P
         ("model", "default"),
         ("fused", "default"),
         ("kernel", "default"),
+        ("mgpu", "default"),
         ("model", "cublas"),
         ("fused", "cublas"),
     ]

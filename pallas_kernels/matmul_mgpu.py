@@ -1,0 +1,186 @@
+"""Decode-sized weight matmul for Hopper through Pallas' Mosaic GPU backend: the weights streamed by TMA.
+
+M rows (a decode step's tokens, <= 64), K contraction, N output columns, S K-splits, R = 64 rows of a wgmma tile.
+
+Contract: out [M, N] = x [M, K] @ w [K, N], float32 accumulation, out in x's dtype.
+
+Why. A decode step's weight matmuls are a stream of weight bytes: at M = 16 Llama-2-7B's layer reads 404 MB for
+0.01 GFLOP. On the H200 XLA's GEMMs reach 2.9-3.5 TB/s of the 4.28 TB/s copy bandwidth, and the Triton-lowered
+kernel (`grouped_matmul.matmul`) is slower still on 32-180 MB projections (docs/benchmarks.md, fourth session). The
+decode-attention kernel (paged_decode_mgpu.py) reaches 3.9-4.2 TB/s with TMA copies into an SMEM ring; this applies
+the same idea to a dense weight matrix.
+
+Design.
+- Grid (N / block_n, S): one program (one warpgroup) per column block and K-split. x is padded to R = 64 rows (the
+  wgmma's M; compute is free at decode, the bytes are the weights').
+- `plgpu.emit_pipeline` streams, per step, x's [R, block_k] and w's [block_k, block_n] tiles by TMA through
+  `num_stages` swizzled SMEM slots; the wgmma accumulates the [R, block_n] tile in float32 registers. In flight per
+  program: num_stages - 1 weight tiles (16 KB each at block_k 64 x block_n 128 bf16).
+- The tile leaves through SMEM with one TMA store: rows >= M are written too (zeros of the padding) and cut by the
+  wrapper. With S > 1 every split writes float32 partial sums that XLA adds.
+
+Status: checked in Pallas' Mosaic GPU interpreter on CPU and lowered for CUDA (tests/test_matmul_mgpu.py); not yet
+run or timed on a GPU, so not used by the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+ROWS = 64  # wgmma's M
+_SWIZZLE = 128  # bytes
+_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatmulTuning:
+    """Tile sizes of the kernel; one kernel, many tunings."""
+
+    block_n: int = 128  # output columns per program; a multiple of 64 dividing N, <= 256 (wgmma's N)
+    block_k: int = 64  # contraction per pipeline step; 64 (one 128-byte swizzle row of bf16) or a multiple
+    num_stages: int = 4  # SMEM slots of the pipeline; >= 2 (a slot is released one step late, after its wgmma)
+    k_splits: int = 1  # programs sharing a column block's K range; > 1 adds float32 partial sums after
+
+    def __post_init__(self) -> None:
+        checks = {
+            "block_n": self.block_n % 64 == 0 and 64 <= self.block_n <= 256,
+            "block_k": self.block_k % 64 == 0 and 64 <= self.block_k <= 256,
+            "num_stages": 2 <= self.num_stages <= 8,
+            "k_splits": self.k_splits >= 1,
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not ok:
+                raise ValueError(f"MatmulTuning.{name}: bad value {value!r}")
+
+    @property
+    def name(self) -> str:
+        return f"bn{self.block_n}_bk{self.block_k}_st{self.num_stages}_ks{self.k_splits}"
+
+
+_MIN_PROGRAMS = 132  # one per SM of an H100/H200; fewer leave SMs without a weight stream
+
+
+def default_tuning(k: int, n: int) -> MatmulTuning:
+    """128-column blocks (64 where N needs it); K split in two until every SM has a program, keeping >= 8 pipeline
+    steps per split (Llama-2-7B's output and down projections have 32 column blocks: 8 and 4 splits, K = 11008 =
+    172 x 64 stopping at 4). A starting point: not yet measured on a GPU."""
+    block_n = 128 if n % 128 == 0 else 64
+    k_splits = 1
+    while (n // block_n) * k_splits < _MIN_PROGRAMS and k % (64 * 2 * k_splits) == 0 and k // (64 * 2 * k_splits) >= 8:
+        k_splits *= 2
+    return MatmulTuning(block_n=block_n, k_splits=k_splits)
+
+
+def matmul_mgpu_unsupported_reason(x: jax.Array, w: jax.Array, tuning: MatmulTuning) -> str | None:
+    """Why the kernel cannot run these shapes, or None."""
+    (m, k), (k2, n) = x.shape, w.shape
+    if x.dtype != w.dtype or x.dtype not in _DTYPES:
+        return f"x and w must share a dtype among bfloat16, float16, got {x.dtype} and {w.dtype}"
+    if k != k2:
+        return f"K of x ({k}) and of w ({k2}) differ"
+    if m > ROWS:
+        return f"M = {m} > {ROWS} rows (one wgmma tile)"
+    if n % tuning.block_n:
+        return f"N = {n} is not a multiple of block_n = {tuning.block_n}"
+    if k % (tuning.block_k * tuning.k_splits):
+        return f"K = {k} is not a multiple of block_k * k_splits = {tuning.block_k} * {tuning.k_splits}"
+    return None
+
+
+def _swizzled(dtype) -> tuple:
+    """wgmma operand layout: (8, 64)-element tiles of bf16, 128-byte swizzle."""
+    elems = _SWIZZLE // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(_SWIZZLE))  # type: ignore[abstract]
+
+
+def _kernel(
+    x_gmem,  # [R, K]
+    w_gmem,  # [K, N]
+    o_gmem,  # [S, R, N] x's dtype, or float32 when S > 1
+    o_smem,  # [R, block_n] the output tile on its way out
+    *,
+    tuning: MatmulTuning,
+    steps: int,  # pipeline steps per split: K / (block_k * S)
+):
+    n_block = lax.axis_index("n")
+    split = lax.axis_index("s")
+    bk, bn = tuning.block_k, tuning.block_n
+    transforms = _swizzled(x_gmem.dtype)
+
+    def accumulate(acc_ref):
+        plgpu.emit_pipeline(
+            lambda _, x_smem, w_smem: plgpu.wgmma(acc_ref, x_smem, w_smem),  # [R, bk] @ [bk, bn]
+            grid=(steps,),
+            in_specs=[
+                plgpu.BlockSpec((ROWS, bk), lambda i: (0, split * steps + i), transforms=transforms, delay_release=1),
+                plgpu.BlockSpec(
+                    (bk, bn), lambda i: (split * steps + i, n_block), transforms=transforms, delay_release=1
+                ),
+            ],
+            max_concurrent_steps=tuning.num_stages,
+        )(x_gmem, w_gmem)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, bn), jnp.float32))
+    o_smem[...] = acc.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, :, pl.ds(n_block * bn, bn)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def matmul_mgpu_reference(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Plain jnp: float32 products, out in x's dtype."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def interpret_params() -> plgpu.InterpretGPUParams:
+    """The Mosaic GPU interpreter, with uninitialised memory NaN so reads of unwritten SMEM show in the output."""
+    return plgpu.InterpretGPUParams(uninitialized_memory="nan")
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def matmul_mgpu(
+    x: jax.Array,  # [M, K]
+    w: jax.Array,  # [K, N]
+    *,
+    tuning: MatmulTuning | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [M, N] in x's dtype
+    """x @ w for M <= 64 rows on Hopper (Mosaic GPU); `interpret=True` runs Pallas' Mosaic GPU interpreter on CPU.
+    tuning: None picks `default_tuning(K, N)`.
+
+    Raises ValueError for shapes the kernel cannot run (`matmul_mgpu_unsupported_reason`).
+    """
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"matmul_mgpu takes x [M, K] and w [K, N], got shapes {x.shape} and {w.shape}")
+    tuning = tuning or default_tuning(x.shape[1], w.shape[1])
+    reason = matmul_mgpu_unsupported_reason(x, w, tuning)
+    if reason is not None:
+        raise ValueError(f"matmul_mgpu cannot run these shapes: {reason}")
+    m, k = x.shape
+    n = w.shape[1]
+    if m == 0:
+        return jnp.zeros((0, n), x.dtype)
+    splits = tuning.k_splits
+    out_dtype = x.dtype if splits == 1 else jnp.float32
+    kernel = functools.partial(_kernel, tuning=tuning, steps=k // (tuning.block_k * splits))
+    kernel.__name__ = f"matmul_mgpu_{tuning.name}"  # type: ignore[attr-defined]
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((splits, ROWS, n), out_dtype),
+        scratch_types=(plgpu.SMEM((ROWS, tuning.block_n), out_dtype),),
+        grid=(n // tuning.block_n, splits),
+        grid_names=("n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None,
+    )(jnp.pad(x, ((0, ROWS - m), (0, 0))), w)
+    out = out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
+    return out[:m]
