@@ -85,38 +85,12 @@ def fuse(layer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fused_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads: int) -> Any:
-    import jax
-    import jax.numpy as jnp
-
-    qkv = jnp.einsum("td,dch->tch", x, fused["wqkv"])
-    q, k, v = jnp.split(qkv, [num_heads, num_heads + num_kv_heads], axis=1)
-    o = jnp.einsum("tnh,nhd->td", q, fused["wo"])
-    gate, up = jnp.split(jnp.einsum("td,df->tf", x, fused["w_gate_up"]), 2, axis=1)
-    down = jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, fused["w_down"])
-    return o + down, k, v
-
-
-def kernel_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads: int) -> Any:
+def fused_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads: int, mm: Any = None) -> Any:
+    """The four fused matmuls, each as `mm(x [M, K], w [K, N])` on the weight viewed 2-D, as models/llama.py's
+    `project` runs them; mm None is XLA's dot."""
     import jax
 
-    from jpaged.kernels.grouped_matmul import matmul
-
-    d, c, h = fused["wqkv"].shape
-    qkv = matmul(x, fused["wqkv"].reshape(d, c * h), impl="pallas").reshape(-1, c, h)
-    q, k, v = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads :]
-    o = matmul(q.reshape(q.shape[0], -1), fused["wo"].reshape(-1, d), impl="pallas")
-    gate, up = jax.numpy.split(matmul(x, fused["w_gate_up"], impl="pallas"), 2, axis=1)
-    down = matmul(jax.nn.silu(gate) * up, fused["w_down"], impl="pallas")
-    return o + down, k, v
-
-
-def mgpu_matmuls(fused: dict[str, Any], x: Any, *, num_heads: int, num_kv_heads: int, interpret: bool) -> Any:
-    import jax
-
-    from jpaged.kernels.matmul_mgpu import matmul_mgpu
-
-    mm = functools.partial(matmul_mgpu, interpret=interpret)
+    mm = mm or jax.numpy.dot
     d, c, h = fused["wqkv"].shape
     qkv = mm(x, fused["wqkv"].reshape(d, c * h)).reshape(-1, c, h)
     q, k, v = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads :]
@@ -232,9 +206,15 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     fused = fuse(layer)
     weight_bytes = sum(w.size * w.dtype.itemsize for w in layer.values())
     model_fn = jax.jit(model_matmuls)
-    fused_fn = jax.jit(functools.partial(fused_matmuls, num_heads=n, num_kv_heads=k))
-    kernel_fn = jax.jit(functools.partial(kernel_matmuls, num_heads=n, num_kv_heads=k))
-    mgpu_fn = jax.jit(functools.partial(mgpu_matmuls, num_heads=n, num_kv_heads=k, interpret=not common.on_gpu()))
+    from jpaged.kernels.grouped_matmul import matmul
+    from jpaged.kernels.matmul_mgpu import matmul_mgpu
+
+    def fused_fn_with(mm: Any = None) -> Any:
+        return jax.jit(functools.partial(fused_matmuls, num_heads=n, num_kv_heads=k, mm=mm))
+
+    fused_fn = fused_fn_with()
+    kernel_fn = fused_fn_with(functools.partial(matmul, impl="pallas"))
+    mgpu_fn = fused_fn_with(functools.partial(matmul_mgpu, interpret=not common.on_gpu()))
     xla = "cublas" if CUBLAS_FLAG in os.environ.get("XLA_FLAGS", "") else "default"
     rows = []
     for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):

@@ -63,14 +63,9 @@ COLUMN_PARALLEL: dict[str, int] = {name: _SHARDED_DIM[name] for name in ("wqkv",
 ROW_PARALLEL = frozenset({"wo", "w_down"})  # each split on dimension 0 in _SHARDED_DIM
 
 
-def sharded_dim(name: str) -> int | None:
-    """The dimension of parameter `name` split across `tp`, or None if it is replicated."""
-    return _SHARDED_DIM.get(name)
-
-
 def param_spec(path: tuple[Any, ...], leaf: Any, tp: int) -> P:
     name = str(getattr(path[-1], "key", path[-1]))
-    dim = sharded_dim(name)
+    dim = _SHARDED_DIM.get(name)
     if dim is None or tp == 1 or leaf.shape[dim] % tp:
         return P()
     spec: list[str | None] = [None] * leaf.ndim
@@ -137,9 +132,8 @@ def column_parallel(fn: Callable[[jax.Array, jax.Array], jax.Array], w_dim: int)
             return fn(x, w)
         w_spec: list[str | None] = [None] * w.ndim
         w_spec[w_dim] = TP
-        out_spec: list[str | None] = [
-            None
-        ] * w.ndim  # out [T, w.shape[1:]...]: w's dimension d >= 1 is out's dimension d
+        # out is [T, *w.shape[1:]]: w's dimension d >= 1 is out's dimension d
+        out_spec: list[str | None] = [None] * w.ndim
         out_spec[w_dim] = TP
         return jax.shard_map(fn, in_specs=(P(), P(*w_spec)), out_specs=P(*out_spec), check_vma=False)(x, w)
 
