@@ -15,10 +15,11 @@ one GEMM XLA gave to cuBLAS (the down projection) at 3.15 TB/s. This measures, p
   the bytes and shapes models/llama.py now loads (its q/k/v are ordered per KV head; the GEMM is the same);
 - "kernel": the fused four through `jpaged.kernels.grouped_matmul.matmul` (the Pallas kernel, default tuning),
   as the model runs decode steps with matmul_impl="pallas" on a GPU;
-- "mgpu" (M <= 64): the fused four through `jpaged.kernels.matmul_mgpu` (Mosaic GPU, weights streamed by TMA;
-  Hopper only, its interpreter off GPU);
+- "mgpu" (M <= 256): the fused four through `jpaged.kernels.matmul_mgpu` (Mosaic GPU, weights streamed by TMA;
+  Hopper only, its interpreter off GPU), as the model runs them with matmul_impl="mgpu";
 and, with --cublas, the first two again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. --sweep then times each
-fused projection alone (qkv, o, gate_up, down) under XLA and under a coordinate descent of kernel tunings. Each
+fused projection alone (qkv, o, gate_up, down) under XLA and under a coordinate descent of kernel tunings (of the
+Triton-lowered kernel, or with --sweep-impl mgpu of the Mosaic GPU one). Each
 variant is checked against the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read
 once; floor = bytes / 4.28 TB/s (at these M every GEMM is bandwidth-bound).
 """
@@ -107,14 +108,15 @@ def projections(fused: dict[str, Any]) -> dict[str, Any]:
             "down": fused["w_down"]}  # fmt: skip
 
 
-# Candidate values per GroupedMatmulTuning field, tried one field at a time (common.tune_coordinatewise).
+# Candidate values per tuning field, tried one field at a time (common.tune_coordinatewise); fields a kernel's
+# tuning lacks are skipped.
 SWEEP_GRID: dict[str, tuple[int, ...]] = {
     "block_m": (16, 32, 64, 128),
     "block_n": (64, 128, 256),
     "block_k": (32, 64, 128, 256),
     "k_splits": (1, 2, 4, 8),
     "num_warps": (4, 8),
-    "num_stages": (3, 4),
+    "num_stages": (2, 3, 4, 6),
     "group_m": (1, 4, 8),
 }
 
@@ -125,7 +127,19 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
     import jax
 
-    from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
+    from jpaged.kernels.grouped_matmul import default_tuning as pallas_tuning
+    from jpaged.kernels.grouped_matmul import matmul, matmul_unsupported_reason
+    from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
+    from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason
+
+    if args.sweep_impl == "mgpu":
+        default_tuning: Any = mgpu_tuning
+        unsupported: Any = matmul_mgpu_unsupported_reason
+        kernel: Any = functools.partial(matmul_mgpu, interpret=not common.on_gpu())
+    else:
+        default_tuning = functools.partial(pallas_tuning, num_groups=1)
+        unsupported = matmul_unsupported_reason
+        kernel = functools.partial(matmul, impl="pallas")
 
     for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
         for proj, w in projections(fused).items():
@@ -146,7 +160,7 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                 m: int = m,
                 proj: str = proj,
             ) -> float:
-                row = dict(base, config=config)
+                row = dict(base, config=config, impl="xla" if config == "xla" else args.sweep_impl)
                 try:
                     row["rel_err"] = rel_err([common.block(fn())], [ref])
                     row["ok"] = row["rel_err"] <= MAX_REL_ERR
@@ -167,14 +181,14 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
             def evaluate(tuning: Any, x: Any = x, w: Any = w, seen: dict[Any, float] = seen) -> float:
                 if tuning not in seen:
-                    if len(seen) >= args.max_configs or matmul_unsupported_reason(x, w, tuning) is not None:
+                    if len(seen) >= args.max_configs or unsupported(x, w, tuning) is not None:
                         seen[tuning] = math.inf
                     else:
-                        fn = functools.partial(matmul, x, w, impl="pallas", tuning=tuning)
+                        fn = functools.partial(kernel, x, w, tuning=tuning)
                         seen[tuning] = run(tuning.name, fn, tuning)
                 return seen[tuning]
 
-            common.tune_coordinatewise(default_tuning(m, k, n, 1), evaluate, SWEEP_GRID)
+            common.tune_coordinatewise(default_tuning(m, k, n), evaluate, SWEEP_GRID)
 
 
 def best_sweep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -206,15 +220,15 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     fused = fuse(layer)
     weight_bytes = sum(w.size * w.dtype.itemsize for w in layer.values())
     model_fn = jax.jit(model_matmuls)
+    from jpaged.kernels import matmul_mgpu
     from jpaged.kernels.grouped_matmul import matmul
-    from jpaged.kernels.matmul_mgpu import matmul_mgpu
 
     def fused_fn_with(mm: Any = None) -> Any:
         return jax.jit(functools.partial(fused_matmuls, num_heads=n, num_kv_heads=k, mm=mm))
 
     fused_fn = fused_fn_with()
     kernel_fn = fused_fn_with(functools.partial(matmul, impl="pallas"))
-    mgpu_fn = fused_fn_with(functools.partial(matmul_mgpu, interpret=not common.on_gpu()))
+    mgpu_fn = fused_fn_with(functools.partial(matmul_mgpu.matmul_mgpu, interpret=not common.on_gpu()))
     xla = "cublas" if CUBLAS_FLAG in os.environ.get("XLA_FLAGS", "") else "default"
     rows = []
     for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
@@ -223,7 +237,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         variants = [("model", functools.partial(model_fn, layer, x)), ("fused", functools.partial(fused_fn, fused, x))]
         if xla == "default" and (common.on_gpu() or args.tiny):  # the kernel is the same under either XLA flag
             variants.append(("kernel", functools.partial(kernel_fn, fused, x)))
-            if m <= 64:
+            if m <= matmul_mgpu.MAX_ROWS:
                 variants.append(("mgpu", functools.partial(mgpu_fn, fused, x)))
         for variant, fn in variants:
             row: dict[str, Any] = {
@@ -285,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the --cublas child: print JSON rows
     parser.add_argument("--tiny", action="store_true", help="a tiny layer (the default off GPU)")
     parser.add_argument("--sweep", action="store_true", help="also tune the kernel per fused projection and M")
+    parser.add_argument("--sweep-impl", choices=("pallas", "mgpu"), default="pallas", help="the kernel --sweep tunes")
     parser.add_argument("--max-configs", type=int, default=14, help="most kernel tunings tried per (M, projection)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)

@@ -58,8 +58,9 @@ class EngineConfig:
     matmul_impl: str = dataclasses.field(
         default="auto",
         metadata=_help(
-            "weight matmuls: auto or xla (XLA's GEMMs, measured faster on the H200), or pallas (jpaged's Pallas "
-            "kernel for steps of <= 256 rows, where it can tile the weight; GPU only)"
+            "weight matmuls: auto or xla (XLA's GEMMs), pallas (jpaged's Triton-lowered Pallas kernel; GPU only) or "
+            "mgpu (its Mosaic GPU weight-streaming kernel; Hopper only), the kernels for steps of <= 256 rows where "
+            "they can tile the weight"
         ),
     )
     async_scheduling: bool = dataclasses.field(
@@ -90,8 +91,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.attn_impl not in ("auto", "mgpu", "pallas", "reference"):
             raise ValueError(f"attn_impl must be auto, mgpu, pallas or reference, got {self.attn_impl!r}")
-        if self.matmul_impl not in ("auto", "pallas", "xla"):
-            raise ValueError(f"matmul_impl must be auto, pallas or xla, got {self.matmul_impl!r}")
+        if self.matmul_impl not in ("auto", "mgpu", "pallas", "xla"):
+            raise ValueError(f"matmul_impl must be auto, mgpu, pallas or xla, got {self.matmul_impl!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not Path(self.model).is_dir():

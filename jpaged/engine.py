@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -54,11 +53,13 @@ class LLMEngine:
         if cfg.sliding_window is not None and cfg.sliding_window < self.max_model_len:
             logger.info("sliding window of %d tokens over max_model_len %d", cfg.sliding_window, self.max_model_len)
         sharding.check_model_fits(cfg.num_heads, cfg.num_kv_heads, config.tensor_parallel_size)
-        unavailable = impl_unavailable_reason(config.attn_impl)  # before the weights load, not in the first step
-        if unavailable is None and config.matmul_impl == "pallas" and jax.default_backend() != "gpu":
-            unavailable = f"matmul_impl='pallas' needs an NVIDIA GPU (the backend is {jax.default_backend()!r})"
-        if unavailable is not None:
-            raise ValueError(unavailable)
+        # before the weights load, not in the first step; the matmul kernels need what the attention ones of the same
+        # name need
+        for name, impl in (("attn_impl", config.attn_impl), ("matmul_impl", config.matmul_impl)):
+            if impl in ("auto", "xla"):
+                continue
+            if (unavailable := impl_unavailable_reason(impl)) is not None:
+                raise ValueError(unavailable.replace("attn_impl=", f"{name}="))
 
         self.tokenizer: PreTrainedTokenizerBase | None = (
             None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or model_dir)

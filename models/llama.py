@@ -13,8 +13,8 @@ q/k/v and gate/up are fused (the loader concatenates HF's matrices) because a de
 reads and fewer, larger matmuls stream faster (benchmarks/gemm.py). wqkv is ordered per KV head, so splitting it
 on K over devices hands each device whole attention groups (jpaged/sharding.py).
 
-Weight matmuls with few rows (decode) can run on the Pallas dense-matmul kernel (matmul_impl="pallas", see
-`project`); by default they are XLA's, measured faster on the H200.
+Weight matmuls with few rows (decode) can run on a Pallas kernel (matmul_impl "pallas" or "mgpu", see `project`); by
+default they are XLA's.
 
 Mixtral (models/mixtral.py) reuses everything here and swaps the feed-forward.
 """
@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jpaged import sharding
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
 from jpaged.kernels.kv_write import write_kv
+from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
+from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason
 from jpaged.kernels.paged_attention import paged_attention
 from jpaged.models.config import ModelConfig, RopeConfig
 from jpaged.models.metadata import AttentionMetadata
@@ -82,25 +84,40 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-# Weight matmuls of at most this many rows may take the Pallas kernel (decode steps; prefill-sized ones are
-# compute-bound and stay with XLA's GEMMs).
+# Weight matmuls of at most this many rows may take a kernel (decode steps; prefill-sized ones are compute-bound and
+# stay with XLA's GEMMs).
 MAX_KERNEL_ROWS = 256
+
+
+def _kernel_unsupported_reason(x: jax.Array, w: jax.Array, impl: str) -> str | None:
+    if x.shape[0] > MAX_KERNEL_ROWS:
+        return f"{x.shape[0]} rows > {MAX_KERNEL_ROWS}"
+    if impl == "mgpu":
+        return matmul_mgpu_unsupported_reason(x, w, mgpu_tuning(*x.shape, w.shape[1]))
+    return matmul_unsupported_reason(x, w, default_tuning(*x.shape, w.shape[1], 1))
+
+
+def _matmul(x: jax.Array, w: jax.Array, impl: str) -> jax.Array:
+    """x [M, K] @ w [K, N]. "auto"/"xla": XLA's GEMMs, which beat the Triton-lowered kernel for Llama-2-7B's decode
+    shapes on the H200 (docs/benchmarks.md, fourth session); "pallas" (that kernel) and "mgpu" (the Mosaic GPU
+    weight-streaming one) where they can run the shapes, XLA elsewhere."""
+    if impl in ("auto", "xla"):
+        return matmul(x, w, impl="xla")
+    if (reason := _kernel_unsupported_reason(x, w, impl)) is not None:
+        # e.g. a width the kernel cannot tile (a device's slice under tensor parallelism) or a prefill-sized step:
+        # XLA for this projection, said once per compilation.
+        logger.info("matmul_impl=%r: XLA for a [%d, %d] x [%d, %d] projection (%s)", impl, *x.shape, *w.shape, reason)
+        return matmul(x, w, impl="xla")
+    if impl == "mgpu":
+        return matmul_mgpu(x, w, interpret=jax.default_backend() != "gpu")
+    return matmul(x, w, impl="pallas")
 
 
 def _project(x: jax.Array, w: jax.Array, *, impl: str) -> jax.Array:
     """x [T, I...] @ w [I..., O...] contracting x's trailing dims with w's leading ones -> [T, O...]."""
     contract = x.ndim - 1
     x2 = x.reshape(x.shape[0], -1)
-    w2 = w.reshape(x2.shape[1], -1)
-    # "auto" is XLA's GEMMs: on the H200 they beat the kernel for Llama-2-7B's decode shapes, per layer and end to
-    # end (docs/benchmarks.md, fourth session). "pallas" keeps the kernel one flag away for other GPUs and shapes.
-    use_kernel = impl == "pallas" and x.shape[0] <= MAX_KERNEL_ROWS
-    if use_kernel and (reason := matmul_unsupported_reason(x2, w2, default_tuning(*x2.shape, w2.shape[1], 1))):
-        # A width the kernel cannot tile (not a multiple of 16, e.g. a device's slice under tensor parallelism):
-        # XLA for this projection, said once per compilation.
-        logger.info("matmul_impl='pallas': XLA for a [%d, %d] x [%d, %d] projection (%s)", *x2.shape, *w2.shape, reason)
-        use_kernel = False
-    out = matmul(x2, w2, impl="pallas" if use_kernel else "xla")
+    out = _matmul(x2, w.reshape(x2.shape[1], -1), impl)
     return out.reshape(x.shape[0], *w.shape[contract:])
 
 
@@ -108,8 +125,8 @@ def project(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) 
     """x @ layer[name] under tensor parallelism: a weight split on an output dimension runs per device
     (column-parallel); one split on its first, contracted, dimension sums the devices' partial outputs (row-parallel).
 
-    impl: "xla" or "auto" (XLA's GEMMs), or "pallas" (the Pallas kernel for steps of <= MAX_KERNEL_ROWS rows, where
-    it can tile the weight).
+    impl: "xla" or "auto" (XLA's GEMMs), "pallas" (the Triton-lowered Pallas kernel) or "mgpu" (the Mosaic GPU one)
+    for steps of <= MAX_KERNEL_ROWS rows, where the kernel can tile the weight.
     """
     w, fn = layer[name], functools.partial(_project, impl=impl)
     if name in sharding.ROW_PARALLEL:

@@ -1,6 +1,7 @@
 """Decode-sized weight matmul for Hopper through Pallas' Mosaic GPU backend: the weights streamed by TMA.
 
-M rows (a decode step's tokens, <= 64), K contraction, N output columns, S K-splits, R = 64 rows of a wgmma tile.
+M rows (a decode step's tokens, <= 256), K contraction, N output columns, S K-splits, R = M rounded up to a multiple
+of 64 (wgmma's M).
 
 Contract: out [M, N] = x [M, K] @ w [K, N], float32 accumulation, out in x's dtype.
 
@@ -11,16 +12,18 @@ decode-attention kernel (paged_decode_mgpu.py) reaches 3.9-4.2 TB/s with TMA cop
 the same idea to a dense weight matrix.
 
 Design.
-- Grid (N / block_n, S): one program (one warpgroup) per column block and K-split. x is padded to R = 64 rows (the
-  wgmma's M; compute is free at decode, the bytes are the weights').
+- Grid (N / block_n, S): one program (one warpgroup) per column block and K-split. x is padded to R rows (64-row
+  wgmma tiles; compute is free at decode, the bytes are the weights'). The [R, block_n] float32 accumulator lives in
+  the warpgroup's registers, so R * block_n <= 128 * 128 (128 registers a thread): 128-column blocks up to 128 rows,
+  64-column ones past that.
 - `plgpu.emit_pipeline` streams, per step, x's [R, block_k] and w's [block_k, block_n] tiles by TMA through
   `num_stages` swizzled SMEM slots; the wgmma accumulates the [R, block_n] tile in float32 registers. In flight per
   program: num_stages - 1 weight tiles (16 KB each at block_k 64 x block_n 128 bf16).
 - The tile leaves through SMEM with one TMA store: rows >= M are written too (zeros of the padding) and cut by the
   wrapper. With S > 1 every split writes float32 partial sums that XLA adds.
 
-Status: checked in Pallas' Mosaic GPU interpreter on CPU and lowered for CUDA (tests/test_matmul_mgpu.py); not yet
-run or timed on a GPU, so not used by the model.
+Status: checked in Pallas' Mosaic GPU interpreter on CPU and lowered for CUDA (tests/test_matmul_mgpu.py); the model
+takes it with matmul_impl="mgpu" (models/llama.py `project`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-ROWS = 64  # wgmma's M
+ROW_TILE = 64  # wgmma's M
+MAX_ROWS = 256
+_ACC_ELEMS = 128 * 128  # float32 accumulator elements a warpgroup holds in registers (128 a thread)
+_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 _SWIZZLE = 128  # bytes
 _DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -43,7 +49,7 @@ _DTYPES = (jnp.bfloat16, jnp.float16)
 class MatmulTuning:
     """Tile sizes of the kernel; one kernel, many tunings."""
 
-    block_n: int = 128  # output columns per program; a multiple of 64 dividing N, <= 256 (wgmma's N)
+    block_n: int = 128  # output columns per program; a multiple of 64 dividing N, <= 256; R * block_n <= 16384
     block_k: int = 64  # contraction per pipeline step; 64 (one 128-byte swizzle row of bf16) or a multiple
     num_stages: int = 4  # SMEM slots of the pipeline; >= 2 (a slot is released one step late, after its wgmma)
     k_splits: int = 1  # programs sharing a column block's K range; > 1 adds float32 partial sums after
@@ -68,15 +74,28 @@ class MatmulTuning:
 _MIN_PROGRAMS = 132  # one per SM of an H100/H200; fewer leave SMs without a weight stream
 
 
-def default_tuning(k: int, n: int) -> MatmulTuning:
-    """128-column blocks (64 where N needs it); K split in two until every SM has a program, keeping >= 8 pipeline
-    steps per split (Llama-2-7B's output and down projections have 32 column blocks: 8 and 4 splits, K = 11008 =
-    172 x 64 stopping at 4). A starting point: not yet measured on a GPU."""
-    block_n = 128 if n % 128 == 0 else 64
+def padded_rows(m: int) -> int:
+    """R: M rounded up to whole wgmma tiles."""
+    return max(ROW_TILE, -(-m // ROW_TILE) * ROW_TILE)
+
+
+def default_tuning(m: int, k: int, n: int) -> MatmulTuning:
+    """128-column blocks (64 where N or the accumulator's registers need it: past 128 rows); K split in two until
+    every SM has a program, keeping >= 8 pipeline steps per split (Llama-2-7B's output and down projections have 32
+    column blocks: 8 and 4 splits, K = 11008 = 172 x 64 stopping at 4); 3 pipeline slots past 128 rows, where x's
+    tiles fill the shared memory. A starting point: not yet measured on a GPU."""
+    rows = padded_rows(m)
+    block_n = 128 if n % 128 == 0 and rows * 128 <= _ACC_ELEMS else 64
     k_splits = 1
     while (n // block_n) * k_splits < _MIN_PROGRAMS and k % (64 * 2 * k_splits) == 0 and k // (64 * 2 * k_splits) >= 8:
         k_splits *= 2
-    return MatmulTuning(block_n=block_n, k_splits=k_splits)
+    return MatmulTuning(block_n=block_n, k_splits=k_splits, num_stages=4 if rows <= 128 else 3)
+
+
+def _smem_bytes(rows: int, tuning: MatmulTuning, itemsize: int) -> int:
+    ring = tuning.num_stages * (rows + tuning.block_n) * tuning.block_k * itemsize  # x's and w's tiles per slot
+    out_itemsize = itemsize if tuning.k_splits == 1 else 4
+    return ring + rows * tuning.block_n * out_itemsize
 
 
 def matmul_mgpu_unsupported_reason(x: jax.Array, w: jax.Array, tuning: MatmulTuning) -> str | None:
@@ -86,8 +105,13 @@ def matmul_mgpu_unsupported_reason(x: jax.Array, w: jax.Array, tuning: MatmulTun
         return f"x and w must share a dtype among bfloat16, float16, got {x.dtype} and {w.dtype}"
     if k != k2:
         return f"K of x ({k}) and of w ({k2}) differ"
-    if m > ROWS:
-        return f"M = {m} > {ROWS} rows (one wgmma tile)"
+    if m > MAX_ROWS:
+        return f"M = {m} > {MAX_ROWS} rows"
+    rows = padded_rows(m)
+    if rows * tuning.block_n > _ACC_ELEMS:
+        return f"{rows} padded rows x block_n = {tuning.block_n} overflow the accumulator's registers (<= {_ACC_ELEMS})"
+    if (smem := _smem_bytes(rows, tuning, x.dtype.itemsize)) > _SMEM_BYTES:
+        return f"{smem} bytes of shared memory for {rows} padded rows and {tuning.name} (> {_SMEM_BYTES})"
     if n % tuning.block_n:
         return f"N = {n} is not a multiple of block_n = {tuning.block_n}"
     if k % (tuning.block_k * tuning.k_splits):
@@ -102,7 +126,7 @@ def _swizzled(dtype) -> tuple:
 
 
 def _kernel(
-    x_gmem,  # [R, K]
+    x_gmem,  # [R, K] zero rows past M
     w_gmem,  # [K, N]
     o_gmem,  # [S, R, N] x's dtype, or float32 when S > 1
     o_smem,  # [R, block_n] the output tile on its way out
@@ -112,7 +136,7 @@ def _kernel(
 ):
     n_block = lax.axis_index("n")
     split = lax.axis_index("s")
-    bk, bn = tuning.block_k, tuning.block_n
+    rows, bk, bn = x_gmem.shape[0], tuning.block_k, tuning.block_n
     transforms = _swizzled(x_gmem.dtype)
 
     def accumulate(acc_ref):
@@ -120,7 +144,7 @@ def _kernel(
             lambda _, x_smem, w_smem: plgpu.wgmma(acc_ref, x_smem, w_smem),  # [R, bk] @ [bk, bn]
             grid=(steps,),
             in_specs=[
-                plgpu.BlockSpec((ROWS, bk), lambda i: (0, split * steps + i), transforms=transforms, delay_release=1),
+                plgpu.BlockSpec((rows, bk), lambda i: (0, split * steps + i), transforms=transforms, delay_release=1),
                 plgpu.BlockSpec(
                     (bk, bn), lambda i: (split * steps + i, n_block), transforms=transforms, delay_release=1
                 ),
@@ -129,7 +153,7 @@ def _kernel(
         )(x_gmem, w_gmem)
         return acc_ref[...]
 
-    acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, bn), jnp.float32))
+    acc = pl.run_scoped(accumulate, plgpu.ACC((rows, bn), jnp.float32))
     o_smem[...] = acc.astype(o_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, :, pl.ds(n_block * bn, bn)])
@@ -154,14 +178,14 @@ def matmul_mgpu(
     tuning: MatmulTuning | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [M, N] in x's dtype
-    """x @ w for M <= 64 rows on Hopper (Mosaic GPU); `interpret=True` runs Pallas' Mosaic GPU interpreter on CPU.
-    tuning: None picks `default_tuning(K, N)`.
+    """x @ w for M <= 256 rows on Hopper (Mosaic GPU); `interpret=True` runs Pallas' Mosaic GPU interpreter on CPU.
+    tuning: None picks `default_tuning(M, K, N)`.
 
     Raises ValueError for shapes the kernel cannot run (`matmul_mgpu_unsupported_reason`).
     """
     if x.ndim != 2 or w.ndim != 2:
         raise ValueError(f"matmul_mgpu takes x [M, K] and w [K, N], got shapes {x.shape} and {w.shape}")
-    tuning = tuning or default_tuning(x.shape[1], w.shape[1])
+    tuning = tuning or default_tuning(x.shape[0], x.shape[1], w.shape[1])
     reason = matmul_mgpu_unsupported_reason(x, w, tuning)
     if reason is not None:
         raise ValueError(f"matmul_mgpu cannot run these shapes: {reason}")
@@ -173,14 +197,15 @@ def matmul_mgpu(
     out_dtype = x.dtype if splits == 1 else jnp.float32
     kernel = functools.partial(_kernel, tuning=tuning, steps=k // (tuning.block_k * splits))
     kernel.__name__ = f"matmul_mgpu_{tuning.name}"  # type: ignore[attr-defined]
+    rows = padded_rows(m)
     out = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((splits, ROWS, n), out_dtype),
-        scratch_types=(plgpu.SMEM((ROWS, tuning.block_n), out_dtype),),
+        out_type=jax.ShapeDtypeStruct((splits, rows, n), out_dtype),
+        scratch_types=(plgpu.SMEM((rows, tuning.block_n), out_dtype),),
         grid=(n // tuning.block_n, splits),
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None,
-    )(jnp.pad(x, ((0, ROWS - m), (0, 0))), w)
+    )(jnp.pad(x, ((0, rows - m), (0, 0))), w)
     out = out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
     return out[:m]

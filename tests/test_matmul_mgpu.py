@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 
 from jpaged.kernels.matmul_mgpu import (
     MatmulTuning,
+    default_tuning,
     matmul_mgpu,
     matmul_mgpu_reference,
     matmul_mgpu_unsupported_reason,
@@ -39,7 +41,7 @@ TUNINGS = [
     MatmulTuning(),
     MatmulTuning(k_splits=2, num_stages=2),  # float32 partial sums
     MatmulTuning(block_n=64, num_stages=2),
-    MatmulTuning(block_n=256, block_k=128, num_stages=3),
+    MatmulTuning(block_n=256, block_k=128, num_stages=2),
 ]
 
 
@@ -48,7 +50,8 @@ class TestInterpret:
 
     interpret = True
 
-    @pytest.mark.parametrize("m", [1, 15, 16, 17, 64])  # below, at and past a 16-row bucket; a full wgmma tile
+    # below, at and past a 16-row bucket; one full wgmma tile, just past it (two); four tiles with 64-column blocks
+    @pytest.mark.parametrize("m", [1, 15, 16, 17, 64, 65, 200])
     def test_rows(self, m):
         check(*make(m, 256, 256, seed=m), interpret=self.interpret)
 
@@ -74,22 +77,26 @@ LLAMA2_7B = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), 
 def test_lowers_for_cuda(projection):
     k, n = LLAMA2_7B[projection]
     sds = jax.ShapeDtypeStruct
-    for tuning in (MatmulTuning(), MatmulTuning(k_splits=4), MatmulTuning(block_k=128, num_stages=3)):
-        if matmul_mgpu_unsupported_reason(sds((16, k), jnp.bfloat16), sds((k, n), jnp.bfloat16), tuning):
+    cases = [(16, t) for t in (MatmulTuning(), MatmulTuning(k_splits=4), MatmulTuning(block_k=128, num_stages=3))]
+    cases += [(m, default_tuning(m, k, n)) for m in (128, 256)]  # two and four wgmma row tiles
+    for m, tuning in cases:
+        if matmul_mgpu_unsupported_reason(sds((m, k), jnp.bfloat16), sds((k, n), jnp.bfloat16), tuning):
             continue
         fn = functools.partial(matmul_mgpu, tuning=tuning)
-        text = jax.jit(fn).trace(sds((16, k), jnp.bfloat16), sds((k, n), jnp.bfloat16))
+        text = jax.jit(fn).trace(sds((m, k), jnp.bfloat16), sds((k, n), jnp.bfloat16))
         assert "mosaic_gpu" in text.lower(lowering_platforms=("cuda",)).as_text()
 
 
 # -- validation --------------------------------------------------------------------------------------------------------
 def test_default_tuning_fills_the_sms():
-    from jpaged.kernels.matmul_mgpu import default_tuning
-
-    tunings = {name: default_tuning(k, n) for name, (k, n) in LLAMA2_7B.items()}
+    tunings = {name: default_tuning(16, k, n) for name, (k, n) in LLAMA2_7B.items()}
     assert {name: (t.block_n, t.k_splits) for name, t in tunings.items()} == {
         "qkv": (128, 2), "o": (128, 8), "gate_up": (128, 1), "down": (128, 4)}  # fmt: skip
-    assert default_tuning(64, 192).block_n == 64  # N = 3 x 64
+    assert default_tuning(16, 64, 192).block_n == 64  # N = 3 x 64
+    # past 128 rows the accumulator takes 64-column blocks (twice the programs: fewer splits) and 3 slots
+    assert default_tuning(256, 4096, 4096) == MatmulTuning(block_n=64, k_splits=4, num_stages=3)
+    x, w = make(256, 4096, 4096)
+    assert matmul_mgpu_unsupported_reason(x, w, default_tuning(256, 4096, 4096)) is None
 
 
 def test_tuning_rejects_bad_values():
@@ -104,7 +111,10 @@ def test_unsupported_shapes_are_named():
     x, w = make(16, 256, 256)
     reason = functools.partial(matmul_mgpu_unsupported_reason, tuning=MatmulTuning())
     assert reason(x, w) is None
-    assert "M = 65 > 64" in reason(jnp.zeros((65, 256), jnp.bfloat16), w)
+    assert "M = 257 > 256" in reason(jnp.zeros((257, 256), jnp.bfloat16), w)
+    assert "192 padded rows x block_n = 128 overflow" in reason(jnp.zeros((129, 256), jnp.bfloat16), w)
+    big = MatmulTuning(block_n=64, block_k=256, num_stages=4)
+    assert "bytes of shared memory for 256 padded rows" in reason(jnp.zeros((256, 256), jnp.bfloat16), w, tuning=big)
     assert "N = 192 is not a multiple of block_n = 128" in reason(x, w[:, :192])
     assert "block_k * k_splits = 64 * 8" in matmul_mgpu_unsupported_reason(x, w, MatmulTuning(k_splits=8))
     assert "share a dtype" in reason(x.astype(jnp.float32), w.astype(jnp.float32))
@@ -112,3 +122,38 @@ def test_unsupported_shapes_are_named():
         matmul_mgpu(x, w[:128], interpret=True)
     with pytest.raises(ValueError, match=r"takes x \[M, K\] and w \[K, N\]"):
         matmul_mgpu(x[None], w, interpret=True)
+
+
+# -- the model through the kernel (matmul_impl="mgpu") -----------------------------------------------------------------
+def test_model_through_the_kernel_matches_xla_in_bf16():
+    """A bf16 prefill with every weight matmul the kernel can tile on it (wo, w_gate_up, w_down of llama-gqa4; its
+    wqkv is 96 columns wide, so XLA) gives XLA's logits up to bf16 rounding, and the kernel is in the graph."""
+    from conftest import HF_FIXTURES
+
+    from jpaged import LLM
+    from jpaged.models import get_forward
+    from jpaged.models.metadata import AttentionMetadata
+
+    llm = LLM(str(HF_FIXTURES / "llama-gqa4"), dtype="bfloat16", max_model_len=128, skip_tokenizer_init=True)
+    runner, page_size = llm.engine.runner, llm.engine.config.page_size
+    n = 24
+    tokens = jax.random.randint(jax.random.key(0), (n,), 1, llm.engine.model_config.vocab_size, jnp.int32)
+    meta = AttentionMetadata(
+        slot_mapping=jnp.arange(n, dtype=jnp.int32) + page_size,  # pages 1.. in order
+        page_tables=jnp.arange(1, -(-n // page_size) + 1, dtype=jnp.int32)[None, :],
+        seq_lens=jnp.array([n], jnp.int32),
+        cu_q_lens=jnp.array([0, n], jnp.int32),
+        num_seqs=jnp.array([1], jnp.int32),
+        logits_indices=jnp.arange(n, dtype=jnp.int32),
+    )
+    args = (runner.params, tokens, jnp.arange(n, dtype=jnp.int32), runner.kv_pages, meta)
+    logits = {}
+    with jax.set_mesh(runner.mesh):
+        for impl in ("xla", "mgpu"):
+            forward = jax.jit(get_forward(llm.engine.model_config, matmul_impl=impl))
+            kernels = len(re.findall(r"name=matmul_mgpu\b", str(forward.trace(*args).jaxpr)))  # its jitted calls
+            assert kernels == (3 * llm.engine.model_config.num_layers if impl == "mgpu" else 0)
+            logits[impl] = np.asarray(forward(*args)[0], np.float32)
+    err = np.linalg.norm(logits["mgpu"] - logits["xla"]) / np.linalg.norm(logits["xla"])
+    assert err < 1e-2, err
+    assert (logits["mgpu"].argmax(-1) == logits["xla"].argmax(-1)).mean() >= 0.9
