@@ -53,7 +53,7 @@ def moe(
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
     gate, up = jnp.split(grouped_matmul(xs, layer["expert_gate_up"], group_sizes, impl=impl), 2, axis=1)  # [A, F] x2
-    out = grouped_matmul(jax.nn.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
+    out = grouped_matmul(llama.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[token_of].add(out)
 
@@ -64,7 +64,7 @@ def moe_dense_reference(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelCon
     dense_w = jnp.zeros((x.shape[0], cfg.num_experts), jnp.float32)
     dense_w = dense_w.at[jnp.arange(x.shape[0])[:, None], experts].set(weights)  # [T, E]
     gate, up = jnp.split(jnp.einsum("td,edf->tef", x, layer["expert_gate_up"]), 2, axis=2)
-    out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, layer["expert_down"])
+    out = jnp.einsum("tef,efd->ted", llama.silu(gate) * up, layer["expert_down"])
     return jnp.einsum("ted,te->td", out, dense_w.astype(out.dtype))
 
 
