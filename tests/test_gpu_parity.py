@@ -41,6 +41,10 @@ def test_llama_1b_logits_match_hf_in_bf16(tmp_path):
     forward = jax.jit(get_forward(llm.engine.model_config, attn_impl="pallas"))
     prompts = json.loads((model / "prompts.json").read_text())
     want_all = np.load(model / "hf_logits.npz")
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    checks = []
     for i, prompt in enumerate(prompts):
         n = len(prompt)
         pages = -(-n // llm.engine.config.page_size)
@@ -59,20 +63,18 @@ def test_llama_1b_logits_match_hf_in_bf16(tmp_path):
         got, want = np.asarray(logits, np.float32), want_all[f"arr_{i}"]
         exact = np.load(model / "hf_logits_f32.npz")[f"arr_{i}"]
         eager = np.load(model / "hf_logits_eager.npz")[f"arr_{i}"]  # HF bf16 again, eager attention
-
-        def rel(a, b):
-            return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
         print(f"prompt {i}: jpaged-bf16 vs HF-bf16 {rel(got, want):.3e}; vs HF-f32 {rel(got, exact):.3e}; "
               f"HF-bf16 vs HF-f32 {rel(want, exact):.3e}; noise floor: HF-bf16-eager vs HF-bf16 "
               f"{rel(eager, want):.3e} (eager vs HF-f32 {rel(eager, exact):.3e}; jpaged-bf16 vs HF-bf16-eager "
               f"{rel(got, eager):.3e})")  # fmt: skip
+        checks.append((i, got, want, exact, eager))
+    for i, got, want, exact, eager in checks:  # every prompt's figures printed first
         # jpaged's bf16 is at least as close to the float32 truth as HF's own bf16 (within 10%) ...
         assert rel(got, exact) <= 1.1 * rel(want, exact), f"prompt {i}: {rel(got, exact):.3e} from float32"
         # ... no further from HF's bf16 than HF's own two attention paths are from each other (the noise floor two
         # correct bf16 runs of this random model have: one early rounding flipped by summation order grows over the
-        # layers; 2.4-2.7e-2 on CPU) ...
+        # layers; 2.4-2.7e-2 on CPU, 2.7e-2 on the H200) ...
         assert rel(got, want) <= 1.25 * rel(eager, want), f"prompt {i}: {rel(got, want):.3e} from HF bf16"
-        # ... and within the bound of HF's bf16.
+        # ... and within the bound of HF's bf16 (not met: the noise floor above is past it).
         assert rel(got, want) <= 2e-2, f"prompt {i}: relative error {rel(got, want):.3e}"
         assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
