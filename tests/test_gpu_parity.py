@@ -41,6 +41,7 @@ def test_llama_1b_logits_match_hf_in_bf16(tmp_path):
     forward = jax.jit(get_forward(llm.engine.model_config, attn_impl="pallas"))
     prompts = json.loads((model / "prompts.json").read_text())
     want_all = np.load(model / "hf_logits.npz")
+
     def rel(a, b):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
