@@ -14,7 +14,7 @@ reads and fewer, larger matmuls stream faster (benchmarks/gemm.py). wqkv is orde
 on K over devices hands each device whole attention groups (jpaged/sharding.py).
 
 Weight matmuls with few rows (decode) can run on a Pallas kernel (matmul_impl "pallas" or "mgpu", see `project`); by
-default they are XLA's.
+default they are XLA's but where the Mosaic GPU kernel measured faster on the H200.
 
 Mixtral (models/mixtral.py) reuses everything here and swaps the feed-forward.
 """
@@ -34,8 +34,9 @@ from jpaged import sharding
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
 from jpaged.kernels.kv_write import write_kv
 from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
-from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason
+from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason, measured_faster_tuning
 from jpaged.kernels.paged_attention import paged_attention
+from jpaged.kernels.platform import on_hopper
 from jpaged.models.config import ModelConfig, RopeConfig
 from jpaged.models.metadata import AttentionMetadata
 
@@ -98,9 +99,13 @@ def _kernel_unsupported_reason(x: jax.Array, w: jax.Array, impl: str) -> str | N
 
 
 def _matmul(x: jax.Array, w: jax.Array, impl: str) -> jax.Array:
-    """x [M, K] @ w [K, N]. "auto"/"xla": XLA's GEMMs, which beat the Triton-lowered kernel for Llama-2-7B's decode
-    shapes on the H200 (docs/benchmarks.md, fourth session); "pallas" (that kernel) and "mgpu" (the Mosaic GPU
-    weight-streaming one) where they can run the shapes, XLA elsewhere."""
+    """x [M, K] @ w [K, N]. "xla": XLA's GEMMs. "auto": XLA's, except on Hopper for the shapes where the Mosaic GPU
+    kernel measured faster (`measured_faster_tuning`). "pallas" (the Triton-lowered kernel, slower than XLA for
+    Llama-2-7B's decode shapes on the H200) and "mgpu" (the Mosaic GPU one, default tunings) where they can run the
+    shapes, XLA elsewhere."""
+    tuning = measured_faster_tuning(*x.shape, w.shape[1]) if impl == "auto" and on_hopper() else None
+    if tuning is not None and matmul_mgpu_unsupported_reason(x, w, tuning) is None:  # (a float32 model is not)
+        return matmul_mgpu(x, w, tuning=tuning)
     if impl in ("auto", "xla"):
         return matmul(x, w, impl="xla")
     if (reason := _kernel_unsupported_reason(x, w, impl)) is not None:

@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jpaged.kernels.paged_attention import count_le, pallas_out_struct
+from jpaged.kernels.platform import on_gpu
 
 IMPLS = ("auto", "xla", "reference", "pallas")
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -330,10 +331,6 @@ def grouped_matmul_unsupported_reason(lhs: jax.Array, rhs: jax.Array, tuning: Gr
     return None
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
 @functools.partial(jax.jit, static_argnames=("tuning", "impl", "interpret"))
 def grouped_matmul(
     lhs: jax.Array,  # [M, K]
@@ -359,15 +356,15 @@ def grouped_matmul(
     if tuning is None:
         tuning = default_tuning(lhs.shape[0], k, n, num_groups)
     if impl == "auto":
-        use_pallas = _on_gpu() and grouped_matmul_unsupported_reason(lhs, rhs, tuning) is None
+        use_pallas = on_gpu() and grouped_matmul_unsupported_reason(lhs, rhs, tuning) is None
         impl = "pallas" if use_pallas else "xla"
     if impl == "xla":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes)
     if impl == "reference":
         return grouped_matmul_reference(lhs, rhs, group_sizes)
     if interpret is None:
-        interpret = not _on_gpu()
-    if not interpret and not _on_gpu():
+        interpret = not on_gpu()
+    if not interpret and not on_gpu():
         backend = jax.default_backend()
         raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}) or interpret=True")
     # The kernel has no masked columns: these hold in interpret mode too.
@@ -407,12 +404,12 @@ def matmul(
     if tuning is None:
         tuning = default_tuning(lhs.shape[0], rhs.shape[0], rhs.shape[1], 1)
     if impl == "auto":
-        impl = "pallas" if _on_gpu() and matmul_unsupported_reason(lhs, rhs, tuning) is None else "xla"
+        impl = "pallas" if on_gpu() and matmul_unsupported_reason(lhs, rhs, tuning) is None else "xla"
     if impl in ("xla", "reference"):
         return jnp.dot(lhs, rhs)  # XLA's GEMMs accumulate 16-bit inputs in float32 and round the result
     if interpret is None:
-        interpret = not _on_gpu()
-    if not interpret and not _on_gpu():
+        interpret = not on_gpu()
+    if not interpret and not on_gpu():
         raise ValueError(f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}) or interpret=True")
     reason = matmul_unsupported_reason(lhs, rhs, tuning)
     if reason is not None:

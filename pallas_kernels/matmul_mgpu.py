@@ -92,6 +92,20 @@ def default_tuning(m: int, k: int, n: int) -> MatmulTuning:
     return MatmulTuning(block_n=block_n, k_splits=k_splits, num_stages=4 if rows <= 128 else 3)
 
 
+# Where this kernel beat XLA's GEMM on the H200, each projection timed alone over copies of its weight
+# (benchmarks/gemm.py --sweep --sweep-impl mgpu; docs/benchmarks.md, fifth session): (K, N, padded rows R) -> its best
+# tuning there. For Llama-2-7B's other projections and at 1-16 rows XLA's GEMMs were as fast or faster (its GEMV-like
+# fusions stream 3.4-4.1 TB/s there; this kernel's 64-row wgmma tile reads x padded), so they stay with XLA.
+H200_FASTER_THAN_XLA: dict[tuple[int, int, int], MatmulTuning] = {
+    (4096, 12288, 128): MatmulTuning(block_n=128, num_stages=6),  # Llama-2-7B's fused q/k/v: 30.5 us vs XLA's 42.1
+}
+
+
+def measured_faster_tuning(m: int, k: int, n: int) -> MatmulTuning | None:
+    """The tuning with which this kernel measured faster than XLA for x [m, k] @ w [k, n] on the H200, or None."""
+    return H200_FASTER_THAN_XLA.get((k, n, padded_rows(m)))
+
+
 def _smem_bytes(rows: int, tuning: MatmulTuning, itemsize: int) -> int:
     ring = tuning.num_stages * (rows + tuning.block_n) * tuning.block_k * itemsize  # x's and w's tiles per slot
     out_itemsize = itemsize if tuning.k_splits == 1 else 4

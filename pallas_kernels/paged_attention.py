@@ -49,6 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import ManualAxisType
 
+from jpaged.kernels.platform import on_gpu, on_hopper
+
 IMPLS = ("auto", "reference", "pallas", "mgpu")
 # Finite, so fully masked rows never compute inf - inf = nan; exp(MASK_VALUE - a real score) underflows to 0.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -520,23 +522,14 @@ def pallas_gpu_unsupported_reason(q: jax.Array, k_pages: jax.Array, tuning: Atte
     return None
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
-def _on_hopper() -> bool:
-    """The Mosaic GPU decode kernel needs sm_90 (wgmma, TMA)."""
-    return _on_gpu() and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
-
-
 def impl_unavailable_reason(impl: str) -> str | None:
     """Why `impl` cannot run compiled on this machine's default backend (so an engine can refuse it at start-up
     rather than fail inside its first step), or None."""
     if impl not in IMPLS:
         return f"attention implementation must be one of {IMPLS}, got {impl!r}"
-    if impl == "pallas" and not _on_gpu():
+    if impl == "pallas" and not on_gpu():
         return f"attn_impl='pallas' needs an NVIDIA GPU (the backend is {jax.default_backend()!r})"
-    if impl == "mgpu" and not _on_hopper():
+    if impl == "mgpu" and not on_hopper():
         return f"attn_impl='mgpu' needs a Hopper GPU, sm_90 (the backend is {jax.default_backend()!r})"
     return None
 
@@ -548,7 +541,7 @@ def has_decode_kernel(impl: str, q, k_pages, page_tables, sliding_window: int | 
     "mgpu", which raises on shapes it cannot run rather than falling back."""
     if impl == "mgpu":
         return True
-    if impl != "auto" or not _on_hopper():
+    if impl != "auto" or not on_hopper():
         return False
     from jpaged.kernels.paged_decode_mgpu import decode_unsupported_reason
 
@@ -607,11 +600,11 @@ def paged_attention(
         reason = mgpu.decode_unsupported_reason(q[:num_rows], k_pages, page_tables, sliding_window)
         if impl == "mgpu" and reason is not None:
             raise ValueError(f"impl='mgpu' cannot run this decode batch: {reason}")
-        if impl == "mgpu" and not (interpret or _on_hopper()):
+        if impl == "mgpu" and not (interpret or on_hopper()):
             backend = jax.default_backend()
             raise ValueError(f"impl='mgpu' needs a Hopper GPU (sm_90) or interpret=True (backend is {backend!r})")
         # "auto" picks the kernel on Hopper only, as it picks the Triton kernel on GPUs only, interpret or not.
-        if impl == "mgpu" or (reason is None and _on_hopper()):
+        if impl == "mgpu" or (reason is None and on_hopper()):
             out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables, seq_lens, num_seqs,
                                                    sm_scale=sm_scale, interpret=interpret)  # fmt: skip
             return jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
@@ -620,13 +613,13 @@ def paged_attention(
     if tuning is None:
         tuning = default_tuning(q.shape[0], page_tables.shape[0], q.shape[1], k_pages.shape[0])
     if impl == "auto":
-        use_pallas = _on_gpu() and pallas_gpu_unsupported_reason(q, k_pages, tuning) is None
+        use_pallas = on_gpu() and pallas_gpu_unsupported_reason(q, k_pages, tuning) is None
         impl = "pallas" if use_pallas else "reference"
     if impl == "reference":
         return paged_attention_reference(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs,
                                          sm_scale=sm_scale, sliding_window=sliding_window)  # fmt: skip
     if not interpret:
-        if not _on_gpu():
+        if not on_gpu():
             backend = jax.default_backend()
             raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}) or interpret=True")
         reason = pallas_gpu_unsupported_reason(q, k_pages, tuning)

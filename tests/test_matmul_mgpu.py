@@ -157,3 +157,21 @@ def test_model_through_the_kernel_matches_xla_in_bf16():
     err = np.linalg.norm(logits["mgpu"] - logits["xla"]) / np.linalg.norm(logits["xla"])
     assert err < 1e-2, err
     assert (logits["mgpu"].argmax(-1) == logits["xla"].argmax(-1)).mean() >= 0.9
+
+
+def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch):
+    """matmul_impl="auto" on Hopper: the Mosaic GPU kernel, with its measured tuning, for Llama-2-7B's q/k/v at a
+    128-row step; XLA for the other projections, other row counts, float32, and off Hopper."""
+    from jpaged.models import llama
+
+    def kernels(m, k, n, dtype=jnp.bfloat16):
+        sds = jax.ShapeDtypeStruct
+        jaxpr = jax.jit(functools.partial(llama._matmul, impl="auto")).trace(sds((m, k), dtype), sds((k, n), dtype))
+        return re.findall(r"matmul_mgpu_(bn\w+)", str(jaxpr.jaxpr))[:1]
+
+    assert kernels(128, 4096, 12288) == []  # not on Hopper here
+    monkeypatch.setattr(llama, "on_hopper", lambda: True)
+    assert kernels(128, 4096, 12288) == [MatmulTuning(block_n=128, num_stages=6).name]
+    assert kernels(100, 4096, 12288) == [MatmulTuning(block_n=128, num_stages=6).name]  # same 128-row tile
+    assert kernels(16, 4096, 12288) == [] and kernels(128, 4096, 4096) == []
+    assert kernels(128, 4096, 12288, jnp.float32) == []

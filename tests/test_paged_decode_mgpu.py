@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from jpaged.kernels import paged_decode_mgpu as mgpu
+from jpaged.kernels import platform
 from jpaged.kernels.paged_attention import has_decode_kernel, paged_attention
 from jpaged.kernels.paged_decode_mgpu import (
     DecodeTuning,
@@ -22,7 +22,6 @@ from jpaged.kernels.paged_decode_mgpu import (
 )
 
 MAX_REL_ERR = 1e-2  # bf16 output against the float32-softmax reference
-pa_module = importlib.import_module("jpaged.kernels.paged_attention")  # the package re-exports the function's name
 
 
 def make_inputs(*, page_size: int, group: int, lens: tuple[int, ...], num_kv_heads: int = 2, head_dim: int = 128,
@@ -225,7 +224,7 @@ def test_entry_point_decode_only_elsewhere():
     args = make_inputs(page_size=16, group=4, lens=(20, 3))
     ragged = as_ragged(args, extra_rows=1)
     call = functools.partial(paged_attention, sm_scale=0.125)
-    if not pa_module._on_hopper():  # "auto" without a Hopper GPU: the ragged path, decode_only or not
+    if not platform.on_hopper():  # "auto" without a Hopper GPU: the ragged path, decode_only or not
         np.testing.assert_array_equal(call(*ragged, decode_only=True), call(*ragged))
         interpreted = call(*ragged, decode_only=True, interpret=True)  # interpret=True does not make "auto" Mosaic
         np.testing.assert_array_equal(interpreted, call(*ragged, impl="reference"))
@@ -245,7 +244,7 @@ def test_has_decode_kernel():
     q, k, _, tables = make_inputs(page_size=16, group=4, lens=(20,))[:4]
     assert has_decode_kernel("mgpu", q, k, tables)
     assert not has_decode_kernel("pallas", q, k, tables) and not has_decode_kernel("reference", q, k, tables)
-    assert has_decode_kernel("auto", q, k, tables) == pa_module._on_hopper()
+    assert has_decode_kernel("auto", q, k, tables) == platform.on_hopper()
     # Shapes the Mosaic kernel cannot run: "auto" compiles no separate decode steps for them.
     assert not has_decode_kernel("auto", q.astype(jnp.float32), k.astype(jnp.float32), tables)
     assert not has_decode_kernel("auto", q, k, tables, sliding_window=64)

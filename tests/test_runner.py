@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 
 import jax
@@ -11,9 +10,8 @@ from conftest import assert_pool_clean
 
 from jpaged import LLM, SamplingParams
 from jpaged import runner as runner_module
+from jpaged.kernels import platform
 from jpaged.runner import bucket, buckets
-
-pa_module = importlib.import_module("jpaged.kernels.paged_attention")  # the package re-exports the function's name
 
 
 def test_buckets_are_powers_of_two_then_the_cap():
@@ -112,7 +110,7 @@ def test_decode_only_steps_get_their_own_variant(monkeypatch):
 def test_mosaic_decode_steps_match_the_triton_kernel(tmp_path):
     """On a Hopper GPU, a bf16 model of head_dim 128 decodes through the Mosaic GPU kernel: every greedy token is the
     Triton-kernel engine's argmax at that position, up to bf16 noise (teacher-forced through prompt logprobs)."""
-    if not pa_module._on_hopper():
+    if not platform.on_hopper():
         pytest.skip("needs a Hopper GPU")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
