@@ -173,5 +173,6 @@ def test_auto_takes_the_kernel_only_where_it_measured_faster(monkeypatch):
     monkeypatch.setattr(llama, "on_hopper", lambda: True)
     assert kernels(128, 4096, 12288) == [MatmulTuning(block_n=128, num_stages=6).name]
     assert kernels(100, 4096, 12288) == [MatmulTuning(block_n=128, num_stages=6).name]  # same 128-row tile
-    assert kernels(16, 4096, 12288) == [] and kernels(128, 4096, 4096) == []
+    assert kernels(64, 11008, 4096) == [MatmulTuning(block_n=128, k_splits=4).name]
+    assert kernels(16, 4096, 12288) == [] and kernels(128, 4096, 4096) == [] and kernels(128, 11008, 4096) == []
     assert kernels(128, 4096, 12288, jnp.float32) == []
