@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -271,36 +272,49 @@ class ModelRunner:
         )
         num_logprobs = MAX_LOGPROBS if any(r.params.logprobs is not None for r in reqs) else 0
 
-        tokens = np.zeros(t_pad, np.int32)
-        prev_rows = np.full(t_pad, -1, np.int32)
+        # Whole-batch numpy rather than a loop of small array ops per request: at 256 decode sequences the loop
+        # cost ~6.6 ms of host time a step on the CPU box, which an overlapped device step must hide.
+        num_reqs, counts_np = len(reqs), np.asarray(counts, np.int32)
+        total = int(counts_np.sum())
+        begins = np.fromiter((r.num_computed_tokens for r in reqs), np.int32, count=num_reqs)
+        ends = np.cumsum(counts_np, dtype=np.int32)  # each request's rows are [ends - counts, ends)
+        row_req = np.repeat(np.arange(num_reqs), counts_np)  # the request of each token row
         positions = np.zeros(t_pad, np.int32)
-        slots = np.full(t_pad, NULL_PAGE * self.page_size, np.int32)
-        targets = np.full(t_pad if want_prompt else 1, -1, np.int32)
+        positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(ends - counts_np - begins, counts_np)
+
+        page_counts = np.fromiter((len(r.pages) for r in reqs), np.int64, count=num_reqs)
+        num_pages = int(page_counts.sum())
         page_tables = np.full((b_pad, self.max_pages_per_seq), NULL_PAGE, np.int32)
-        seq_lens = np.zeros(b_pad, np.int32)
-        cu_q_lens = np.zeros(b_pad + 1, np.int32)
-        last_rows = np.zeros(b_pad, np.int32)
-        start = 0
-        for b, (req, n) in enumerate(zip(reqs, counts, strict=True)):
-            begin = req.num_computed_tokens
-            pos = np.arange(begin, begin + n, dtype=np.int32)
-            tokens[start : start + n] = req.token_ids[begin : begin + n]
-            for index, row in req.pending.items():  # a token the previous step sampled and the host has not seen
+        page_tables[np.repeat(np.arange(num_reqs), page_counts),
+                    np.arange(num_pages) - np.repeat(np.cumsum(page_counts) - page_counts, page_counts)] = (
+            np.fromiter(itertools.chain.from_iterable(r.pages for r in reqs), np.int32, count=num_pages)
+        )  # fmt: skip
+        slots = np.full(t_pad, NULL_PAGE * self.page_size, np.int32)
+        live = positions[:total]
+        slots[:total] = page_tables[row_req, live // self.page_size] * self.page_size + live % self.page_size
+
+        tokens = np.zeros(t_pad, np.int32)
+        tokens[:total] = list(itertools.chain.from_iterable(
+            r.token_ids[b : b + n] for r, b, n in zip(reqs, begins.tolist(), counts, strict=True)))  # fmt: skip
+        prev_rows = np.full(t_pad, -1, np.int32)  # a token the previous step sampled and the host has not seen
+        for req, begin, end, n in zip(reqs, begins.tolist(), ends.tolist(), counts, strict=True):
+            for index, row in req.pending.items():
                 if begin <= index < begin + n:
-                    prev_rows[start + index - begin] = row
-            positions[start : start + n] = pos
-            pages = np.asarray(req.pages, np.int32)
-            slots[start : start + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
-            page_tables[b, : len(req.pages)] = pages
-            seq_lens[b] = begin + n
-            cu_q_lens[b + 1] = start + n
-            last_rows[b] = start + n - 1
-            if want_prompt and req.params.prompt_logprobs is not None:
-                nxt = pos + 1
-                ok = nxt < req.num_prompt_tokens
-                targets[start : start + n][ok] = np.asarray(req.token_ids, np.int32)[nxt[ok]]
-            start += n
-        cu_q_lens[len(reqs) + 1 :] = start
+                    prev_rows[end - n + index - begin] = row
+        targets = np.full(t_pad if want_prompt else 1, -1, np.int32)
+        if want_prompt:
+            for req, begin, end, n in zip(reqs, begins.tolist(), ends.tolist(), counts, strict=True):
+                if req.params.prompt_logprobs is not None:
+                    nxt = np.arange(begin + 1, begin + n + 1)
+                    ok = nxt < req.num_prompt_tokens
+                    targets[end - n : end][ok] = np.asarray(req.token_ids, np.int32)[nxt[ok]]
+        seq_lens = np.zeros(b_pad, np.int32)
+        seq_lens[:num_reqs] = begins + counts_np
+        cu_q_lens = np.full(b_pad + 1, total, np.int32)
+        cu_q_lens[0] = 0
+        cu_q_lens[1 : num_reqs + 1] = ends
+        last_rows = np.zeros(b_pad, np.int32)
+        last_rows[:num_reqs] = ends - 1
 
         if want_prompt:  # logits at every token row; each sequence samples from its last
             logits_indices, sample_rows = np.arange(t_pad, dtype=np.int32), last_rows
