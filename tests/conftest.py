@@ -8,10 +8,38 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
+
+
+def _session_compilation_cache() -> None:
+    """JAX's persistent compilation cache, in a folder of this test session's own (removed at exit).
+
+    `_release_compiled_programs` below drops every compiled program after each module, so each module that runs the
+    bundled model (the server modules, the LLM and CLI modules, ...) compiled the same step buckets again: ~2.5 s
+    of XLA:CPU each. With this cache a module that needs a program an earlier one compiled reads it back from disk
+    (~0.1 s). The cache key is the lowered program plus the compile options and XLA flags, so a changed or
+    monkeypatched model never hits; a fresh folder per session keeps runs independent of each other; and a cache hit
+    still goes through JAX's backend-compile event, so the tests that count compilations see it. Also exported to
+    the environment, so the subprocesses the tests start (the server CLI, benchmark children) share it."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # else the caller chose a cache
+        folder = tempfile.mkdtemp(prefix="jpaged-test-jax-cache-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # the step, not the small helpers
+    # Set here too: the environment is read when JAX is first imported, which a plugin may have done already.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+    )
+
+
+_session_compilation_cache()
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MODELS = REPO.parent / "shared" / "models"
