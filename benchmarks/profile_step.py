@@ -5,7 +5,9 @@
 
 For each batch size B: B requests with random --input-len prompts (greedy, ignore_eos, long enough outputs) are
 stepped through prefill and --settle steps of decode (compiling what they need), then --steps steps are timed on
-the host and --trace-steps more are traced with `jax.profiler` (a Perfetto trace per batch under --trace-dir).
+the host, each split into the parts of an engine step (scheduling, packing the step's inputs, the jitted call's
+dispatch, waiting for and fetching the samples, turning them into outputs), and --trace-steps more are traced with
+`jax.profiler` (a Perfetto trace per batch under --trace-dir).
 The summary reads the trace: device busy time (the sum of kernel durations on the GPU's streams) against the wall
 time of the traced steps, the kernels that take the most of it, and the longest idle gaps between consecutive device
 events with what came before and after them (an idle gap after a device-to-host copy is the host's turn). The
@@ -16,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gzip
 import itertools
 import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,40 @@ def summarise_trace(path: Path, *, num_steps: int, top: int = 15, gap_us: float 
     }
 
 
+@contextlib.contextmanager
+def host_parts(engine: Any) -> Iterator[dict[str, float]]:
+    """Seconds spent in each part of the engine's host loop while active (wrappers on the engine's own objects and on
+    the runner module's jitted step, removed on exit). "fetch" includes waiting for the device."""
+    from jpaged import runner as runner_module
+
+    seconds: dict[str, float] = collections.defaultdict(float)
+    targets = [(engine.scheduler, "schedule", "schedule"), (engine.runner, "_pack", "pack"),
+               (runner_module, "_jitted_step", "dispatch"), (engine.runner, "fetch", "fetch"),
+               (engine, "_postprocess", "postprocess")]  # fmt: skip
+
+    def timed(fn: Any, part: str) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                seconds[part] += time.perf_counter() - t0
+
+        return wrapper
+
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    for obj, name, part in targets:
+        setattr(obj, name, timed(getattr(obj, name), part))
+    try:
+        yield seconds
+    finally:
+        for obj, name, fn in saved:
+            if obj is runner_module:
+                setattr(obj, name, fn)
+            else:  # the instance attribute shadowed the method: remove it
+                delattr(obj, name)
+
+
 def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     import jax
     import numpy as np
@@ -104,10 +141,11 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     for _ in range(args.settle):
         engine.step()
     times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
+    with host_parts(engine) as parts:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
     trace_dir = Path(args.trace_dir) / f"batch{batch}"
     jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
     t0 = time.perf_counter()
@@ -125,6 +163,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
         "input_len": args.input_len,
         "host_step_ms_median": statistics.median(times) * 1e3,
         "host_step_ms_min": min(times) * 1e3,
+        "host_parts_ms_per_step": {part: s * 1e3 / args.steps for part, s in parts.items()},
         "traced_step_ms": traced_s / args.trace_steps * 1e3,
         "trace": str(traces[-1]) if traces else None,
     }
@@ -170,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         common.save(args, record)
         s = run.get("summary") or {}
         host, traced = run["host_step_ms_median"], run["traced_step_ms"]
-        print(f"### batch {batch}: host step {host:.2f} ms (median), {traced:.2f} ms while traced")
+        print(f"### batch {batch}: host step {host:.2f} ms (median), {traced:.2f} ms while traced; per step, "
+              + ", ".join(f"{part} {ms:.2f} ms" for part, ms in run["host_parts_ms_per_step"].items()))  # fmt: skip
         if s.get("available"):
             print(f"device busy {s['device_busy_ms_per_step']:.2f} ms of a {s['device_span_ms_per_step']:.2f} ms span "
                   f"per step ({s['busy_fraction']:.0%}); idle gaps > {s['gap_threshold_us']:.0f} us: "

@@ -206,11 +206,18 @@ def test_decode_record(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_profile_step_record_and_trace_summary(tiny_model: Path, tmp_path: Path) -> None:
+    from jpaged import runner as runner_module
+
+    jitted_step = runner_module._jitted_step
     rec = profile_step.main(["--model", str(tiny_model), "--batches", "2", "--input-len", "6", "--settle", "1",
                              "--steps", "2", "--trace-steps", "2", "--trace-dir", str(tmp_path / "trace"),
                              *ENGINE_FLAGS])  # fmt: skip
     (run,) = rec["runs"]
     assert run["batch"] == 2 and run["host_step_ms_median"] > 0 and run["trace"] is not None
+    # every part of the host loop was seen in the timed steps, and the module-level wrapper is gone afterwards
+    assert set(run["host_parts_ms_per_step"]) == {"schedule", "pack", "dispatch", "fetch", "postprocess"}
+    assert all(ms > 0 for ms in run["host_parts_ms_per_step"].values())
+    assert runner_module._jitted_step is jitted_step
     # A synthetic trace: two kernels 1 ms apart after a device-to-host copy, on a device stream.
     trace = {"traceEvents": [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
