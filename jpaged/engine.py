@@ -351,8 +351,9 @@ def _freeze_gc_heap(owner: object) -> None:
     out of the cyclic collector's reach until `owner` is gone. Python's full collections walk all tracked objects, and
     at 256 running sequences they cost the host loop ~7 of its ~15 ms a step on the CPU box (benchmarks/profile_step.py,
     "postprocess" 9.3 -> 2.2 ms), in bursts an overlapped device step cannot hide. Unfrozen when `owner` is collected,
-    so what was alive at start-up and dies in a cycle later is still reclaimed then."""
-    gc.collect()
+    so what was alive at start-up and dies in a cycle later is still reclaimed then. No `gc.collect()` first: a full
+    walk costs ~0.17 s, per engine built (the test suite builds hundreds); garbage frozen with the rest waits for the
+    engine's end as well."""
     gc.freeze()
     weakref.finalize(owner, gc.unfreeze)
 
