@@ -51,8 +51,10 @@ ENGINE_DEFAULTS = {
 
 
 def run_batch(engine: Any, prompts: list[list[int]], output_len: int, tag: str) -> dict[str, Any]:
-    """Steps the engine over `prompts` (all submitted at once) and times each step's end on the host."""
+    """Steps the engine over `prompts` (all submitted at once) and times each step's end on the host, with the cyclic
+    collector paused as `LLM.generate` runs its loop."""
     from jpaged import SamplingParams
+    from jpaged.llm import collector_paused
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     t0 = time.perf_counter()
@@ -60,13 +62,14 @@ def run_batch(engine: Any, prompts: list[list[int]], output_len: int, tag: str) 
         engine.add_request(f"{tag}-{i}", p, params)
     counts: dict[str, int] = {}
     first_all = last = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            counts[out.request_id] = len(out.outputs[0].token_ids)
-        now = time.perf_counter()
-        if first_all is None and len(counts) == len(prompts) and min(counts.values()) >= 1:
-            first_all = now
-        last = now
+    with collector_paused():
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                counts[out.request_id] = len(out.outputs[0].token_ids)
+            now = time.perf_counter()
+            if first_all is None and len(counts) == len(prompts) and min(counts.values()) >= 1:
+                first_all = now
+            last = now
     if sorted(counts.values()) != [output_len] * len(prompts):
         raise RuntimeError(f"{tag}: requests made {sorted(set(counts.values()))} tokens, asked for {output_len}")
     assert first_all is not None and last is not None

@@ -49,8 +49,10 @@ ENGINE_DEFAULTS = {
 
 
 def timed_request(engine: Any, request_id: str, prompt: list[int], output_len: int) -> dict[str, Any]:
-    """Runs one request alone, timing each token's arrival on the host."""
+    """Runs one request alone, timing each token's arrival on the host (the cyclic collector paused, as
+    `LLM.generate` runs its loop)."""
     from jpaged import SamplingParams
+    from jpaged.llm import collector_paused
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     arrivals: list[float] = []
@@ -58,16 +60,17 @@ def timed_request(engine: Any, request_id: str, prompt: list[int], output_len: i
     t0 = time.perf_counter()
     engine.add_request(request_id, prompt, params)
     seen = 0
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        if not arrivals:
-            step_returns.append(time.perf_counter() - t0)
-        for out in outs:
-            n = len(out.outputs[0].token_ids)
-            if n > seen:
-                now = time.perf_counter()
-                arrivals += [now] * (n - seen)
-                seen = n
+    with collector_paused():
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            if not arrivals:
+                step_returns.append(time.perf_counter() - t0)
+            for out in outs:
+                n = len(out.outputs[0].token_ids)
+                if n > seen:
+                    now = time.perf_counter()
+                    arrivals += [now] * (n - seen)
+                    seen = n
     if seen != output_len:
         raise RuntimeError(f"request {request_id} produced {seen} tokens, asked for {output_len}")
     first, last = arrivals[0], arrivals[-1]

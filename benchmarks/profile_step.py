@@ -5,7 +5,8 @@
 
 For each batch size B: B requests with random --input-len prompts (greedy, ignore_eos, long enough outputs) are
 stepped through prefill and --settle steps of decode (compiling what they need), then --steps steps are timed on
-the host, each split into the parts of an engine step (scheduling, packing the step's inputs, the jitted call's
+the host (Python's cyclic collector paused, as `LLM.generate` runs its loop, unless --collector-on), each split into
+the parts of an engine step (scheduling, packing the step's inputs, the jitted call's
 dispatch, waiting for and fetching the samples, turning them into outputs), and --trace-steps more are traced with
 `jax.profiler` (a Perfetto trace per batch under --trace-dir).
 The summary reads the trace: device busy time (the sum of kernel durations on the GPU's streams) against the wall
@@ -128,6 +129,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     import numpy as np
 
     from jpaged import SamplingParams
+    from jpaged.llm import collector_paused
 
     rng = np.random.default_rng(args.seed + batch)
     total = args.settle + args.steps + args.trace_steps + 8
@@ -141,7 +143,9 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     for _ in range(args.settle):
         engine.step()
     times = []
-    with host_parts(engine) as parts:
+    # the cyclic collector paused as `LLM.generate` runs its loop (--collector-on: as a hand-written loop runs)
+    paused = contextlib.nullcontext() if args.collector_on else collector_paused()
+    with paused, host_parts(engine) as parts:
         for _ in range(args.steps):
             t0 = time.perf_counter()
             engine.step()
@@ -182,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed on the host")
     parser.add_argument("--trace-steps", type=int, default=10, help="decode steps traced")
     parser.add_argument("--trace-dir", default="/tmp/jpaged-trace")
+    parser.add_argument("--collector-on", action="store_true",
+                        help="time the host steps with Python's cyclic collector running (default: paused, as in "
+                             "LLM.generate)")  # fmt: skip
     common.add_output_arguments(parser)
     common.add_engine_arguments(parser, ENGINE_DEFAULTS)
     return parser

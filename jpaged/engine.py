@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import logging
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +109,6 @@ class LLMEngine:
         self._detokenizers: dict[tuple[str, int], Detokenizer] = {}
         self._auto_ids = itertools.count()
         self._inflight: InFlight | None = None  # async scheduling: the dispatched step not yet collected
-        _freeze_gc_heap(self)
 
     # -- requests ---------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
@@ -344,18 +341,6 @@ def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBa
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def _freeze_gc_heap(owner: object) -> None:
-    """Moves every object alive now (the imported libraries, the model's pytrees, the compiled steps: ~200k objects)
-    out of the cyclic collector's reach until `owner` is gone. Python's full collections walk all tracked objects, and
-    at 256 running sequences they cost the host loop ~7 of its ~15 ms a step on the CPU box (benchmarks/profile_step.py,
-    "postprocess" 9.3 -> 2.2 ms), in bursts an overlapped device step cannot hide. Unfrozen when `owner` is collected,
-    so what was alive at start-up and dies in a cycle later is still reclaimed then. No `gc.collect()` first: a full
-    walk costs ~0.17 s, per engine built (the test suite builds hundreds); garbage frozen with the rest waits for the
-    engine's end as well."""
-    gc.freeze()
-    weakref.finalize(owner, gc.unfreeze)
 
 
 def _merge(outputs: list[RequestOutput]) -> list[RequestOutput]:

@@ -93,19 +93,21 @@ def default_tuning(m: int, k: int, n: int) -> MatmulTuning:
 
 
 # Where this kernel beat XLA's GEMM on the H200, each projection timed alone over copies of its weight
-# (benchmarks/gemm.py --sweep --sweep-impl mgpu; docs/benchmarks.md, fifth session): (K, N, padded rows R) -> its best
+# (benchmarks/gemm.py --sweep --sweep-impl mgpu; docs/benchmarks.md, fifth session): (K, N, rows M) -> its best
 # tuning there (a win of 10% or more). Elsewhere, at 1-256 rows, XLA's GEMMs were as fast or faster: its GEMV-like
 # fusions stream 3.4-4.1 TB/s at 1-16 rows, where this kernel reads x padded to a 64-row wgmma tile, and past 128 rows
-# the kernel's accumulator allows only 64-column blocks.
+# the kernel's accumulator allows only 64-column blocks. Exact row counts (the engine's step buckets are powers of
+# two): the kernel pads M and costs the same with fewer rows, but XLA gets faster (the down projection: 30.6 us at 64
+# rows, 26.3 at 16), so a win at one count says nothing of smaller ones.
 H200_FASTER_THAN_XLA: dict[tuple[int, int, int], MatmulTuning] = {
     (4096, 12288, 128): MatmulTuning(block_n=128, num_stages=6),  # Llama-2-7B's fused q/k/v: 30.5 us vs XLA's 42.1
-    (11008, 4096, 64): MatmulTuning(block_n=128, k_splits=4),  # its down projection: 27.5 us vs 30.6
+    (11008, 4096, 64): MatmulTuning(block_n=128, k_splits=4),  # its down projection at 64 rows: 27.5 us vs 30.6
 }
 
 
 def measured_faster_tuning(m: int, k: int, n: int) -> MatmulTuning | None:
     """The tuning with which this kernel measured faster than XLA for x [m, k] @ w [k, n] on the H200, or None."""
-    return H200_FASTER_THAN_XLA.get((k, n, padded_rows(m)))
+    return H200_FASTER_THAN_XLA.get((k, n, m))
 
 
 def _smem_bytes(rows: int, tuning: MatmulTuning, itemsize: int) -> int:

@@ -286,15 +286,34 @@ def test_a_kernel_this_machine_cannot_run_is_refused_at_start_up(impl, message):
         LLM(matmul_impl="cublas")
 
 
-def test_the_collector_skips_start_up_objects_while_an_engine_lives():
-    """The engine freezes what is alive at start-up out of the cyclic collector's walks (they cost the host loop ~7
-    ms a step at 256 sequences) and unfreezes it when the engine goes, so nothing is held past its life."""
+def test_generate_pauses_the_cyclic_collector_and_restores_it(monkeypatch):
+    """LLM.generate runs its engine loop with the cyclic collector off (its full walks cost the host loop ~7 ms a step
+    at 256 sequences) and leaves it as it found it, also when a step raises."""
     import gc
 
-    before = gc.get_freeze_count()
     llm = LLM(STORIES)
-    alive = gc.get_freeze_count()
-    assert alive > max(10_000, 10 * before)  # the libraries, the model, the compiled steps
-    del llm
-    gc.collect()
-    assert gc.get_freeze_count() < alive / 10
+    step, seen = llm.engine.step, []
+
+    def recording_step():
+        seen.append(gc.isenabled())
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", recording_step)
+    assert gc.isenabled()
+    llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=4))
+    assert seen and not any(seen) and gc.isenabled()
+
+    def failing_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate("Once upon a time", SamplingParams(max_tokens=4))
+    assert gc.isenabled()
+    gc.disable()  # off before: stays off
+    try:
+        monkeypatch.setattr(llm.engine, "step", recording_step)
+        llm.generate("Once upon a time", SamplingParams(max_tokens=2))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
