@@ -141,3 +141,20 @@ def test_mosaic_decode_steps_match_the_triton_kernel(tmp_path):
             assert entry.token_id == token
             best = entry.top[0][1]
             assert entry.logprob >= best - 0.05, f"prompt {len(prompt)} tokens, position {pos}: {entry} vs best {best}"
+
+
+def test_a_token_without_a_page_is_refused_before_the_step():
+    """Packing checks the scheduler's promise: a scheduled token whose position has no page would write its K/V into
+    the null page and attend to it, so it is an error, not a quiet slot."""
+    from jpaged.request import Request
+    from jpaged.scheduler import SchedulerOutput
+
+    runner = LLM().engine.runner
+    page = runner.page_size
+    req = Request("r", list(range(1, page + 3)), SamplingParams(), seed=0, max_tokens=4)
+    req.pages = [1]  # one page for page + 2 tokens
+    with pytest.raises(RuntimeError, match="a scheduled token has no page"):
+        runner._pack(SchedulerOutput(requests=(req,), num_new_tokens=(page + 2,), preempted=()))
+    req.pages = [1, 2]
+    batch, _, _ = runner._pack(SchedulerOutput(requests=(req,), num_new_tokens=(page + 2,), preempted=()))
+    assert batch.attn.slot_mapping[page + 1] == 2 * page + 1  # token page + 1 sits in page 2, offset 1
