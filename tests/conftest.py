@@ -19,7 +19,10 @@ import pytest
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """pyproject's `-n auto`: two workers without an NVIDIA GPU (the CI box's two cores: the suite in ~11 minutes
-    instead of ~18), none with one, where each worker's JAX would claim 75% of the GPU's memory at start."""
+    instead of ~18), none with one, where each worker's JAX would claim 75% of the GPU's memory at start.
+    PYTEST_XDIST_AUTO_NUM_WORKERS, as xdist documents it, overrides both."""
+    if (chosen := os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")) is not None:
+        return int(chosen)
     if shutil.which("nvidia-smi") or Path("/dev/nvidia0").exists():
         return 0
     return min(2, os.cpu_count() or 1)
