@@ -53,13 +53,10 @@ class LLMEngine:
         if cfg.sliding_window is not None and cfg.sliding_window < self.max_model_len:
             logger.info("sliding window of %d tokens over max_model_len %d", cfg.sliding_window, self.max_model_len)
         sharding.check_model_fits(cfg.num_heads, cfg.num_kv_heads, config.tensor_parallel_size)
-        # before the weights load, not in the first step; the matmul kernels need what the attention ones of the same
-        # name need
+        # before the weights load, not in the first step
         for name, impl in (("attn_impl", config.attn_impl), ("matmul_impl", config.matmul_impl)):
-            if impl in ("auto", "xla"):
-                continue
-            if (unavailable := impl_unavailable_reason(impl)) is not None:
-                raise ValueError(unavailable.replace("attn_impl=", f"{name}="))
+            if impl not in ("auto", "xla") and (unavailable := impl_unavailable_reason(impl, name)) is not None:
+                raise ValueError(unavailable)
 
         self.tokenizer: PreTrainedTokenizerBase | None = (
             None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or model_dir)

@@ -522,15 +522,16 @@ def pallas_gpu_unsupported_reason(q: jax.Array, k_pages: jax.Array, tuning: Atte
     return None
 
 
-def impl_unavailable_reason(impl: str) -> str | None:
+def impl_unavailable_reason(impl: str, option: str = "attn_impl") -> str | None:
     """Why `impl` cannot run compiled on this machine's default backend (so an engine can refuse it at start-up
-    rather than fail inside its first step), or None."""
+    rather than fail inside its first step), or None. `option` names the setting in the message: the weight-matmul
+    kernels of the same names (matmul_impl) need the same hardware."""
     if impl not in IMPLS:
         return f"attention implementation must be one of {IMPLS}, got {impl!r}"
     if impl == "pallas" and not on_gpu():
-        return f"attn_impl='pallas' needs an NVIDIA GPU (the backend is {jax.default_backend()!r})"
+        return f"{option}='pallas' needs an NVIDIA GPU (the backend is {jax.default_backend()!r})"
     if impl == "mgpu" and not on_hopper():
-        return f"attn_impl='mgpu' needs a Hopper GPU, sm_90 (the backend is {jax.default_backend()!r})"
+        return f"{option}='mgpu' needs a Hopper GPU, sm_90 (the backend is {jax.default_backend()!r})"
     return None
 
 
