@@ -291,9 +291,10 @@ class ModelRunner:
         )  # fmt: skip
         slots = np.full(t_pad, NULL_PAGE * self.page_size, np.int32)
         live = positions[:total]
-        if total and not (live // self.page_size < page_counts[row_req]).all():  # the scheduler allocates first
+        page_of = live // self.page_size  # each token's page, as an index into its request's pages
+        if total and not (page_of < page_counts[row_req]).all():  # the scheduler allocates first
             raise RuntimeError("a scheduled token has no page: the scheduler did not allocate before scheduling")
-        slots[:total] = page_tables[row_req, live // self.page_size] * self.page_size + live % self.page_size
+        slots[:total] = page_tables[row_req, page_of] * self.page_size + live % self.page_size
 
         tokens = np.zeros(t_pad, np.int32)
         tokens[:total] = list(itertools.chain.from_iterable(
