@@ -98,3 +98,20 @@ def assert_pool_clean(llm) -> None:
     assert not engine.has_unfinished_requests()
     assert engine.pool.all_free(), engine.pool.stats()
     assert not engine._groups and not engine._detokenizers
+
+
+def one_prompt_metadata(n: int, page_size: int):
+    """Metadata for a forward over one n-token prompt written into pages 1, 2, ... in order (page 0 is the null page):
+    the tests that call a model's forward directly, outside the engine."""
+    import jax.numpy as jnp
+
+    from jpaged.models.metadata import AttentionMetadata
+
+    return AttentionMetadata(
+        slot_mapping=jnp.arange(n, dtype=jnp.int32) + page_size,
+        page_tables=jnp.arange(1, -(-n // page_size) + 1, dtype=jnp.int32)[None, :],
+        seq_lens=jnp.array([n], jnp.int32),
+        cu_q_lens=jnp.array([0, n], jnp.int32),
+        num_seqs=jnp.array([1], jnp.int32),
+        logits_indices=jnp.arange(n, dtype=jnp.int32),
+    )

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, one_prompt_metadata
 
 pytestmark = pytest.mark.gpu
 
@@ -34,7 +34,6 @@ def test_llama_1b_logits_match_hf_in_bf16(tmp_path):
 
     from jpaged import LLM
     from jpaged.models import get_forward
-    from jpaged.models.metadata import AttentionMetadata
 
     llm = LLM(str(model), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=256, num_pages=64)
     runner = llm.engine.runner
@@ -48,15 +47,7 @@ def test_llama_1b_logits_match_hf_in_bf16(tmp_path):
     checks = []
     for i, prompt in enumerate(prompts):
         n = len(prompt)
-        pages = -(-n // llm.engine.config.page_size)
-        meta = AttentionMetadata(
-            slot_mapping=jnp.arange(n, dtype=jnp.int32) + llm.engine.config.page_size,  # pages 1.. in order
-            page_tables=jnp.arange(1, pages + 1, dtype=jnp.int32)[None, :],
-            seq_lens=jnp.array([n], jnp.int32),
-            cu_q_lens=jnp.array([0, n], jnp.int32),
-            num_seqs=jnp.array([1], jnp.int32),
-            logits_indices=jnp.arange(n, dtype=jnp.int32),
-        )
+        meta = one_prompt_metadata(n, llm.engine.config.page_size)
         with jax.set_mesh(runner.mesh):
             logits, runner.kv_pages = forward(
                 runner.params, jnp.array(prompt, jnp.int32), jnp.arange(n, dtype=jnp.int32), runner.kv_pages, meta

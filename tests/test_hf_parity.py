@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HF_FIXTURES, REPO, SHARED_MODELS, assert_pool_clean
+from conftest import HF_FIXTURES, REPO, SHARED_MODELS, assert_pool_clean, one_prompt_metadata
 
 from jpaged import LLM, SamplingParams
 
@@ -81,21 +81,13 @@ def test_weight_matmuls_through_the_kernel_match_hf(name):
     import jax.numpy as jnp
 
     from jpaged.models import get_forward
-    from jpaged.models.metadata import AttentionMetadata
 
     model, ref = load_reference(name)
     llm = LLM(str(model), dtype="float32", max_model_len=128, skip_tokenizer_init=True)
     runner, page_size = llm.engine.runner, llm.engine.config.page_size
     prompt = ref["prompts"][-1]  # the longest: multi-row tiles, attention across tokens
     n = len(prompt)
-    meta = AttentionMetadata(
-        slot_mapping=jnp.arange(n, dtype=jnp.int32) + page_size,  # pages 1.. in order
-        page_tables=jnp.arange(1, -(-n // page_size) + 1, dtype=jnp.int32)[None, :],
-        seq_lens=jnp.array([n], jnp.int32),
-        cu_q_lens=jnp.array([0, n], jnp.int32),
-        num_seqs=jnp.array([1], jnp.int32),
-        logits_indices=jnp.arange(n, dtype=jnp.int32),
-    )
+    meta = one_prompt_metadata(n, page_size)
     forward = jax.jit(get_forward(llm.engine.model_config, matmul_impl="pallas"))
     with jax.set_mesh(runner.mesh), jax.default_matmul_precision("highest"):
         logits, _ = forward(runner.params, jnp.array(prompt, jnp.int32), jnp.arange(n, dtype=jnp.int32),

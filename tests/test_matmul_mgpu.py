@@ -128,24 +128,16 @@ def test_unsupported_shapes_are_named():
 def test_model_through_the_kernel_matches_xla_in_bf16():
     """A bf16 prefill with every weight matmul the kernel can tile on it (wo, w_gate_up, w_down of llama-gqa4; its
     wqkv is 96 columns wide, so XLA) gives XLA's logits up to bf16 rounding, and the kernel is in the graph."""
-    from conftest import HF_FIXTURES
+    from conftest import HF_FIXTURES, one_prompt_metadata
 
     from jpaged import LLM
     from jpaged.models import get_forward
-    from jpaged.models.metadata import AttentionMetadata
 
     llm = LLM(str(HF_FIXTURES / "llama-gqa4"), dtype="bfloat16", max_model_len=128, skip_tokenizer_init=True)
     runner, page_size = llm.engine.runner, llm.engine.config.page_size
     n = 24
     tokens = jax.random.randint(jax.random.key(0), (n,), 1, llm.engine.model_config.vocab_size, jnp.int32)
-    meta = AttentionMetadata(
-        slot_mapping=jnp.arange(n, dtype=jnp.int32) + page_size,  # pages 1.. in order
-        page_tables=jnp.arange(1, -(-n // page_size) + 1, dtype=jnp.int32)[None, :],
-        seq_lens=jnp.array([n], jnp.int32),
-        cu_q_lens=jnp.array([0, n], jnp.int32),
-        num_seqs=jnp.array([1], jnp.int32),
-        logits_indices=jnp.arange(n, dtype=jnp.int32),
-    )
+    meta = one_prompt_metadata(n, page_size)
     args = (runner.params, tokens, jnp.arange(n, dtype=jnp.int32), runner.kv_pages, meta)
     logits = {}
     with jax.set_mesh(runner.mesh):
