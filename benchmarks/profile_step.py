@@ -49,6 +49,9 @@ ENGINE_DEFAULTS = {
 }
 
 
+HOST_LAUNCH_EVENTS = ("PjRtCApiLoadedExecutable::Execute", "command_buffer::update", "cuGraphLaunch")
+
+
 def summarise_trace(path: Path, *, num_steps: int, top: int = 15, gap_us: float = 300.0) -> dict[str, Any]:
     """Device busy time, top kernels and idle gaps from a Perfetto JSON trace written by jax.profiler."""
     with gzip.open(path) if path.suffix == ".gz" else path.open() as f:
@@ -74,6 +77,15 @@ def summarise_trace(path: Path, *, num_steps: int, top: int = 15, gap_us: float 
         end = max(end, ts + dur)
     span_ms = (end - kernels[0][0]) / 1e3
     total_ms = sum(busy.values()) / 1e3
+    # The host's side of a launch (XLA runs a step as CUDA graphs: each is updated for the step's buffers, then
+    # launched, and the device starts it only once the launch returns).
+    host_pids = {pid for pid, name in processes.items() if name.startswith("/host:")}
+    launch_ms: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in host_pids:
+            for prefix in HOST_LAUNCH_EVENTS:
+                if e["name"].startswith(prefix):
+                    launch_ms[prefix] += e["dur"] / 1e3 / num_steps
     return {
         "available": True,
         "steps": num_steps,
@@ -82,6 +94,8 @@ def summarise_trace(path: Path, *, num_steps: int, top: int = 15, gap_us: float 
         "busy_fraction": total_ms / span_ms,
         "idle_gaps_over_threshold_ms_per_step": sum(g["idle_ms"] for g in gaps) / num_steps,
         "gap_threshold_us": gap_us,
+        "h2d_copies_per_step": count["MemcpyH2D"] / num_steps,
+        "host_launch_ms_per_step": dict(launch_ms),
         "top_kernels": [
             {"name": name[:100], "ms_per_step": us / 1e3 / num_steps, "calls_per_step": count[name] / num_steps}
             for name, us in busy.most_common(top)
@@ -151,7 +165,11 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
             engine.step()
             times.append(time.perf_counter() - t0)
     trace_dir = Path(args.trace_dir) / f"batch{batch}"
-    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+    options = jax.profiler.ProfileOptions()
+    # Python's tracer costs the host several times its own work per step and so stretches exactly the host gaps
+    # this trace is read for: off unless asked.
+    options.python_tracer_level = 1 if args.python_trace else 0
+    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True, profiler_options=options)
     t0 = time.perf_counter()
     for _ in range(args.trace_steps):
         engine.step()
@@ -186,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed on the host")
     parser.add_argument("--trace-steps", type=int, default=10, help="decode steps traced")
     parser.add_argument("--trace-dir", default="/tmp/jpaged-trace")
+    parser.add_argument(
+        "--python-trace",
+        action="store_true",
+        help="also trace Python function calls (slows the host several times over)",
+    )
     parser.add_argument("--collector-on", action="store_true",
                         help="time the host steps with Python's cyclic collector running (default: paused, as in "
                              "LLM.generate)")  # fmt: skip
@@ -222,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"device busy {s['device_busy_ms_per_step']:.2f} ms of a {s['device_span_ms_per_step']:.2f} ms span "
                   f"per step ({s['busy_fraction']:.0%}); idle gaps > {s['gap_threshold_us']:.0f} us: "
                   f"{s['idle_gaps_over_threshold_ms_per_step']:.2f} ms per step")  # fmt: skip
+            print(f"host-to-device copies per step: {s['h2d_copies_per_step']:.1f}; host launch ms per step: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in s["host_launch_ms_per_step"].items()))  # fmt: skip
             print(common.table(s["top_kernels"], [("kernel", "name"), ("ms/step", "ms_per_step"),
                                                   ("calls/step", "calls_per_step")]))  # fmt: skip
             print(common.table(s["longest_gaps"][:6], [("idle ms", "idle_ms"), ("after", "after"),
