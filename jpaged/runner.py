@@ -219,7 +219,8 @@ class ModelRunner:
 
     def warm_up(self) -> float:
         """Compiles the step for every token bucket (the common variant: no logprobs, penalties or prompt
-        logprobs; with `decode_steps`, also the decode-only variant of each bucket a decode step can land in), then
+        logprobs; with `decode_steps`, also the decode-only variant of each bucket a decode step can land in, and of
+        one row for a lone sequence), then
         runs each once on an all-padding batch, which only writes into the null page.
 
         XLA compiles on host threads without the GIL, so the buckets compile concurrently, one thread per core."""
@@ -229,6 +230,7 @@ class ModelRunner:
         if self.decode_steps:
             largest_decode = bucket(self.max_num_seqs, self.token_buckets)
             variants += [(t_pad, True) for t_pad in self.token_buckets if t_pad <= largest_decode]
+            variants.append((1, True))
         batches = [transfer.pack(self._pack(empty, t_pad=t_pad, decode_only=decode)[0]) for t_pad, decode in variants]
 
         def compile_bucket(batch: tuple[np.ndarray, transfer.Layout]) -> float:
@@ -270,7 +272,11 @@ class ModelRunner:
         if decode_only is None:
             # A one-token prefill chunk is a decode query too: it sits at its sequence's last position.
             decode_only = self.decode_steps and bool(counts) and all(n == 1 for n in counts)
-        t_pad = t_pad or bucket(sum(counts), self.token_buckets)
+        if t_pad is None:
+            # A lone sequence's decode step (single stream) gets a bucket of one row: the decode kernel sizes its
+            # split-K by the padded batch, and 16 rows x K heads look like enough programs not to split, so the one
+            # real sequence would run on K programs of a GPU with 132 SMs.
+            t_pad = 1 if decode_only and len(counts) == 1 else bucket(sum(counts), self.token_buckets)
         b_pad = min(t_pad, self.max_num_seqs)
         want_prompt = any(
             r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens for r in reqs

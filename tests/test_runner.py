@@ -83,26 +83,34 @@ def test_decode_only_steps_get_their_own_variant(monkeypatch):
     plain = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12)
     assert not plain.engine.runner.decode_steps  # no decode kernel off Hopper
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    lone = SamplingParams(temperature=0.0, max_tokens=6)
+    want_lone = plain.generate([prompts[0]], lone)[0].outputs[0].token_ids
 
     monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
     llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=True)
     runner = llm.engine.runner
     assert runner.decode_steps and runner.token_buckets == [16, 32, 64]
     packed: list[tuple[tuple[int, ...], bool]] = []
+    rows: dict[bool, set[int]] = {True: set(), False: set()}  # token rows of the steps with one sequence or more
     pack = runner._pack
 
     def spy(sched, *args, **kwargs):
         out = pack(sched, *args, **kwargs)
         packed.append((tuple(sched.num_new_tokens), out[0].attn.decode_only))
+        if out[0].attn.decode_only:
+            rows[len(sched.num_new_tokens) == 1].add(out[0].tokens.shape[0])
         return out
 
     monkeypatch.setattr(runner, "_pack", spy)
     with count_compilations() as compiles:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert compiles == []  # the decode variants of buckets 16 (the only one 12 sequences reach) came from warm-up
-    assert got == want
+        got_lone = llm.generate([prompts[0]], lone)[0].outputs[0].token_ids
+    # the decode variants of bucket 16 (the only one 12 sequences reach) and of one row came from warm-up
+    assert compiles == []
+    assert got == want and got_lone == want_lone
     assert {decode for counts, decode in packed} == {True, False}
     assert all(decode == all(n == 1 for n in counts) for counts, decode in packed)
+    assert rows == {True: {1}, False: {16}}  # a lone sequence decodes in one row, several in the padded bucket
     assert_pool_clean(llm)
 
 
