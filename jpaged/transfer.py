@@ -5,6 +5,10 @@ host-to-device transfer of its own: the jitted call converts each, and the devic
 step may start. `pack` concatenates them into one int32 buffer on the host (every field is 4 bytes wide) and
 `unpack`, inside the jitted step, slices and bitcasts it back into the same pytree. The layout is static, so it
 joins the compiled program's key without adding variants: it changes only with the padding bucket.
+
+Each leaf starts on a 256-byte boundary: XLA may hand a kernel a slice of the buffer as a view rather than a copy,
+and Mosaic GPU kernels refuse operands that are not 256-byte aligned (on the H200, an unaligned page-table slice
+failed the warm-up of some buckets).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_ALIGN = 64  # int32 elements: 256 bytes
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where each leaf of a packed pytree sits in the buffer."""
 
     treedef: Any  # jax.tree_util.PyTreeDef (hashable; carries static fields such as decode_only)
-    leaves: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) of each leaf, in tree order
+    leaves: tuple[tuple[int, tuple[int, ...], str], ...]  # (offset, shape, dtype) of each leaf, in tree order
 
 
 def pack(tree: Any) -> tuple[np.ndarray, Layout]:
@@ -33,17 +39,20 @@ def pack(tree: Any) -> tuple[np.ndarray, Layout]:
     for a in arrays:
         if a.dtype.itemsize != 4:
             raise TypeError(f"pack takes 4-byte leaves (int32, uint32, float32), got {a.dtype}")
-    flat = [a.reshape(-1).view(np.int32) for a in arrays]
-    buffer = np.concatenate(flat) if flat else np.zeros(0, np.int32)
-    return buffer, Layout(treedef, tuple((a.shape, a.dtype.str) for a in arrays))
+    offsets, end = [], 0
+    for a in arrays:
+        offsets.append(end)
+        end += -(-a.size // _ALIGN) * _ALIGN
+    buffer = np.zeros(end, np.int32)
+    for a, offset in zip(arrays, offsets, strict=True):
+        buffer[offset : offset + a.size] = a.reshape(-1).view(np.int32)
+    return buffer, Layout(treedef, tuple((o, a.shape, a.dtype.str) for o, a in zip(offsets, arrays, strict=True)))
 
 
 def unpack(buffer: jax.Array, layout: Layout) -> Any:
     """The pytree `pack` flattened, from its buffer (traced inside the jitted step)."""
-    leaves, offset = [], 0
-    for shape, dtype in layout.leaves:
-        size = math.prod(shape)
-        flat = jax.lax.bitcast_convert_type(buffer[offset : offset + size], jnp.dtype(dtype))
+    leaves = []
+    for offset, shape, dtype in layout.leaves:
+        flat = jax.lax.bitcast_convert_type(buffer[offset : offset + math.prod(shape)], jnp.dtype(dtype))
         leaves.append(flat.reshape(shape))
-        offset += size
     return jax.tree.unflatten(layout.treedef, leaves)
