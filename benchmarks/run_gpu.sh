@@ -15,8 +15,8 @@
 # and the next one runs. Every script merges its record into $OUT/results.json as soon as it has one, so a killed
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
-# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro" and
-# "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
+# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro",
+# "warmup" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
@@ -119,6 +119,11 @@ if want latency; then
   # shellcheck disable=SC2086
   step latency 100 "$PY" benchmarks/latency.py --model "$MODEL" --no-warmup --iters 2 $EXTRA_ENGINE_ARGS $LATENCY_ARGS \
     --json-out "$RESULTS" --json-key latency
+fi
+
+if want warmup; then  # each step variant's compile seconds under the engine's concurrency (--workers 1: alone; slow)
+  step warmup 200 "$PY" benchmarks/warmup.py --model "$MODEL" --workers "${WARMUP_WORKERS:-16}" \
+    --max-model-len "$MAX_MODEL_LEN" $EXTRA_ENGINE_ARGS --json-out "$RESULTS" --json-key warmup
 fi
 
 if want profile; then  # where a decode step's time goes (device busy, top kernels, idle gaps); traces stay on the GPU host

@@ -217,13 +217,14 @@ class ModelRunner:
             prompt_logprobs=self._unpack_prompt_logprobs(step) if step.prompt is not None else {},
         )
 
-    def warm_up(self) -> float:
+    def warm_up(self, workers: int | None = None) -> float:
         """Compiles the step for every token bucket (the common variant: no logprobs, penalties or prompt
         logprobs; with `decode_steps`, also the decode-only variant of each bucket a decode step can land in, and of
         one row for a lone sequence), then
         runs each once on an all-padding batch, which only writes into the null page.
 
-        XLA compiles on host threads without the GIL, so the buckets compile concurrently, one thread per core."""
+        XLA compiles on host threads without the GIL, so the buckets compile concurrently, `workers` at a time (default:
+        one per core)."""
         start = time.perf_counter()
         empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
         variants = [(t_pad, False) for t_pad in self.token_buckets]
@@ -243,7 +244,7 @@ class ModelRunner:
                 ).compile()  # fmt: skip
             return time.perf_counter() - t0
 
-        workers = max(1, min(len(batches), os.cpu_count() or 1))
+        workers = max(1, min(len(batches), workers or os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(compile_bucket, b) for b in batches]
             show = len(futures) >= 4

@@ -381,3 +381,15 @@ def test_gemm_record_checks_the_fused_layout_and_runs_a_cublas_child(tmp_path: P
         assert row["ok"] and row["rel_err"] <= gemm.MAX_REL_ERR and row["time_us"] > 0, row
         assert row["weight_bytes"] == 2 * (2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128)  # q, o; k, v; the MLP
     assert json.loads((tmp_path / "gemm.json").read_text())["benchmark"] == "gemm"
+
+
+def test_warmup_times_every_variant_for_each_worker_count(tiny_model: Path, tmp_path: Path) -> None:
+    from benchmarks import warmup
+
+    rec = warmup.main(["--model", str(tiny_model), "--workers", "1", "2", "--json-out", str(tmp_path / "w.json"),
+                       *ENGINE_FLAGS])  # fmt: skip
+    assert [r["workers"] for r in rec["runs"]] == [1, 2]
+    for run in rec["runs"]:  # the token buckets of 32 tokens (no decode kernel on CPU), each compiled again
+        assert set(run["variants_s"]) == {"T=16 B=8", "T=32 B=8"}
+        assert all(s > 0 for s in run["variants_s"].values()) and run["total_s"] > 0
+    assert json.loads((tmp_path / "w.json").read_text())["benchmark"] == "warmup"
