@@ -72,33 +72,35 @@ def _write_xla(k_pages, v_pages, k_new, v_new, slot_mapping):
 
 def _write_kernel(
     slot_ref,  # [T] int32
-    k_new_ref,  # [H] token t, kv head h
-    v_new_ref,  # [H]
-    k_pages_in_ref,  # [P, S, H] kv head h; aliased to k_pages_ref
-    v_pages_in_ref,  # [P, S, H] aliased to v_pages_ref
-    k_pages_ref,  # [P, S, H]
-    v_pages_ref,  # [P, S, H]
+    k_new_ref,  # [K, H] token t, every kv head
+    v_new_ref,  # [K, H]
+    k_pages_in_ref,  # [K, P, S, H] aliased to k_pages_ref
+    v_pages_in_ref,  # [K, P, S, H] aliased to v_pages_ref
+    k_pages_ref,  # [K, P, S, H]
+    v_pages_ref,  # [K, P, S, H]
 ):
+    # One program a token, K and V of every head: a step's write is one launch of T programs, each storing its
+    # 2 x K rows of H (the scatter XLA emits takes one launch for K and one for V).
     del k_pages_in_ref, v_pages_in_ref  # same buffers as the outputs
     slot = slot_ref[pl.program_id(0)]
-    page_size = k_pages_ref.shape[1]
+    page_size = k_pages_ref.shape[2]
     page, offset = slot // page_size, slot % page_size
-    k_pages_ref[page, offset, :] = k_new_ref[...].astype(k_pages_ref.dtype)
-    v_pages_ref[page, offset, :] = v_new_ref[...].astype(v_pages_ref.dtype)
+    k_pages_ref[:, page, offset, :] = k_new_ref[...].astype(k_pages_ref.dtype)
+    v_pages_ref[:, page, offset, :] = v_new_ref[...].astype(v_pages_ref.dtype)
 
 
 def _write_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, *, interpret: bool):
     num_tokens, num_kv_heads, head_dim = k_new.shape
-    new_spec = pl.BlockSpec((None, None, head_dim), lambda t, h: (t, h, 0))
-    pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda t, h: (h, 0, 0, 0))
+    new_spec = pl.BlockSpec((None, num_kv_heads, head_dim), lambda t: (t, 0, 0))
+    pages_spec = pl.BlockSpec(k_pages.shape, lambda t: (0, 0, 0, 0))
     return pl.pallas_call(
         _write_kernel,
-        grid=(num_tokens, num_kv_heads),
+        grid=(num_tokens,),
         in_specs=[pl.BlockSpec(), new_spec, new_spec, pages_spec, pages_spec],
         out_specs=[pages_spec, pages_spec],
         out_shape=[pallas_out_struct(k_pages.shape, k_pages.dtype, k_pages, v_pages, k_new, v_new)] * 2,
         input_output_aliases={3: 0, 4: 1},
-        compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="write_kv",
     )(slot_mapping, k_new, v_new, k_pages, v_pages)
@@ -117,8 +119,8 @@ def write_kv(
 ) -> tuple[jax.Array, jax.Array]:  # updated (k_pages, v_pages)
     """Writes k_new/v_new[t] into slot slot_mapping[t] of every kv head; returns the updated pages.
 
-    impl: "xla" (a scatter; any backend) or "pallas" (Triton-style kernel, pages aliased to its outputs;
-    on a GPU H must be a power of two; off GPU it needs interpret=True).
+    impl: "xla" (a scatter; any backend) or "pallas" (Triton-style kernel, one program a token, pages aliased to its
+    outputs; on a GPU K and H must be powers of two; off GPU it needs interpret=True).
     """
     _validate(k_pages, v_pages, k_new, v_new, slot_mapping)
     if impl not in IMPLS:
