@@ -47,6 +47,8 @@ def moe(
         # Expert id E: sorted after every real group and dropped by bincount, so these rows are the grouped
         # matmul's padding (past sum(group_sizes)) and come back as zeros.
         experts = jnp.where(jnp.arange(x.shape[0])[:, None] < num_tokens, experts, num_experts)
+    if x.shape[0] == 1:
+        return _moe_one_token(layer, x, weights[0], experts[0], num_experts, impl)
     flat_experts = experts.reshape(-1)  # [A]
     order = jnp.argsort(flat_experts, stable=True)  # [A] assignments grouped by expert
     token_of = order // k  # [A] which token each sorted assignment came from
@@ -56,6 +58,29 @@ def moe(
     out = grouped_matmul(llama.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[token_of].add(out)
+
+
+def _moe_one_token(
+    layer: dict[str, jax.Array], x: jax.Array, weights: jax.Array, experts: jax.Array, num_experts: int, impl: str
+) -> jax.Array:
+    """moe for a step of one token (a lone sequence's decode step has a bucket of its own on GPUs with a decode
+    kernel). Its k assignments all hold the same x, so they need no gather, and the combine is a weighted sum over
+    k rows, not a scatter; the rows are put in expert order by ranks from k x k comparisons instead of a sort. At
+    batch 1 the sort, bincount, gather and scatter-add were each a kernel of 1-4 us per layer on the H200.
+
+    x: [1, D]; weights, experts: [k] (expert id num_experts: a padding row, routed nowhere).
+    """
+    k = experts.shape[0]
+    a = jnp.arange(k)
+    other, this = experts[None, :], experts[:, None]  # [1, k], [k, 1]
+    before = (other < this) | ((other == this) & (a[None, :] < a[:, None]))  # [k, k] assignment b sorts before a
+    rank = jnp.sum(before, axis=1)  # [k] row of each assignment once sorted by expert (stable)
+    group_sizes = jnp.sum(experts[:, None] == jnp.arange(num_experts)[None, :], axis=0).astype(jnp.int32)  # [E]
+    row_weights = jnp.sum(jnp.where(rank[:, None] == a[None, :], weights[:, None], 0.0), axis=0)  # [k] by row
+    xs = jnp.broadcast_to(x, (k, x.shape[1]))  # [k, D]
+    gate, up = jnp.split(grouped_matmul(xs, layer["expert_gate_up"], group_sizes, impl=impl), 2, axis=1)  # [k, F] x2
+    out = grouped_matmul(llama.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [k, D]
+    return jnp.sum(out * row_weights[:, None].astype(out.dtype), axis=0, keepdims=True)
 
 
 def moe_dense_reference(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:

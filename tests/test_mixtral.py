@@ -132,3 +132,28 @@ def test_mixtral_serves_with_tensor_parallelism_and_preemption(tp, alone):
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
     assert llm.engine.scheduler.num_preemptions > 0
     assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (8, 8)])
+def test_one_token_path_equals_the_sorted_path(num_experts, top_k):
+    """A step of one token skips the sort, gather and scatter: it gives the general path's result for that token (the
+    same token as the real row of a two-row step), and a padding-only step reads no expert and returns zeros."""
+    from jpaged.models import mixtral
+
+    cfg = tiny_config(num_experts, top_k)
+    layer = random_layer(cfg, jax.random.key(top_k))
+    x = jax.random.normal(jax.random.key(5), (2, cfg.hidden_size))
+    one = moe(layer, x[:1], cfg)
+    np.testing.assert_allclose(one, moe(layer, x, cfg, jnp.int32(1))[:1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(one, moe_dense_reference(layer, x[:1], cfg), rtol=1e-5, atol=1e-5)
+    seen = []
+    real_grouped_matmul = mixtral.grouped_matmul
+
+    def spy(lhs, rhs, group_sizes, **kwargs):
+        seen.append(int(jnp.sum(group_sizes)))
+        return real_grouped_matmul(lhs, rhs, group_sizes, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mixtral, "grouped_matmul", spy)
+        np.testing.assert_array_equal(moe(layer, x[:1], cfg, jnp.int32(0)), 0)
+    assert seen == [0, 0]  # gate/up and down: no assignment, so no expert's weights
