@@ -185,18 +185,13 @@ def test_benchmark_checks_both_implementations(tmp_path):
 
 @pytest.mark.parametrize("num_kv_heads", [32, 8])
 def test_pallas_kernel_lowers_to_triton_for_an_h200(num_kv_heads):
-    """The compiled (not interpreted) kernel lowers for CUDA from any machine: an abstract H200 stands in for the
-    GPU that Triton's lowering asks about, at Llama-2-7B's and Llama-3-8B's KV shapes with 128 tokens."""
+    """The compiled (not interpreted) kernel lowers for CUDA at Llama-2-7B's and Llama-3-8B's KV shapes, 128 tokens."""
+    from conftest import lower_for_h200
+
     from jpaged.kernels import kv_write
 
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     pages = jax.ShapeDtypeStruct((num_kv_heads, 4096, 16, 128), jnp.bfloat16)
     new = jax.ShapeDtypeStruct((128, num_kv_heads, 128), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((128,), jnp.int32)
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
-        lowered = (
-            jax.jit(lambda *a: kv_write._write_pallas(*a, interpret=False))
-            .trace(pages, pages, new, new, slots)
-            .lower(lowering_platforms=("cuda",))
-        )
+    lowered = lower_for_h200(lambda *a: kv_write._write_pallas(*a, interpret=False), pages, pages, new, new, slots)
     assert "triton" in lowered.as_text()
