@@ -83,7 +83,7 @@ def run_case(name: str, kv_heads: int, head_dim: int, page_size: int, num_pages:
         row: dict[str, Any] = case | {"impl": impl}
         write_one = functools.partial(write_kv, impl=impl, interpret=args.interpret and impl == "pallas")
 
-        def chained(k_pages, v_pages, slot_sets, write_one=write_one):  # unrolled: no device loop between writes
+        def chained(k_pages, v_pages, k_new, v_new, slot_sets, write_one=write_one):  # unrolled: no device loop
             for i in range(slot_sets.shape[0]):
                 k_pages, v_pages = write_one(k_pages, v_pages, k_new, v_new, slot_sets[i])
             return k_pages, v_pages
@@ -99,7 +99,7 @@ def run_case(name: str, kv_heads: int, head_dim: int, page_size: int, num_pages:
             return pages
 
         def call_chain(write_chain=write_chain, pages=pages):
-            pages[:] = write_chain(pages[0], pages[1], chain_slots)
+            pages[:] = write_chain(pages[0], pages[1], k_new, v_new, chain_slots)
             return pages
 
         try:

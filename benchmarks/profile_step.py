@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,10 @@ def host_parts(engine: Any) -> Iterator[dict[str, float]]:
     """Seconds spent in each part of the engine's host loop while active (wrappers on the engine's own objects and on
     the runner module's jitted step, removed on exit). "fetch" includes waiting for the device."""
     from jpaged import runner as runner_module
+    from jpaged import transfer
 
     seconds: dict[str, float] = collections.defaultdict(float)
-    targets = [(engine.scheduler, "schedule", "schedule"), (engine.runner, "_pack", "pack"),
+    targets = [(engine.scheduler, "schedule", "schedule"), (engine.runner, "_pack", "pack"), (transfer, "pack", "pack"),
                (runner_module, "_jitted_step", "dispatch"), (engine.runner, "fetch", "fetch"),
                (engine, "_postprocess", "postprocess")]  # fmt: skip
 
@@ -132,7 +134,7 @@ def host_parts(engine: Any) -> Iterator[dict[str, float]]:
         yield seconds
     finally:
         for obj, name, fn in saved:
-            if obj is runner_module:
+            if isinstance(obj, types.ModuleType):
                 setattr(obj, name, fn)
             else:  # the instance attribute shadowed the method: remove it
                 delattr(obj, name)

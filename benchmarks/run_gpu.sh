@@ -24,7 +24,8 @@
 # KERNEL_GRID (quick), CONTEXT_SWEEP (512,1024,2048,4096,8192,16384; empty: none), MAX_MODEL_LEN (2048),
 # JPAGED_COMMIT (the commit to record: the copied tree has no .git), PYTHON (python3), EXTRA_ENGINE_ARGS (flags
 # for both jpaged processes, e.g. "--attn-impl pallas"), KERNEL_ARGS / TP_ARGS / LATENCY_ARGS (extra flags for
-# kernels.py / every throughput.py call / latency.py), JAX_CACHE (0).
+# kernels.py / every throughput.py call / latency.py), WARMUP_WORKERS (16: the warmup section's concurrent
+# compilations; 1 times each variant alone, several minutes for the 7B shape), JAX_CACHE (0).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -122,6 +123,7 @@ if want latency; then
 fi
 
 if want warmup; then  # each step variant's compile seconds under the engine's concurrency (--workers 1: alone; slow)
+  # shellcheck disable=SC2086
   step warmup 200 "$PY" benchmarks/warmup.py --model "$MODEL" --workers "${WARMUP_WORKERS:-16}" \
     --max-model-len "$MAX_MODEL_LEN" $EXTRA_ENGINE_ARGS --json-out "$RESULTS" --json-key warmup
 fi

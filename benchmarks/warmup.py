@@ -53,14 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import jax
+    from jax._src import compilation_cache  # whether to use the cache is decided once a process; reset it
 
     args = build_parser().parse_args(argv)
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # a persistent cache would turn compiles into reads
+    compilation_cache.reset_cache()
     try:
         return _measure(args)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
+        compilation_cache.reset_cache()
 
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,10 +75,11 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
                               "engine_info": info, "runs": []}  # fmt: skip
     for workers in args.workers:
         jax.clear_caches()
-        with LogCapture() as logs:
+        with LogCapture() as logs, common.CompileCounter() as compiles:
             total = runner.warm_up(workers=workers)
         variants = {m.group(1): float(m.group(2)) for line in logs.lines if (m := _VARIANT.search(line))}
-        record["runs"].append({"workers": workers, "total_s": total, "variants_s": variants})
+        record["runs"].append({"workers": workers, "total_s": total, "variants_s": variants,
+                               "backend_compiles": compiles.count})  # fmt: skip
         common.save(args, record)
         common.log(f"warm-up with {workers} worker(s): {len(variants)} variants in {total:.1f} s")
     names = list(record["runs"][0]["variants_s"]) if record["runs"] else []

@@ -219,9 +219,10 @@ class ModelRunner:
 
     def warm_up(self, workers: int | None = None) -> float:
         """Compiles the step for every token bucket (the common variant: no logprobs, penalties or prompt
-        logprobs; with `decode_steps`, also the decode-only variant of each bucket a decode step can land in, and of
-        one row for a lone sequence), then
-        runs each once on an all-padding batch, which only writes into the null page.
+        logprobs; with `decode_steps`, also the decode-only variants: one row for a lone sequence and each bucket
+        that several sequences' decode steps can land in), then runs each once on an all-padding batch, which only
+        writes into the null page. A step with logprobs, penalties or prompt logprobs compiles its variant when it
+        first comes.
 
         XLA compiles on host threads without the GIL, so the buckets compile concurrently, `workers` at a time (default:
         one per core)."""
@@ -229,9 +230,11 @@ class ModelRunner:
         empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
         variants = [(t_pad, False) for t_pad in self.token_buckets]
         if self.decode_steps:
-            largest_decode = bucket(self.max_num_seqs, self.token_buckets)
-            variants += [(t_pad, True) for t_pad in self.token_buckets if t_pad <= largest_decode]
             variants.append((1, True))
+            if self.max_num_seqs > 1:  # else every decode step has one sequence
+                largest_decode = bucket(self.max_num_seqs, self.token_buckets)
+                variants += [(t_pad, True) for t_pad in self.token_buckets if t_pad <= largest_decode]
+            variants = list(dict.fromkeys(variants))  # a bucket of one token is the one-row decode variant too
         batches = [transfer.pack(self._pack(empty, t_pad=t_pad, decode_only=decode)[0]) for t_pad, decode in variants]
 
         def compile_bucket(batch: tuple[np.ndarray, transfer.Layout]) -> float:

@@ -3,8 +3,9 @@
 A step's inputs are ~25 small arrays (token rows, page tables, sampling parameters). Passed one by one, each is a
 host-to-device transfer of its own: the jitted call converts each, and the device runs each copy in turn before the
 step may start. `pack` concatenates them into one int32 buffer on the host (every field is 4 bytes wide) and
-`unpack`, inside the jitted step, slices and bitcasts it back into the same pytree. The layout is static, so it
-joins the compiled program's key without adding variants: it changes only with the padding bucket.
+`unpack`, inside the jitted step, slices and bitcasts it back into the same pytree. The layout is static and joins
+the compiled program's key without adding variants: it follows the shapes, which only the padding bucket and the
+step's static switches (penalty history, logit-bias width, prompt logprobs) change.
 
 Each leaf starts on a 256-byte boundary: XLA may hand a kernel a slice of the buffer as a view rather than a copy,
 and Mosaic GPU kernels refuse operands that are not 256-byte aligned (on the H200, an unaligned page-table slice
@@ -35,7 +36,7 @@ class Layout:
 def pack(tree: Any) -> tuple[np.ndarray, Layout]:
     """One flat int32 buffer holding every (4-byte) numpy leaf of `tree`, and the layout to unpack it."""
     leaves, treedef = jax.tree.flatten(tree)
-    arrays = [np.ascontiguousarray(leaf) for leaf in leaves]
+    arrays = [np.asarray(leaf, order="C") for leaf in leaves]  # (ascontiguousarray makes a scalar 1-D)
     for a in arrays:
         if a.dtype.itemsize != 4:
             raise TypeError(f"pack takes 4-byte leaves (int32, uint32, float32), got {a.dtype}")

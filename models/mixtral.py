@@ -53,11 +53,16 @@ def moe(
     order = jnp.argsort(flat_experts, stable=True)  # [A] assignments grouped by expert
     token_of = order // k  # [A] which token each sorted assignment came from
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
-    xs = x[token_of]  # [A, D]
+    out = _experts(layer, x[token_of], group_sizes, impl)  # [A, D]
+    # Weighted and summed in float32, rounded once: the one-token path below adds its rows in another order.
+    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros(x.shape, jnp.float32).at[token_of].add(out).astype(x.dtype)
+
+
+def _experts(layer: dict[str, jax.Array], xs: jax.Array, group_sizes: jax.Array, impl: str) -> jax.Array:
+    """Each row of xs [A, D] through its expert's SwiGLU; rows sorted by expert, group_sizes [E] rows each."""
     gate, up = jnp.split(grouped_matmul(xs, layer["expert_gate_up"], group_sizes, impl=impl), 2, axis=1)  # [A, F] x2
-    out = grouped_matmul(llama.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
-    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
-    return jnp.zeros_like(x).at[token_of].add(out)
+    return grouped_matmul(llama.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [A, D]
 
 
 def _moe_one_token(
@@ -77,10 +82,8 @@ def _moe_one_token(
     rank = jnp.sum(before, axis=1)  # [k] row of each assignment once sorted by expert (stable)
     group_sizes = jnp.sum(experts[:, None] == jnp.arange(num_experts)[None, :], axis=0).astype(jnp.int32)  # [E]
     row_weights = jnp.sum(jnp.where(rank[:, None] == a[None, :], weights[:, None], 0.0), axis=0)  # [k] by row
-    xs = jnp.broadcast_to(x, (k, x.shape[1]))  # [k, D]
-    gate, up = jnp.split(grouped_matmul(xs, layer["expert_gate_up"], group_sizes, impl=impl), 2, axis=1)  # [k, F] x2
-    out = grouped_matmul(llama.silu(gate) * up, layer["expert_down"], group_sizes, impl=impl)  # [k, D]
-    return jnp.sum(out * row_weights[:, None].astype(out.dtype), axis=0, keepdims=True)
+    out = _experts(layer, jnp.broadcast_to(x, (k, x.shape[1])), group_sizes, impl)  # [k, D]
+    return jnp.sum(out.astype(jnp.float32) * row_weights[:, None], axis=0, keepdims=True).astype(x.dtype)
 
 
 def moe_dense_reference(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -106,6 +106,16 @@ def _write_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, *, interpret: bo
     )(slot_mapping, k_new, v_new, k_pages, v_pages)
 
 
+def pallas_unsupported_reason(k_new: jax.Array) -> str | None:
+    """Why the compiled kernel cannot write new K/V of this shape ([T, K, H]), or None: a program stores one [K, H]
+    block, and Triton's blocks have power-of-two sides (Llama-2-13B's 40 KV heads do not)."""
+    _, num_kv_heads, head_dim = k_new.shape
+    for name, size in (("K (kv heads)", num_kv_heads), ("H (head dim)", head_dim)):
+        if size & (size - 1):
+            return f"{name} = {size} is not a power of two"
+    return None
+
+
 @functools.partial(jax.jit, static_argnames=("impl", "interpret"))
 def write_kv(
     k_pages: jax.Array,  # [K, P, S, H]
@@ -130,4 +140,6 @@ def write_kv(
     if not interpret and jax.default_backend() != "gpu":
         backend = jax.default_backend()
         raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}) or interpret=True")
+    if not interpret and (reason := pallas_unsupported_reason(k_new)) is not None:
+        raise ValueError(f"impl='pallas' cannot write these shapes: {reason}")
     return _write_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, interpret=interpret)

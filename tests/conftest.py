@@ -115,12 +115,3 @@ def one_prompt_metadata(n: int, page_size: int):
         num_seqs=jnp.array([1], jnp.int32),
         logits_indices=jnp.arange(n, dtype=jnp.int32),
     )
-
-
-def lower_for_h200(fn, *args):
-    """fn traced on `args` (ShapeDtypeStructs) and lowered for CUDA from any machine. Triton's lowering asks which GPU
-    it compiles for; an abstract H200 answers, so a Triton-style kernel's lowering is checked without a GPU (its
-    compile to PTX still needs one)."""
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

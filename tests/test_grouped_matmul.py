@@ -306,17 +306,3 @@ def test_bad_impl():
 def test_tuning_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="GroupedMatmulTuning"):
         GroupedMatmulTuning(**kwargs)
-
-
-@pytest.mark.parametrize("rows", [2, 32, 512])
-def test_pallas_kernel_lowers_to_triton_for_an_h200(rows):
-    """The compiled kernel lowers for CUDA at Mixtral-8x7B's expert shapes (gate/up and down), decode to 512 rows."""
-    from conftest import lower_for_h200
-
-    for k, n in ((4096, 28672), (14336, 4096)):
-        tuning = default_tuning(rows, k, n, 8)
-        args = (jax.ShapeDtypeStruct((rows, k), jnp.bfloat16), jax.ShapeDtypeStruct((8, k, n), jnp.bfloat16),
-                jax.ShapeDtypeStruct((8,), jnp.int32))  # fmt: skip
-        lowered = lower_for_h200(lambda *a, t=tuning: gm_module._grouped_matmul_pallas(*a, tuning=t, interpret=False),
-                                 *args)  # fmt: skip
-        assert "triton" in lowered.as_text()

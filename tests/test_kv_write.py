@@ -185,13 +185,26 @@ def test_benchmark_checks_both_implementations(tmp_path):
 
 @pytest.mark.parametrize("num_kv_heads", [32, 8])
 def test_pallas_kernel_lowers_to_triton_for_an_h200(num_kv_heads):
-    """The compiled (not interpreted) kernel lowers for CUDA at Llama-2-7B's and Llama-3-8B's KV shapes, 128 tokens."""
-    from conftest import lower_for_h200
-
+    """The compiled (not interpreted) kernel lowers for CUDA at Llama-2-7B's and Llama-3-8B's KV shapes, 128 tokens,
+    from any machine: Triton's lowering asks which GPU it compiles for, and an abstract H200 answers (the compile to
+    PTX still needs the GPU)."""
     from jpaged.kernels import kv_write
 
     pages = jax.ShapeDtypeStruct((num_kv_heads, 4096, 16, 128), jnp.bfloat16)
     new = jax.ShapeDtypeStruct((128, num_kv_heads, 128), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((128,), jnp.int32)
-    lowered = lower_for_h200(lambda *a: kv_write._write_pallas(*a, interpret=False), pages, pages, new, new, slots)
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+        kernel = jax.jit(lambda *a: kv_write._write_pallas(*a, interpret=False))
+        lowered = kernel.trace(pages, pages, new, new, slots).lower(lowering_platforms=("cuda",))
     assert "triton" in lowered.as_text()
+
+
+def test_pallas_refuses_kv_heads_that_are_no_power_of_two():
+    """Llama-2-13B's 40 KV heads: the compiled kernel's [K, H] block cannot be a Triton block, so it is refused with
+    the reason (interpreted, it runs)."""
+    from jpaged.kernels.kv_write import pallas_unsupported_reason
+
+    new = jax.ShapeDtypeStruct((4, 40, 128), jnp.bfloat16)
+    assert pallas_unsupported_reason(new) == "K (kv heads) = 40 is not a power of two"
+    assert pallas_unsupported_reason(jax.ShapeDtypeStruct((4, 8, 128), jnp.bfloat16)) is None

@@ -558,24 +558,3 @@ def test_lowers_to_triton_for_an_h200(monkeypatch, num_tokens, num_seqs, num_kv_
     module = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
     assert target in module and f"ragged_paged_attention_{tuning.name}" in module
     assert f"grid_z = {tuning.num_splits} : i32" in module
-
-
-@pytest.mark.parametrize("num_tokens,num_seqs", [(2048, 4), (256, 256)])
-@pytest.mark.parametrize("num_kv_heads", [32, 8])
-def test_pallas_kernel_lowers_to_triton_for_an_h200(num_tokens, num_seqs, num_kv_heads):
-    """The compiled kernel lowers for CUDA at Llama shapes (32 query heads of 128, pages of 16): prefill chunks and a
-    decode batch, MHA and GQA."""
-    from conftest import lower_for_h200
-
-    tuning = default_tuning(num_tokens, num_seqs, 32, num_kv_heads)
-    pages = jax.ShapeDtypeStruct((num_kv_heads, 4096, 16, 128), jnp.bfloat16)
-    args = (jax.ShapeDtypeStruct((num_tokens, 32, 128), jnp.bfloat16), pages, pages,
-            jax.ShapeDtypeStruct((num_seqs, 128), jnp.int32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
-            jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))  # fmt: skip
-
-    def kernel(*a):
-        return pa_module._paged_attention_pallas(*a, sm_scale=128**-0.5, sliding_window=None, tuning=tuning,
-                                                 interpret=False)  # fmt: skip
-
-    assert pallas_gpu_unsupported_reason(args[0], pages, tuning) is None
-    assert "triton" in lower_for_h200(kernel, *args).as_text()
