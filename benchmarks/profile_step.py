@@ -156,12 +156,16 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     started: set[str] = set()
     while len(started) < batch:  # prefill (possibly chunked) until every request has its first token
         started |= {o.request_id for o in engine.step() if o.outputs[0].token_ids}
-    for _ in range(args.settle):
-        engine.step()
+    # Compiles are counted in each phase: one in the timed or traced steps (a variant the settle steps did not reach;
+    # XLA's GEMM autotuning shows in a trace as redzone and comparison kernels) makes their figures a compile's.
+    compiles = {phase: common.CompileCounter() for phase in ("settle", "timed", "traced")}
+    with compiles["settle"]:
+        for _ in range(args.settle):
+            engine.step()
     times = []
     # the cyclic collector paused as `LLM.generate` runs its loop (--collector-on: as a hand-written loop runs)
     paused = contextlib.nullcontext() if args.collector_on else collector_paused()
-    with paused, host_parts(engine) as parts:
+    with paused, host_parts(engine) as parts, compiles["timed"]:
         for _ in range(args.steps):
             t0 = time.perf_counter()
             engine.step()
@@ -173,8 +177,9 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     options.python_tracer_level = 1 if args.python_trace else 0
     jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True, profiler_options=options)
     t0 = time.perf_counter()
-    for _ in range(args.trace_steps):
-        engine.step()
+    with compiles["traced"]:
+        for _ in range(args.trace_steps):
+            engine.step()
     traced_s = time.perf_counter() - t0
     jax.profiler.stop_trace()
     for rid in ids:
@@ -189,6 +194,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
         "host_step_ms_min": min(times) * 1e3,
         "host_parts_ms_per_step": {part: s * 1e3 / args.steps for part, s in parts.items()},
         "traced_step_ms": traced_s / args.trace_steps * 1e3,
+        "compiles": {phase: counter.count for phase, counter in compiles.items()},
         "trace": str(traces[-1]) if traces else None,
     }
     if traces:
@@ -243,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         host, traced = run["host_step_ms_median"], run["traced_step_ms"]
         print(f"### batch {batch}: host step {host:.2f} ms (median), {traced:.2f} ms while traced; per step, "
               + ", ".join(f"{part} {ms:.2f} ms" for part, ms in run["host_parts_ms_per_step"].items()))  # fmt: skip
+        if run["compiles"]["timed"] or run["compiles"]["traced"]:
+            print(f"WARNING: compiles during the measured steps ({run['compiles']}): raise --settle")
         if s.get("available"):
             print(f"device busy {s['device_busy_ms_per_step']:.2f} ms of a {s['device_span_ms_per_step']:.2f} ms span "
                   f"per step ({s['busy_fraction']:.0%}); idle gaps > {s['gap_threshold_us']:.0f} us: "

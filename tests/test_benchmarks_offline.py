@@ -218,6 +218,7 @@ def test_profile_step_record_and_trace_summary(tiny_model: Path, tmp_path: Path)
     assert set(run["host_parts_ms_per_step"]) == {"schedule", "pack", "dispatch", "fetch", "postprocess"}
     assert all(ms > 0 for ms in run["host_parts_ms_per_step"].values())
     assert runner_module._jitted_step is jitted_step
+    assert set(run["compiles"]) == {"settle", "timed", "traced"} and run["compiles"]["traced"] == 0
     # A synthetic trace: two kernels 1 ms apart after a device-to-host copy, on a device stream.
     trace = {"traceEvents": [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
