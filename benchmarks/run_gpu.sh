@@ -52,6 +52,10 @@ TP_ARGS=${TP_ARGS:-}
 LATENCY_ARGS=${LATENCY_ARGS:-}
 
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TF_CPP_MIN_LOG_LEVEL=1 TOKENIZERS_PARALLELISM=false
+# JAX's own default is 75% of the GPU: the engine's KV pool is sized from what JAX may use (the fifth session's
+# fixed:512 ran at the default with 84.7 GB of pages instead of 104.9, and preempted 92 times). HF runs in its own
+# process, before JAX starts.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # JAX's persistent compilation cache stays off unless JAX_CACHE=1 (then a later process reuses what an earlier one
 # compiled); off, every process compiles cold, so the warm-up times are cold ones.
