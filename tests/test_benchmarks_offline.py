@@ -394,3 +394,12 @@ def test_warmup_times_every_variant_for_each_worker_count(tiny_model: Path, tmp_
         assert set(run["variants_s"]) == {"T=16 B=8", "T=32 B=8"} and run["backend_compiles"] >= 2
         assert all(s > 0 for s in run["variants_s"].values()) and run["total_s"] > 0
     assert json.loads((tmp_path / "w.json").read_text())["benchmark"] == "warmup"
+
+
+def test_overlap_reads_every_variant(tmp_path: Path) -> None:
+    from benchmarks import overlap
+
+    rec = overlap.main(["--size", "256", "--chain", "1", "--iters", "1", "--json-out", str(tmp_path / "o.json")])
+    assert len(rec["rows"]) == 16  # donated x pinned host x early copy x chained
+    assert len({(r["donated"], r["to_host"], r["early_copy"], r["chained"]) for r in rec["rows"]}) == 16
+    assert all(r["one_program_ms"] > 0 and r["a_ready_ms"] > 0 for r in rec["rows"])
