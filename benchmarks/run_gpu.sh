@@ -128,7 +128,7 @@ fi
 
 if want warmup; then  # each step variant's compile seconds under the engine's concurrency (--workers 1: alone; slow)
   # shellcheck disable=SC2086
-  step warmup 200 "$PY" benchmarks/warmup.py --model "$MODEL" --workers "${WARMUP_WORKERS:-16}" \
+  step warmup 240 "$PY" benchmarks/warmup.py --model "$MODEL" --workers "${WARMUP_WORKERS:-16}" --one-row both \
     --max-model-len "$MAX_MODEL_LEN" $EXTRA_ENGINE_ARGS --json-out "$RESULTS" --json-key warmup
 fi
 

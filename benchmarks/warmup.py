@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                         help="concurrent compilations for each warm-up run")  # fmt: skip
+    parser.add_argument("--one-row", choices=("on", "off", "both"), default="on",
+                        help="the one-row decode variant of a lone sequence (GPUs with a decode kernel): compiled, "
+                             "not, or each warm-up run twice, with and without it")  # fmt: skip
     common.add_output_arguments(parser)
     common.add_engine_arguments(parser, ENGINE_DEFAULTS)
     return parser
@@ -73,20 +76,26 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     runner = llm.engine.runner
     record: dict[str, Any] = {"benchmark": "warmup", "env": common.env_info(jax_devices=True), "args": vars(args),
                               "engine_info": info, "runs": []}  # fmt: skip
+    one_row = {"on": (True,), "off": (False,), "both": (True, False)}[args.one_row]
     for workers in args.workers:
-        jax.clear_caches()
-        with LogCapture() as logs, common.CompileCounter() as compiles:
-            total = runner.warm_up(workers=workers)
-        variants = {m.group(1): float(m.group(2)) for line in logs.lines if (m := _VARIANT.search(line))}
-        record["runs"].append({"workers": workers, "total_s": total, "variants_s": variants,
-                               "backend_compiles": compiles.count})  # fmt: skip
-        common.save(args, record)
-        common.log(f"warm-up with {workers} worker(s): {len(variants)} variants in {total:.1f} s")
-    names = list(record["runs"][0]["variants_s"]) if record["runs"] else []
-    rows = [{"variant": name, **{f"w{r['workers']}": r["variants_s"].get(name) for r in record["runs"]}}
-            for name in names]  # fmt: skip
-    rows.append({"variant": "total", **{f"w{r['workers']}": r["total_s"] for r in record["runs"]}})
-    columns = [("variant", "variant"), *((f"s, {r['workers']} worker(s)", f"w{r['workers']}") for r in record["runs"])]
+        for with_one_row in one_row:
+            runner.one_row_decode = with_one_row and runner.decode_steps
+            jax.clear_caches()
+            with LogCapture() as logs, common.CompileCounter() as compiles:
+                total = runner.warm_up(workers=workers)
+            variants = {m.group(1): float(m.group(2)) for line in logs.lines if (m := _VARIANT.search(line))}
+            label = f"{workers} worker(s)"
+            if len(one_row) > 1:
+                label += f", one-row {'on' if with_one_row else 'off'}"
+            record["runs"].append({"workers": workers, "one_row_decode": runner.one_row_decode, "label": label,
+                                   "total_s": total, "variants_s": variants,
+                                   "backend_compiles": compiles.count})  # fmt: skip
+            common.save(args, record)
+            common.log(f"warm-up, {label}: {len(variants)} variants in {total:.1f} s")
+    names = list(dict.fromkeys(name for r in record["runs"] for name in r["variants_s"]))
+    rows = [{"variant": name, **{r["label"]: r["variants_s"].get(name) for r in record["runs"]}} for name in names]
+    rows.append({"variant": "total", **{r["label"]: r["total_s"] for r in record["runs"]}})
+    columns = [("variant", "variant"), *((f"s, {r['label']}", r["label"]) for r in record["runs"])]
     print(common.table(rows, columns, title=f"warm-up compile seconds, {Path(str(args.model)).name}"))
     return record
 

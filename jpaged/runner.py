@@ -165,6 +165,9 @@ class ModelRunner:
             jax.ShapeDtypeStruct((1, self.max_pages_per_seq), jnp.int32),
             cfg.sliding_window,
         )
+        # Where there is a decode kernel, a lone sequence's decode step gets a bucket of one row (see _pack).
+        # benchmarks/warmup.py turns it off to time the warm-up without that variant.
+        self.one_row_decode = self.decode_steps
         self.warmup_seconds: float | None = None  # set by warm_up()
         self._last_samples = jax.device_put(np.zeros(max_num_seqs, np.int32), self._replicated)
 
@@ -230,8 +233,9 @@ class ModelRunner:
         empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
         variants = [(t_pad, False) for t_pad in self.token_buckets]
         if self.decode_steps:
-            variants.append((1, True))
-            if self.max_num_seqs > 1:  # else every decode step has one sequence
+            if self.one_row_decode:
+                variants.append((1, True))
+            if self.max_num_seqs > 1 or not self.one_row_decode:  # else every decode step has one sequence
                 largest_decode = bucket(self.max_num_seqs, self.token_buckets)
                 variants += [(t_pad, True) for t_pad in self.token_buckets if t_pad <= largest_decode]
             variants = list(dict.fromkeys(variants))  # a bucket of one token is the one-row decode variant too
@@ -280,7 +284,8 @@ class ModelRunner:
             # A lone sequence's decode step (single stream) gets a bucket of one row: the decode kernel sizes its
             # split-K by the padded batch, and 16 rows x K heads look like enough programs not to split, so the one
             # real sequence would run on K programs of a GPU with 132 SMs.
-            t_pad = 1 if decode_only and len(counts) == 1 else bucket(sum(counts), self.token_buckets)
+            single = self.one_row_decode and decode_only and len(counts) == 1
+            t_pad = 1 if single else bucket(sum(counts), self.token_buckets)
         b_pad = min(t_pad, self.max_num_seqs)
         want_prompt = any(
             r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens for r in reqs

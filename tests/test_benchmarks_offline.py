@@ -384,15 +384,23 @@ def test_gemm_record_checks_the_fused_layout_and_runs_a_cublas_child(tmp_path: P
     assert json.loads((tmp_path / "gemm.json").read_text())["benchmark"] == "gemm"
 
 
-def test_warmup_times_every_variant_for_each_worker_count(tiny_model: Path, tmp_path: Path) -> None:
+def test_warmup_times_every_variant_with_and_without_the_one_row_bucket(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a decode kernel (declared here, as on Hopper), warm-up compiles the one-row decode variant unless told
+    not to; each run compiles for real (the persistent cache off)."""
     from benchmarks import warmup
+    from jpaged import runner as runner_module
 
-    rec = warmup.main(["--model", str(tiny_model), "--workers", "1", "2", "--json-out", str(tmp_path / "w.json"),
-                       *ENGINE_FLAGS])  # fmt: skip
-    assert [r["workers"] for r in rec["runs"]] == [1, 2]
-    for run in rec["runs"]:  # the token buckets of 32 tokens (no decode kernel on CPU), each compiled again
-        assert set(run["variants_s"]) == {"T=16 B=8", "T=32 B=8"} and run["backend_compiles"] >= 2
-        assert all(s > 0 for s in run["variants_s"].values()) and run["total_s"] > 0
+    monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
+    flags = [*ENGINE_FLAGS, "--max-num-batched-tokens", "16"]  # the last value counts: one token bucket, 16
+    rec = warmup.main(["--model", str(tiny_model), "--workers", "1", "--one-row", "both",
+                       "--json-out", str(tmp_path / "w.json"), *flags])  # fmt: skip
+    on, off = rec["runs"]
+    assert (on["one_row_decode"], off["one_row_decode"]) == (True, False)
+    assert set(on["variants_s"]) == {"T=16 B=8", "T=16 B=8 (decode)", "T=1 B=1 (decode)"}
+    assert set(off["variants_s"]) == {"T=16 B=8", "T=16 B=8 (decode)"}
+    assert on["backend_compiles"] >= 3 and off["backend_compiles"] >= 2 and on["total_s"] > 0
     assert json.loads((tmp_path / "w.json").read_text())["benchmark"] == "warmup"
 
 
