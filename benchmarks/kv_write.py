@@ -39,14 +39,20 @@ TINY_TOKENS = (1, 5)
 IMPLS = ("xla", "pallas")
 
 
+def distinct_slots(rng: Any, page_size: int, num_pages: int, num_tokens: int) -> Any:
+    """num_tokens distinct slots outside page 0 (the null page), as a step's real tokens have."""
+    import numpy as np
+
+    return rng.choice(np.arange(page_size, num_pages * page_size, dtype=np.int32), num_tokens, replace=False)
+
+
 def make_inputs(kv_heads: int, head_dim: int, page_size: int, num_pages: int, num_tokens: int, *, seed: int):
     """Pages [K, P, S, H] and new K/V [T, K, H] in bf16, and T distinct slots outside page 0 (the null page)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    slots = rng.choice(np.arange(page_size, num_pages * page_size, dtype=np.int32), num_tokens, replace=False)
+    slots = distinct_slots(np.random.default_rng(seed), page_size, num_pages, num_tokens)
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     pages = (kv_heads, num_pages, page_size, head_dim)
     new = (num_tokens, kv_heads, head_dim)
@@ -75,9 +81,9 @@ def run_case(name: str, kv_heads: int, head_dim: int, page_size: int, num_pages:
     # limit on the H200 before it saved anything.
     want = write_kv_reference(k_pages, v_pages, k_new, v_new, slots)
     rng = np.random.default_rng(args.seed + 1)
-    chain_slots = jax.numpy.asarray(np.stack([  # distinct slots within each write, as a step's are
-        rng.choice(np.arange(page_size, num_pages * page_size, dtype=np.int32), num_tokens, replace=False)
-        for _ in range(args.chain)]))  # fmt: skip
+    chain_slots = jax.numpy.asarray(
+        np.stack([distinct_slots(rng, page_size, num_pages, num_tokens) for _ in range(args.chain)])
+    )
     rows = []
     for impl in IMPLS:
         row: dict[str, Any] = case | {"impl": impl}
