@@ -134,10 +134,12 @@ def make_workload(kind: str, num_requests: int, *, vocab_size: int, seed: int, a
 
 # -- jpaged -----------------------------------------------------------------------------------------------------------
 class StepRecorder:
-    """Wraps the engine's `scheduler.schedule` to keep, per step, each sequence's (new tokens, context before)."""
+    """Wraps the engine's `scheduler.schedule` to keep, per step, each sequence's (new tokens, context before), and
+    when the step was scheduled (host clock)."""
 
     def __init__(self, engine: Any) -> None:
         self.steps: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self.times: list[float] = []  # perf_counter() as each recorded step was scheduled
         self._scheduler: Any = getattr(engine, "scheduler", None)
         self.available = callable(getattr(self._scheduler, "schedule", None))
         self._original: Any = None
@@ -145,12 +147,13 @@ class StepRecorder:
     def __enter__(self) -> StepRecorder:
         if self.available:
             self._original = self._scheduler.schedule
-            steps = self.steps
+            steps, times = self.steps, self.times
 
             def schedule(*a: Any, **k: Any) -> Any:
                 out = self._original(*a, **k)
                 if out.requests:
                     steps.append((tuple(out.num_new_tokens), tuple(r.num_computed_tokens for r in out.requests)))
+                    times.append(time.perf_counter())
                 return out
 
             self._scheduler.schedule = schedule
@@ -190,6 +193,31 @@ class StepRecorder:
             "shorthand_s": shorthand,
             "method": "sum over recorded steps of max((weights read + KV of the step's contexts) / bandwidth, "
             "step FLOPs / peak); shorthand = steps x (weights + mean KV per step) / bandwidth",
+        }
+
+    def timeline(self, start: float, end: float) -> dict[str, Any]:
+        """Where the wall time went, by the host clock: before the first step was scheduled, between consecutive
+        schedule calls (with async scheduling the interval after step N's schedule is about one device step, so
+        it is charged to step N's kind), and after the last one (its step, then the drain)."""
+        import numpy as np
+
+        if not self.times:
+            return {"available": False}
+        gaps = np.diff(np.asarray([*self.times, end]))
+        decode = np.asarray([all(n == 1 for n in new) for new, _ in self.steps])
+        d = gaps[decode]
+        return {
+            "available": True,
+            "before_first_step_s": self.times[0] - start,
+            "prefill_or_mixed_steps": int((~decode).sum()),
+            "prefill_or_mixed_s": float(gaps[~decode].sum()),
+            "decode_steps": int(decode.sum()),
+            "decode_s": float(d.sum()),
+            "decode_step_ms": {q: float(np.percentile(d, p)) * 1e3 for q, p in (("p10", 10), ("p50", 50), ("p90", 90))}
+            if d.size
+            else None,
+            "last_step_and_drain_s": float(gaps[-1]),
+            "method": "host time between consecutive scheduler.schedule calls, charged to the earlier step's kind",
         }
 
 
@@ -285,7 +313,8 @@ def run_jpaged(llm: Any, workload: Workload, args: argparse.Namespace, shape: co
     with common.CompileCounter() as compiles, recorder:
         t0 = time.perf_counter()
         outputs = llm.generate(workload.prompts, params)
-        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        wall = t1 - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     roof = recorder.roofline(shape, args.bandwidth, args.peak_flops)
     result = {
@@ -303,7 +332,14 @@ def run_jpaged(llm: Any, workload: Workload, args: argparse.Namespace, shape: co
         "compiles_during_run": compiles.count,
         "compile_s_during_run": compiles.seconds,
         "roofline": roof,
+        "timeline": recorder.timeline(t0, t1),
     }
+    if (line := result["timeline"])["available"]:
+        common.log(f"  timeline: {line['before_first_step_s']:.3f} s before the first step, "
+                   f"{line['prefill_or_mixed_steps']} prefill/mixed steps {line['prefill_or_mixed_s']:.3f} s, "
+                   f"{line['decode_steps']} decode steps {line['decode_s']:.3f} s "
+                   f"(median {(line['decode_step_ms'] or {}).get('p50', 0):.2f} ms), "
+                   f"last step + drain {line['last_step_and_drain_s']:.3f} s")  # fmt: skip
     if roof.get("available"):
         result["roofline_s"] = roof["floor_s"]
         result["of_roofline"] = roof["floor_s"] / wall

@@ -129,6 +129,11 @@ def test_throughput_record(results: dict[str, Any]) -> None:
         assert roof["available"] and roof["steps"] >= max(5, 6 * 12 // 32)
         assert run["of_roofline"] > 0 and run["roofline_s"] == roof["floor_s"] >= roof["memory_bound_s"] > 0
         assert isinstance(run["compiles_during_run"], int)
+        line = run["timeline"]  # every recorded step's interval, plus before and after, is the wall time
+        assert line["decode_steps"] + line["prefill_or_mixed_steps"] == roof["steps"]
+        assert line["decode_steps"] == roof["decode_steps"] and line["prefill_or_mixed_steps"] >= 1
+        parts = line["before_first_step_s"] + line["decode_s"] + line["prefill_or_mixed_s"]
+        assert 0 < parts <= run["wall_s"] and line["last_step_and_drain_s"] > 0
     fixed = rec["runs"][0]
     assert fixed["input_tokens"] == 6 * 12 and fixed["output_tokens"] == 6 * 5
     saved = json.loads(results["path"].read_text())
