@@ -158,7 +158,9 @@ def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens:
 
 
 def _write_and_attend(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, cfg: ModelConfig, impl: str):
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+    # The plain-jnp attention path stays all XLA (its write too); the kernel paths write with the kernel on GPUs.
+    write_impl = "xla" if impl == "reference" else "auto"
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping, impl=write_impl)
     out = paged_attention(
         q, k_pages, v_pages, meta.page_tables, meta.seq_lens, meta.cu_q_lens, meta.num_seqs,
         sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window, impl=impl, decode_only=meta.decode_only,

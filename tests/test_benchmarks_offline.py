@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -399,7 +400,7 @@ def test_warmup_times_every_variant_with_and_without_the_one_row_bucket(
 
     monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
     flags = [*ENGINE_FLAGS, "--max-num-batched-tokens", "16"]  # the last value counts: one token bucket, 16
-    rec = warmup.main(["--model", str(tiny_model), "--workers", "1", "--one-row", "both",
+    rec = warmup.main(["--model", str(tiny_model), "--workers", "1", "--one-row", "both", "--in-process",
                        "--json-out", str(tmp_path / "w.json"), *flags])  # fmt: skip
     on, off = rec["runs"]
     assert (on["one_row_decode"], off["one_row_decode"]) == (True, False)
@@ -407,6 +408,22 @@ def test_warmup_times_every_variant_with_and_without_the_one_row_bucket(
     assert set(off["variants_s"]) == {"T=16 B=8", "T=16 B=8 (decode)"}
     assert on["backend_compiles"] >= 3 and off["backend_compiles"] >= 2 and on["total_s"] > 0
     assert json.loads((tmp_path / "w.json").read_text())["benchmark"] == "warmup"
+
+
+def test_warmup_runs_each_setting_in_a_fresh_process(tiny_model: Path, tmp_path: Path) -> None:
+    """XLA keeps autotuning results per process, so a second warm-up in the same process is not cold: by default
+    each setting gets a child process of its own, and the parent merges their records."""
+    from benchmarks import warmup
+
+    flags = [*ENGINE_FLAGS, "--max-num-batched-tokens", "16"]
+    rec = warmup.main(["--model", str(tiny_model), "--workers", "1", "2", "--json-out", str(tmp_path / "w.json"),
+                       "--json-key", "warmup", *flags])  # fmt: skip
+    assert [(r["workers"], r["label"]) for r in rec["runs"]] == [(1, "1 worker(s), one-row on"),
+                                                                 (2, "2 worker(s), one-row on")]  # fmt: skip
+    pids = {r["pid"] for r in rec["runs"]}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(r["variants_s"] and r["total_s"] > 0 for r in rec["runs"])
+    assert json.loads((tmp_path / "w.json").read_text())["warmup"]["runs"] == rec["runs"]
 
 
 def test_overlap_reads_every_variant(tmp_path: Path) -> None:

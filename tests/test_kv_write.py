@@ -164,6 +164,26 @@ def test_bad_impl():
         write_kv(**_valid_args(), impl="scatter")
 
 
+def test_auto_picks_the_kernel_on_gpus_where_it_can_write_the_shape(monkeypatch):
+    import importlib
+
+    kv_write = importlib.import_module("jpaged.kernels.kv_write")
+    llama_7b, llama_13b = (jax.ShapeDtypeStruct((128, k, 128), jnp.bfloat16) for k in (32, 40))
+    monkeypatch.setattr(kv_write, "on_gpu", lambda: False)
+    assert kv_write.resolve_impl("auto", llama_7b) == "xla"
+    monkeypatch.setattr(kv_write, "on_gpu", lambda: True)
+    assert kv_write.resolve_impl("auto", llama_7b) == "pallas"
+    assert kv_write.resolve_impl("auto", llama_13b) == "xla"  # 40 heads: no Triton block
+    assert kv_write.resolve_impl("xla", llama_7b) == "xla" and kv_write.resolve_impl("pallas", llama_13b) == "pallas"
+
+
+def test_auto_writes_every_token():
+    k_pages, v_pages, k_new, v_new, slots, num_real = make_write(np.random.default_rng(3))
+    k_out, v_out = write_kv(*map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slots)))  # impl="auto"
+    check_written(k_out, k_pages, k_new, slots, num_real)
+    check_written(v_out, v_pages, v_new, slots, num_real)
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the off-GPU error")
 def test_pallas_off_gpu_needs_interpret():
     with pytest.raises(ValueError, match=r"needs a GPU .* or interpret=True"):
