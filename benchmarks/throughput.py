@@ -204,7 +204,7 @@ class StepRecorder:
         if not self.times:
             return {"available": False}
         gaps = np.diff(np.asarray([*self.times, end]))
-        decode = np.asarray([all(n == 1 for n in new) for new, _ in self.steps])
+        decode = np.asarray([all(n == 1 for n in new) for new, _ in self.steps], dtype=bool)
         d = gaps[decode]
         return {
             "available": True,
@@ -332,9 +332,9 @@ def run_jpaged(llm: Any, workload: Workload, args: argparse.Namespace, shape: co
         "compiles_during_run": compiles.count,
         "compile_s_during_run": compiles.seconds,
         "roofline": roof,
-        "timeline": recorder.timeline(t0, t1),
+        "timeline": (line := recorder.timeline(t0, t1)),
     }
-    if (line := result["timeline"])["available"]:
+    if line["available"]:
         common.log(f"  timeline: {line['before_first_step_s']:.3f} s before the first step, "
                    f"{line['prefill_or_mixed_steps']} prefill/mixed steps {line['prefill_or_mixed_s']:.3f} s, "
                    f"{line['decode_steps']} decode steps {line['decode_s']:.3f} s "
