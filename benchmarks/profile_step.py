@@ -8,7 +8,9 @@ stepped through prefill and --settle steps of decode (compiling what they need),
 the host (Python's cyclic collector paused, as `LLM.generate` runs its loop, unless --collector-on), each split into
 the parts of an engine step (scheduling, packing the step's inputs, the jitted call's
 dispatch, waiting for and fetching the samples, turning them into outputs), and --trace-steps more are traced with
-`jax.profiler` (a Perfetto trace per batch under --trace-dir).
+`jax.profiler` (a Perfetto trace per batch under --trace-dir). With --replay N, one decode step's jitted call is
+then captured and called N times back-to-back in four ways (`replay_step`), which separates the device's own step time
+from what the engine's loop adds around it, with no profiler attached.
 The summary reads the trace: device busy time (the sum of kernel durations on the GPU's streams) against the wall
 time of the traced steps, the kernels that take the most of it, and the longest idle gaps between consecutive device
 events with what came before and after them (an idle gap after a device-to-host copy is the host's turn). The
@@ -148,7 +150,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     from jpaged.llm import collector_paused
 
     rng = np.random.default_rng(args.seed + batch)
-    total = args.settle + args.steps + args.trace_steps + 8
+    total = args.settle + args.steps + args.trace_steps + 8 + (1 + len(REPLAY_MODES) if args.replay else 0)
     params = SamplingParams(max_tokens=total, ignore_eos=True, temperature=0.0)
     ids = [f"profile-{batch}-{i}" for i in range(batch)]
     for rid in ids:
@@ -158,7 +160,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
         started |= {o.request_id for o in engine.step() if o.outputs[0].token_ids}
     # Compiles are counted in each phase: one in the timed or traced steps (a variant the settle steps did not reach;
     # XLA's GEMM autotuning shows in a trace as redzone and comparison kernels) makes their figures a compile's.
-    compiles = {phase: common.CompileCounter() for phase in ("settle", "timed", "traced")}
+    compiles = {phase: common.CompileCounter() for phase in ("settle", "timed", "traced", "replay")}
     with compiles["settle"]:
         for _ in range(args.settle):
             engine.step()
@@ -171,34 +173,100 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
             engine.step()
             times.append(time.perf_counter() - t0)
     trace_dir = Path(args.trace_dir) / f"batch{batch}"
-    options = jax.profiler.ProfileOptions()
-    # Python's tracer costs the host several times its own work per step and so stretches exactly the host gaps
-    # this trace is read for: off unless asked.
-    options.python_tracer_level = 1 if args.python_trace else 0
-    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True, profiler_options=options)
-    t0 = time.perf_counter()
-    with compiles["traced"]:
-        for _ in range(args.trace_steps):
-            engine.step()
-    traced_s = time.perf_counter() - t0
-    jax.profiler.stop_trace()
+    traced_s = 0.0
+    if args.trace_steps:
+        options = jax.profiler.ProfileOptions()
+        # Python's tracer costs the host several times its own work per step and so stretches exactly the host gaps
+        # this trace is read for: off unless asked.
+        options.python_tracer_level = 1 if args.python_trace else 0
+        jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True, profiler_options=options)
+        t0 = time.perf_counter()
+        with compiles["traced"]:
+            for _ in range(args.trace_steps):
+                engine.step()
+        traced_s = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+    with compiles["replay"]:
+        replay = replay_step(engine, args.replay) if args.replay else None
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
-    traces = sorted(trace_dir.rglob("*perfetto_trace.json.gz"))
+    traces = sorted(trace_dir.rglob("*perfetto_trace.json.gz")) if args.trace_steps else []
     result: dict[str, Any] = {
         "batch": batch,
         "input_len": args.input_len,
         "host_step_ms_median": statistics.median(times) * 1e3,
         "host_step_ms_min": min(times) * 1e3,
         "host_parts_ms_per_step": {part: s * 1e3 / args.steps for part, s in parts.items()},
-        "traced_step_ms": traced_s / args.trace_steps * 1e3,
+        "traced_step_ms": traced_s / args.trace_steps * 1e3 if args.trace_steps else None,
         "compiles": {phase: counter.count for phase, counter in compiles.items()},
         "trace": str(traces[-1]) if traces else None,
+        "replay": replay,
     }
     if traces:
         result["summary"] = summarise_trace(traces[-1], num_steps=args.trace_steps)
+    return result
+
+
+# How replay_step calls a captured step again: where its packed input comes from, and what the host does per call.
+REPLAY_MODES = {
+    "resident": "the packed input already on the device; calls back-to-back, one wait at the end",
+    "upload": "the packed input from host memory each call (one host-to-device copy, as the runner does)",
+    "upload+fetch": "as upload, and each call's samples copied to the host once the next call is dispatched",
+    "engine": "as upload+fetch, plus the runner's early copy_to_host_async of the samples",
+}
+
+
+def replay_step(engine: Any, calls: int) -> dict[str, Any]:
+    """Captures the jitted call of the engine's next step and calls it `calls` times in each of REPLAY_MODES, each
+    call fed the KV pages (donated) and last samples of the one before, as the engine does. Returns ms per call by
+    mode. The steady step's period in the engine against "resident" is what the host loop costs the device; the
+    modes in between say which part. The replays rewrite the captured step's own KV slots; the caller aborts the
+    requests afterwards."""
+    import jax
+    import numpy as np
+
+    from jpaged import runner as runner_module
+
+    runner = engine.runner
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    original = runner_module._jitted_step
+
+    def capture(*a: Any, **k: Any) -> Any:
+        captured.append((a, k))
+        return original(*a, **k)
+
+    runner_module._jitted_step = capture
+    try:
+        engine.step()
+    finally:
+        runner_module._jitted_step = original
+    (args, kwargs), *_ = captured
+    params, _, packed, _ = args
+    host_packed = np.asarray(packed)
+    device_packed = jax.device_put(host_packed)  # uncommitted, as jit treats a numpy argument: no new compile
+    result: dict[str, Any] = {"calls": calls, "modes": REPLAY_MODES, "ms_per_call": {}}
+    for mode in REPLAY_MODES:
+        engine.step()  # let the engine's in-flight step land first
+        kv, last = runner.kv_pages, runner._last_samples
+        pending = None
+        with jax.set_mesh(runner.mesh):  # one untimed call (a compile would show in the caller's count)
+            kv, _, _, last = original(params, kv, device_packed if mode == "resident" else host_packed, last, **kwargs)
+        t0 = time.perf_counter()
+        with jax.set_mesh(runner.mesh):
+            for _ in range(calls):
+                kv, sampled, _, last = original(params, kv, device_packed if mode == "resident" else host_packed,
+                                                last, **kwargs)  # fmt: skip
+                if mode == "engine":
+                    sampled.token_ids.copy_to_host_async()
+                if mode in ("upload+fetch", "engine"):
+                    if pending is not None:
+                        np.asarray(pending)
+                    pending = sampled.token_ids
+            jax.block_until_ready((kv, last))
+        result["ms_per_call"][mode] = (time.perf_counter() - t0) / calls * 1e3
+        runner.kv_pages, runner._last_samples = kv, last
     return result
 
 
@@ -217,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also trace Python function calls (slows the host several times over)",
     )
+    parser.add_argument("--replay", type=int, default=0,
+                        help="then call one captured decode step N times in each replay mode (0: none)")  # fmt: skip
     parser.add_argument("--collector-on", action="store_true",
                         help="time the host steps with Python's cyclic collector running (default: paused, as in "
                              "LLM.generate)")  # fmt: skip
@@ -229,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     model_dir = common.resolve_model(args.model)
     shape = common.ModelShape.from_config(model_dir, "bfloat16" if args.dtype == "auto" else args.dtype)
-    longest = args.input_len + args.settle + args.steps + args.trace_steps + 8
+    longest = args.input_len + args.settle + args.steps + args.trace_steps + 8 + 1 + len(REPLAY_MODES)
     overrides = argparse.Namespace(**vars(args))
     overrides.max_num_seqs = max(args.max_num_seqs, max(args.batches))
     llm, info = make_llm(overrides, -(-longest // args.page_size) * args.page_size)
@@ -247,9 +317,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         common.save(args, record)
         s = run.get("summary") or {}
         host, traced = run["host_step_ms_median"], run["traced_step_ms"]
-        print(f"### batch {batch}: host step {host:.2f} ms (median), {traced:.2f} ms while traced; per step, "
+        traced_text = f", {traced:.2f} ms while traced" if traced is not None else ""
+        print(f"### batch {batch}: host step {host:.2f} ms (median){traced_text}; per step, "
               + ", ".join(f"{part} {ms:.2f} ms" for part, ms in run["host_parts_ms_per_step"].items()))  # fmt: skip
-        if run["compiles"]["timed"] or run["compiles"]["traced"]:
+        if run["replay"]:
+            print(f"replayed step, ms per call ({run['replay']['calls']} calls): "
+                  + ", ".join(f"{mode} {ms:.2f}" for mode, ms in run["replay"]["ms_per_call"].items()))  # fmt: skip
+        if run["compiles"]["timed"] or run["compiles"]["traced"] or run["compiles"]["replay"]:
             print(f"WARNING: compiles during the measured steps ({run['compiles']}): raise --settle")
         if s.get("available"):
             print(f"device busy {s['device_busy_ms_per_step']:.2f} ms of a {s['device_span_ms_per_step']:.2f} ms span "

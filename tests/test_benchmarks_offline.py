@@ -217,14 +217,17 @@ def test_profile_step_record_and_trace_summary(tiny_model: Path, tmp_path: Path)
     jitted_step = runner_module._jitted_step
     rec = profile_step.main(["--model", str(tiny_model), "--batches", "2", "--input-len", "6", "--settle", "1",
                              "--steps", "2", "--trace-steps", "2", "--trace-dir", str(tmp_path / "trace"),
-                             *ENGINE_FLAGS])  # fmt: skip
+                             "--replay", "3", *ENGINE_FLAGS])  # fmt: skip
     (run,) = rec["runs"]
+    assert set(run["replay"]["ms_per_call"]) == set(profile_step.REPLAY_MODES)
+    assert all(ms > 0 for ms in run["replay"]["ms_per_call"].values()) and run["replay"]["calls"] == 3
     assert run["batch"] == 2 and run["host_step_ms_median"] > 0 and run["trace"] is not None
     # every part of the host loop was seen in the timed steps, and the module-level wrapper is gone afterwards
     assert set(run["host_parts_ms_per_step"]) == {"schedule", "pack", "dispatch", "fetch", "postprocess"}
     assert all(ms > 0 for ms in run["host_parts_ms_per_step"].values())
     assert runner_module._jitted_step is jitted_step
-    assert set(run["compiles"]) == {"settle", "timed", "traced"} and run["compiles"]["traced"] == 0
+    assert set(run["compiles"]) == {"settle", "timed", "traced", "replay"} and run["compiles"]["traced"] == 0
+    assert run["compiles"]["replay"] == 0  # the replayed calls reuse the engine's executable, resident input too
     # A synthetic trace: two kernels 1 ms apart after a device-to-host copy, on a device stream.
     trace = {"traceEvents": [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
