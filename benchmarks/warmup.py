@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--one-row", choices=("on", "off", "both"), default="on",
                         help="the one-row decode variant of a lone sequence (GPUs with a decode kernel): compiled, "
                              "not, or each warm-up run twice, with and without it")  # fmt: skip
+    parser.add_argument("--mixed-from", type=int, default=None,
+                        help="token buckets of steps with a prefill chunk start here (needs decode variants; default: "
+                             "the runner's)")  # fmt: skip
     parser.add_argument("--in-process", action="store_true",
                         help="every run in this process (later runs reuse XLA's autotuning: not cold)")  # fmt: skip
     parser.add_argument("--child-out", help=argparse.SUPPRESS)  # a child's record, for the parent to read
@@ -112,6 +115,11 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     runner = llm.engine.runner
     record: dict[str, Any] = {"benchmark": "warmup", "env": common.env_info(jax_devices=True), "args": vars(args),
                               "engine_info": info, "runs": []}  # fmt: skip
+    if args.mixed_from is not None:
+        if not runner.decode_steps:  # then the mixed buckets serve decode steps too: keep them all
+            raise SystemExit("--mixed-from needs decode variants (a Hopper GPU's decode kernel)")
+        runner.mixed_buckets = [t for t in runner.token_buckets if t >= args.mixed_from] or runner.token_buckets[-1:]
+    record["mixed_buckets"] = runner.mixed_buckets
     one_row = {"on": (True,), "off": (False,), "both": (True, False)}[args.one_row]
     for workers in args.workers:
         for with_one_row in one_row:

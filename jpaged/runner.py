@@ -168,6 +168,11 @@ class ModelRunner:
         # Where there is a decode kernel, a lone sequence's decode step gets a bucket of one row (see _pack).
         # benchmarks/warmup.py turns it off to time the warm-up without that variant.
         self.one_row_decode = self.decode_steps
+        # Token buckets of steps that hold a prefill chunk. With decode variants these never serve decode-only steps,
+        # so the small ones buy little on a GPU, where a step below the ridge point (~150 tokens of bf16 weights on
+        # an H200) reads the same weights whatever its rows; benchmarks/warmup.py --mixed-from drops them to time
+        # the warm-up without them. Without decode variants they serve every step.
+        self.mixed_buckets = self.token_buckets
         self.warmup_seconds: float | None = None  # set by warm_up()
         self._last_samples = jax.device_put(np.zeros(max_num_seqs, np.int32), self._replicated)
 
@@ -231,7 +236,7 @@ class ModelRunner:
         one per core)."""
         start = time.perf_counter()
         empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
-        variants = [(t_pad, False) for t_pad in self.token_buckets]
+        variants = [(t_pad, False) for t_pad in self.mixed_buckets]
         if self.decode_steps:
             if self.one_row_decode:
                 variants.append((1, True))
@@ -285,7 +290,8 @@ class ModelRunner:
             # split-K by the padded batch, and 16 rows x K heads look like enough programs not to split, so the one
             # real sequence would run on K programs of a GPU with 132 SMs.
             single = self.one_row_decode and decode_only and len(counts) == 1
-            t_pad = 1 if single else bucket(sum(counts), self.token_buckets)
+            sizes = self.token_buckets if decode_only else self.mixed_buckets
+            t_pad = 1 if single else bucket(sum(counts), sizes)
         b_pad = min(t_pad, self.max_num_seqs)
         want_prompt = any(
             r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens for r in reqs

@@ -413,6 +413,21 @@ def test_warmup_times_every_variant_with_and_without_the_one_row_bucket(
     assert json.loads((tmp_path / "w.json").read_text())["benchmark"] == "warmup"
 
 
+def test_warmup_mixed_from_drops_the_small_prefill_buckets(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import warmup
+    from jpaged import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
+    flags = [*ENGINE_FLAGS, "--max-num-batched-tokens", "32"]  # token buckets 16 and 32
+    rec = warmup.main(["--model", str(tiny_model), "--workers", "1", "--one-row", "off", "--mixed-from", "32",
+                       "--in-process", *flags])  # fmt: skip
+    (run,) = rec["runs"]
+    assert rec["mixed_buckets"] == [32]
+    assert set(run["variants_s"]) == {"T=32 B=8", "T=16 B=8 (decode)"}
+
+
 def test_warmup_runs_each_setting_in_a_fresh_process(tiny_model: Path, tmp_path: Path) -> None:
     """XLA keeps autotuning results per process, so a second warm-up in the same process is not cold: by default
     each setting gets a child process of its own, and the parent merges their records."""

@@ -114,6 +114,35 @@ def test_decode_only_steps_get_their_own_variant(monkeypatch):
     assert_pool_clean(llm)
 
 
+def test_mixed_buckets_pad_prefill_steps_only(monkeypatch):
+    """With decode variants, steps holding a prefill chunk may use coarser token buckets (`mixed_buckets`): warm-up
+    compiles exactly those, decode-only steps keep the fine ones, and the greedy tokens do not change."""
+    prompts, params = _mixed_workload(2)
+    plain = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+
+    monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
+    llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=False)
+    runner = llm.engine.runner
+    runner.mixed_buckets = [64]
+    runner.warm_up()
+    shapes: list[tuple[bool, int]] = []
+    pack = runner._pack
+
+    def spy(sched, *args, **kwargs):
+        out = pack(sched, *args, **kwargs)
+        shapes.append((out[0].attn.decode_only, out[0].tokens.shape[0]))
+        return out
+
+    monkeypatch.setattr(runner, "_pack", spy)
+    with count_compilations() as compiles:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert compiles == [] and got == want
+    assert {t for decode, t in shapes if not decode} == {64}  # every step with a prefill chunk: the one mixed bucket
+    assert {t for decode, t in shapes if decode} <= {1, 16}
+    assert_pool_clean(llm)
+
+
 @pytest.mark.gpu
 def test_mosaic_decode_steps_match_the_triton_kernel(tmp_path):
     """On a Hopper GPU, a bf16 model of head_dim 128 decodes through the Mosaic GPU kernel: every greedy token is the
