@@ -237,7 +237,7 @@ def replay_step(engine: Any, calls: int) -> dict[str, Any]:
         captured.append((a, k))
         return original(*a, **k)
 
-    runner_module._jitted_step = capture
+    runner_module._jitted_step = capture  # type: ignore[assignment]  # a spy, removed below
     try:
         engine.step()
     finally:
