@@ -135,33 +135,44 @@ def make_workload(kind: str, num_requests: int, *, vocab_size: int, seed: int, a
 # -- jpaged -----------------------------------------------------------------------------------------------------------
 class StepRecorder:
     """Wraps the engine's `scheduler.schedule` to keep, per step, each sequence's (new tokens, context before), and
-    when the step was scheduled (host clock)."""
+    its runner's `fetch` to keep when each step's samples reached the host and whether it was decode-only."""
 
     def __init__(self, engine: Any) -> None:
         self.steps: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-        self.times: list[float] = []  # perf_counter() as each recorded step was scheduled
+        self.fetches: list[tuple[bool, float]] = []  # (decode-only, perf_counter() as fetch returned) per step
         self._scheduler: Any = getattr(engine, "scheduler", None)
+        self._runner: Any = getattr(engine, "runner", None)
         self.available = callable(getattr(self._scheduler, "schedule", None))
-        self._original: Any = None
+        self._timed = callable(getattr(self._runner, "fetch", None))
 
     def __enter__(self) -> StepRecorder:
         if self.available:
-            self._original = self._scheduler.schedule
-            steps, times = self.steps, self.times
+            original_schedule, steps = self._scheduler.schedule, self.steps
 
             def schedule(*a: Any, **k: Any) -> Any:
-                out = self._original(*a, **k)
+                out = original_schedule(*a, **k)
                 if out.requests:
                     steps.append((tuple(out.num_new_tokens), tuple(r.num_computed_tokens for r in out.requests)))
-                    times.append(time.perf_counter())
                 return out
 
             self._scheduler.schedule = schedule
+        if self._timed:
+            original_fetch, fetches = self._runner.fetch, self.fetches
+
+            def fetch(step: Any, *a: Any, **k: Any) -> Any:
+                out = original_fetch(step, *a, **k)
+                fetches.append((all(n == 1 for n in step.sched.num_new_tokens), time.perf_counter()))
+                return out
+
+            self._runner.fetch = fetch
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # the instance attributes go; the classes' methods show through again
         if self.available:
-            del self._scheduler.schedule  # the instance attribute; the class's method shows through again
+            del self._scheduler.schedule
+        if self._timed:
+            del self._runner.fetch
 
     def roofline(self, shape: common.ModelShape, bandwidth: float, peak: float) -> dict[str, Any]:
         if not self.steps:
@@ -196,29 +207,37 @@ class StepRecorder:
         }
 
     def timeline(self, start: float, end: float) -> dict[str, Any]:
-        """Where the wall time went, by the host clock: before the first step was scheduled, between consecutive
-        schedule calls (with async scheduling the interval after step N's schedule is about one device step, so
-        it is charged to step N's kind), and after the last one (its step, then the drain)."""
-        import numpy as np
+        """Where the wall time went, by the host clock. Each step is charged the interval from the previous step's
+        fetch returning to its own (in a steady state, one step's device time, with async scheduling or without);
+        the first step also carries the time to add the requests and launch it, and the drain is what follows the
+        last fetch. The parts add up to the wall time."""
+        return timeline(self.fetches, start, end)
 
-        if not self.times:
-            return {"available": False}
-        gaps = np.diff(np.asarray([*self.times, end]))
-        decode = np.asarray([all(n == 1 for n in new) for new, _ in self.steps], dtype=bool)
-        d = gaps[decode]
-        return {
-            "available": True,
-            "before_first_step_s": self.times[0] - start,
-            "prefill_or_mixed_steps": int((~decode).sum()),
-            "prefill_or_mixed_s": float(gaps[~decode].sum()),
-            "decode_steps": int(decode.sum()),
-            "decode_s": float(d.sum()),
-            "decode_step_ms": {q: float(np.percentile(d, p)) * 1e3 for q, p in (("p10", 10), ("p50", 50), ("p90", 90))}
-            if d.size
-            else None,
-            "last_step_and_drain_s": float(gaps[-1]),
-            "method": "host time between consecutive scheduler.schedule calls, charged to the earlier step's kind",
-        }
+
+def timeline(fetches: Sequence[tuple[bool, float]], start: float, end: float) -> dict[str, Any]:
+    """`StepRecorder.timeline` over (decode-only, time its samples were fetched) per step, in fetch order."""
+    import numpy as np
+
+    if not fetches:
+        return {"available": False}
+    decode = np.asarray([d for d, _ in fetches], dtype=bool)
+    times = np.asarray([t for _, t in fetches])
+    gaps = np.diff(times, prepend=start)  # step i: from fetch i - 1 (or the start) to fetch i
+    d = gaps[1:][decode[1:]]  # the first step's interval also holds the run's start
+    return {
+        "available": True,
+        "first_step_s": float(gaps[0]),
+        "prefill_or_mixed_steps": int((~decode[1:]).sum()),
+        "prefill_or_mixed_s": float(gaps[1:][~decode[1:]].sum()),
+        "decode_steps": int(decode[1:].sum()),
+        "decode_s": float(d.sum()),
+        "decode_step_ms": {q: float(np.percentile(d, p)) * 1e3 for q, p in (("p10", 10), ("p50", 50), ("p90", 90))}
+        if d.size
+        else None,
+        "drain_s": end - float(times[-1]),
+        "method": "host time between consecutive runner.fetch returns, charged to the step fetched; the first step "
+        "from the start of the run",
+    }
 
 
 class LogCapture(logging.Handler):
@@ -335,11 +354,11 @@ def run_jpaged(llm: Any, workload: Workload, args: argparse.Namespace, shape: co
         "timeline": (line := recorder.timeline(t0, t1)),
     }
     if line["available"]:
-        common.log(f"  timeline: {line['before_first_step_s']:.3f} s before the first step, "
-                   f"{line['prefill_or_mixed_steps']} prefill/mixed steps {line['prefill_or_mixed_s']:.3f} s, "
+        common.log(f"  timeline: first step {line['first_step_s']:.3f} s, "
+                   f"{line['prefill_or_mixed_steps']} more prefill/mixed steps {line['prefill_or_mixed_s']:.3f} s, "
                    f"{line['decode_steps']} decode steps {line['decode_s']:.3f} s "
                    f"(median {(line['decode_step_ms'] or {}).get('p50', 0):.2f} ms), "
-                   f"last step + drain {line['last_step_and_drain_s']:.3f} s")  # fmt: skip
+                   f"drain {line['drain_s']:.3f} s")  # fmt: skip
     if roof.get("available"):
         result["roofline_s"] = roof["floor_s"]
         result["of_roofline"] = roof["floor_s"] / wall

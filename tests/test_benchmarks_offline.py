@@ -130,15 +130,26 @@ def test_throughput_record(results: dict[str, Any]) -> None:
         assert roof["available"] and roof["steps"] >= max(5, 6 * 12 // 32)
         assert run["of_roofline"] > 0 and run["roofline_s"] == roof["floor_s"] >= roof["memory_bound_s"] > 0
         assert isinstance(run["compiles_during_run"], int)
-        line = run["timeline"]  # every recorded step's interval, plus before and after, is the wall time
-        assert line["decode_steps"] + line["prefill_or_mixed_steps"] == roof["steps"]
-        assert line["decode_steps"] == roof["decode_steps"] and line["prefill_or_mixed_steps"] >= 1
-        parts = line["before_first_step_s"] + line["decode_s"] + line["prefill_or_mixed_s"]
-        assert 0 < parts <= run["wall_s"] and line["last_step_and_drain_s"] > 0
+        line = run["timeline"]  # one interval per fetched step, plus the drain: the wall time
+        assert line["decode_steps"] + line["prefill_or_mixed_steps"] + 1 == roof["steps"]
+        assert line["prefill_or_mixed_steps"] >= 1 and line["decode_steps"] >= roof["decode_steps"] - 1
+        parts = line["first_step_s"] + line["decode_s"] + line["prefill_or_mixed_s"] + line["drain_s"]
+        assert parts == pytest.approx(run["wall_s"], rel=1e-3) and line["first_step_s"] > 0 and line["drain_s"] >= 0
     fixed = rec["runs"][0]
     assert fixed["input_tokens"] == 6 * 12 and fixed["output_tokens"] == 6 * 5
     saved = json.loads(results["path"].read_text())
     assert set(saved) == {"tp", "latency", "kernels"}  # every script merged into the one file
+
+
+def test_timeline_charges_each_interval_to_the_step_fetched() -> None:
+    # a run from t=10: a prefill step fetched at 11, two decode steps at 12 and 14, a mixed one at 17, a decode at 18
+    fetches = [(False, 11.0), (True, 12.0), (True, 14.0), (False, 17.0), (True, 18.0)]
+    line = throughput.timeline(fetches, start=10.0, end=18.5)
+    assert line["first_step_s"] == 1.0 and line["drain_s"] == 0.5
+    assert (line["decode_steps"], line["decode_s"]) == (3, 1.0 + 2.0 + 1.0)
+    assert (line["prefill_or_mixed_steps"], line["prefill_or_mixed_s"]) == (1, 3.0)
+    assert line["decode_step_ms"]["p50"] == 1000.0
+    assert throughput.timeline([], start=0.0, end=1.0) == {"available": False}
 
 
 def test_latency_record(results: dict[str, Any]) -> None:
