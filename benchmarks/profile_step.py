@@ -186,12 +186,14 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
                 engine.step()
         traced_s = time.perf_counter() - t0
         jax.profiler.stop_trace()
-    with compiles["replay"]:
+    with compiles["replay"], contextlib.nullcontext() if args.collector_on else collector_paused():
         replay = replay_step(engine, args.replay) if args.replay else None
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
+    if replay:  # the replays rewrote KV slots of pages the prefix cache may hold: nothing may find them again
+        engine.pool.reset_prefix_cache()
     traces = sorted(trace_dir.rglob("*perfetto_trace.json.gz")) if args.trace_steps else []
     result: dict[str, Any] = {
         "batch": batch,
@@ -246,26 +248,34 @@ def replay_step(engine: Any, calls: int) -> dict[str, Any]:
     params, _, packed, _ = args
     host_packed = np.asarray(packed)
     device_packed = jax.device_put(host_packed)  # uncommitted, as jit treats a numpy argument: no new compile
+    # Uncommitted, as jit treats a numpy argument: no new compile. With tensor parallelism this single-device copy is
+    # moved to the mesh on each call, so "resident" is only resident on one device.
+    device_packed = jax.device_put(host_packed)
     result: dict[str, Any] = {"calls": calls, "modes": REPLAY_MODES, "ms_per_call": {}}
-    for mode in REPLAY_MODES:
-        engine.step()  # let the engine's in-flight step land first
-        kv, last = runner.kv_pages, runner._last_samples
-        pending = None
-        with jax.set_mesh(runner.mesh):  # one untimed call (a compile would show in the caller's count)
-            kv, _, _, last = original(params, kv, device_packed if mode == "resident" else host_packed, last, **kwargs)
-        t0 = time.perf_counter()
-        with jax.set_mesh(runner.mesh):
-            for _ in range(calls):
-                kv, sampled, _, last = original(params, kv, device_packed if mode == "resident" else host_packed,
-                                                last, **kwargs)  # fmt: skip
-                if mode == "engine":
-                    sampled.token_ids.copy_to_host_async()
-                if mode in ("upload+fetch", "engine"):
-                    if pending is not None:
-                        np.asarray(pending)
-                    pending = sampled.token_ids
-            jax.block_until_ready((kv, last))
-        result["ms_per_call"][mode] = (time.perf_counter() - t0) / calls * 1e3
+    kv, last = runner.kv_pages, runner._last_samples
+    try:
+        for mode in REPLAY_MODES:
+            engine.step()  # the engine's next step in flight; the untimed call below queues behind it
+            kv, last = runner.kv_pages, runner._last_samples
+            packed_in = device_packed if mode == "resident" else host_packed
+            pending = None
+            with jax.set_mesh(runner.mesh):  # one untimed call (a compile would show in the caller's count)
+                kv, _, _, last = original(params, kv, packed_in, last, **kwargs)
+            jax.block_until_ready((kv, last))  # the clock starts with nothing queued
+            t0 = time.perf_counter()
+            with jax.set_mesh(runner.mesh):
+                for _ in range(calls):
+                    kv, sampled, _, last = original(params, kv, packed_in, last, **kwargs)
+                    if mode == "engine":
+                        sampled.token_ids.copy_to_host_async()
+                    if mode in ("upload+fetch", "engine"):
+                        if pending is not None:
+                            np.asarray(pending)
+                        pending = sampled.token_ids
+                jax.block_until_ready((kv, last))
+            result["ms_per_call"][mode] = (time.perf_counter() - t0) / calls * 1e3
+            runner.kv_pages, runner._last_samples = kv, last
+    finally:  # the pages the engine holds must be live ones: each call donated the ones before
         runner.kv_pages, runner._last_samples = kv, last
     return result
 
@@ -296,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.replay < 0:
+        parser.error(f"--replay must be >= 0, got {args.replay}")
     model_dir = common.resolve_model(args.model)
     shape = common.ModelShape.from_config(model_dir, "bfloat16" if args.dtype == "auto" else args.dtype)
     longest = args.input_len + args.settle + args.steps + args.trace_steps + 8 + 1 + len(REPLAY_MODES)

@@ -128,9 +128,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             with LogCapture() as logs, common.CompileCounter() as compiles:
                 total = runner.warm_up(workers=workers)
             variants = {m.group(1): float(m.group(2)) for line in logs.lines if (m := _VARIANT.search(line))}
-            label = f"{workers} worker(s)"
-            if len(one_row) > 1:
-                label += f", one-row {'on' if with_one_row else 'off'}"
+            label = f"{workers} worker(s), one-row {'on' if with_one_row else 'off'}"
             record["runs"].append({"workers": workers, "one_row_decode": runner.one_row_decode, "label": label,
                                    "total_s": total, "variants_s": variants, "pid": os.getpid(),
                                    "backend_compiles": compiles.count})  # fmt: skip

@@ -158,7 +158,8 @@ def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens:
 
 
 def _write_and_attend(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, cfg: ModelConfig, impl: str):
-    # The plain-jnp attention path stays all XLA (its write too); the kernel paths write with the kernel on GPUs.
+    # The plain-jnp attention path stays all XLA, its write too; otherwise the write picks its own implementation
+    # by backend and shape (the Pallas kernel on GPUs), whichever attention kernel runs.
     write_impl = "xla" if impl == "reference" else "auto"
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping, impl=write_impl)
     out = paged_attention(

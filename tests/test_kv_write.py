@@ -6,6 +6,7 @@ T tokens, K kv-heads, H head dim, P pages, S page size.
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import jax
@@ -165,9 +166,8 @@ def test_bad_impl():
 
 
 def test_auto_picks_the_kernel_on_gpus_where_it_can_write_the_shape(monkeypatch):
-    import importlib
+    from jpaged.kernels import kv_write
 
-    kv_write = importlib.import_module("jpaged.kernels.kv_write")
     llama_7b, llama_13b = (jax.ShapeDtypeStruct((128, k, 128), jnp.bfloat16) for k in (32, 40))
     monkeypatch.setattr(kv_write, "on_gpu", lambda: False)
     assert kv_write.resolve_impl("auto", llama_7b) == "xla"
@@ -177,11 +177,36 @@ def test_auto_picks_the_kernel_on_gpus_where_it_can_write_the_shape(monkeypatch)
     assert kv_write.resolve_impl("xla", llama_7b) == "xla" and kv_write.resolve_impl("pallas", llama_13b) == "pallas"
 
 
-def test_auto_writes_every_token():
-    k_pages, v_pages, k_new, v_new, slots, num_real = make_write(np.random.default_rng(3))
-    k_out, v_out = write_kv(*map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slots)))  # impl="auto"
+def test_auto_runs_the_kernel_where_it_resolves_to_it(monkeypatch):
+    """ "auto" as a GPU would resolve it (the kernel interpreted here) writes every token, through the kernel."""
+    from jpaged.kernels import kv_write
+
+    calls = []
+    kernel = kv_write._write_pallas
+    monkeypatch.setattr(kv_write, "on_gpu", lambda: True)
+    monkeypatch.setattr(kv_write, "_write_pallas", lambda *a, **k: calls.append(k) or kernel(*a, **k))
+    k_pages, v_pages, k_new, v_new, slots, num_real = make_write(np.random.default_rng(3), num_kv_heads=4)
+    k_out, v_out = write_kv(*map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slots)), interpret=True)
+    assert calls == [{"interpret": True}]
     check_written(k_out, k_pages, k_new, slots, num_real)
     check_written(v_out, v_pages, v_new, slots, num_real)
+
+
+@pytest.mark.parametrize(("attn_impl", "write_impl"), [("reference", "xla"), ("auto", "auto"), ("pallas", "auto")])
+def test_the_model_writes_through_xla_only_on_the_reference_path(monkeypatch, attn_impl, write_impl):
+    from jpaged.models import llama
+
+    seen = []
+    write = llama.write_kv
+    monkeypatch.setattr(llama, "write_kv", lambda *a, impl: seen.append(impl) or write(*a, impl="xla"))
+    monkeypatch.setattr(llama, "paged_attention", lambda q, *a, **k: q)
+    k_pages, v_pages, k_new, v_new, slots, _ = make_write(np.random.default_rng(0))
+    meta = types.SimpleNamespace(slot_mapping=jnp.asarray(slots), page_tables=None, seq_lens=None, cu_q_lens=None,
+                                 num_seqs=None, decode_only=False)  # fmt: skip
+    cfg = types.SimpleNamespace(sm_scale=1.0, sliding_window=None)
+    llama._write_and_attend(jnp.asarray(k_new), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_pages),
+                            jnp.asarray(v_pages), meta, cfg=cfg, impl=attn_impl)  # fmt: skip
+    assert seen == [write_impl]
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the off-GPU error")
@@ -203,14 +228,14 @@ def test_benchmark_checks_both_implementations(tmp_path):
         assert row["bytes"] == 4 * 3 * 2 * 16 * 2 and row["time_us"] > 0
 
 
-@pytest.mark.parametrize("num_kv_heads", [32, 8])
-def test_pallas_kernel_lowers_to_triton_for_an_h200(num_kv_heads):
-    """The compiled (not interpreted) kernel lowers for CUDA at Llama-2-7B's and Llama-3-8B's KV shapes, 128 tokens,
-    from any machine: Triton's lowering asks which GPU it compiles for, and an abstract H200 answers (the compile to
-    PTX still needs the GPU)."""
+@pytest.mark.parametrize(("num_kv_heads", "num_pages"), [(32, 4096), (8, 4096), (1, 3001)])
+def test_pallas_kernel_lowers_to_triton_for_an_h200(num_kv_heads, num_pages):
+    """The compiled (not interpreted) kernel lowers for CUDA at Llama-2-7B's and Llama-3-8B's KV shapes and at one KV
+    head a device (Llama-3-8B at tp=8) over a pool that is no power of two, 128 tokens, from any machine: Triton's
+    lowering asks which GPU it compiles for, and an abstract H200 answers (the compile to PTX needs the GPU)."""
     from jpaged.kernels import kv_write
 
-    pages = jax.ShapeDtypeStruct((num_kv_heads, 4096, 16, 128), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((num_kv_heads, num_pages, 16, 128), jnp.bfloat16)
     new = jax.ShapeDtypeStruct((128, num_kv_heads, 128), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((128,), jnp.int32)
     h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
