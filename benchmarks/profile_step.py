@@ -142,6 +142,14 @@ def host_parts(engine: Any) -> Iterator[dict[str, float]]:
                 delattr(obj, name)
 
 
+def decode_tokens(args: argparse.Namespace, batch: int) -> int:
+    """Tokens each request may generate: enough that none finishes before the last measured step. With chunked
+    prefill the first requests start decoding while the last are still prefilling, one step per chunk (an
+    earlier version ran out at --max-num-batched-tokens 2048, and the batch shrank under the timed steps)."""
+    prefill_steps = -(-batch * args.input_len // args.max_num_batched_tokens)
+    return prefill_steps + args.settle + args.steps + args.trace_steps + 8 + 1 + len(REPLAY_MODES)
+
+
 def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     import jax
     import numpy as np
@@ -150,7 +158,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     from jpaged.llm import collector_paused
 
     rng = np.random.default_rng(args.seed + batch)
-    total = args.settle + args.steps + args.trace_steps + 8 + (1 + len(REPLAY_MODES) if args.replay else 0)
+    total = decode_tokens(args, batch)
     params = SamplingParams(max_tokens=total, ignore_eos=True, temperature=0.0)
     ids = [f"profile-{batch}-{i}" for i in range(batch)]
     for rid in ids:
@@ -164,7 +172,8 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
     with compiles["settle"]:
         for _ in range(args.settle):
             engine.step()
-    times = []
+    times: list[float] = []
+    live: list[int] = []  # sequences running after each timed step: the batch measured
     # the cyclic collector paused as `LLM.generate` runs its loop (--collector-on: as a hand-written loop runs)
     paused = contextlib.nullcontext() if args.collector_on else collector_paused()
     with paused, host_parts(engine) as parts, compiles["timed"]:
@@ -172,6 +181,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
             t0 = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t0)
+            live.append(len(engine.scheduler.running))
     trace_dir = Path(args.trace_dir) / f"batch{batch}"
     traced_s = 0.0
     if args.trace_steps:
@@ -200,6 +210,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
         "input_len": args.input_len,
         "host_step_ms_median": statistics.median(times) * 1e3,
         "host_step_ms_min": min(times) * 1e3,
+        "running_min_max": [min(live), max(live)],
         "host_parts_ms_per_step": {part: s * 1e3 / args.steps for part, s in parts.items()},
         "traced_step_ms": traced_s / args.trace_steps * 1e3 if args.trace_steps else None,
         "compiles": {phase: counter.count for phase, counter in compiles.items()},
@@ -312,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--replay must be >= 0, got {args.replay}")
     model_dir = common.resolve_model(args.model)
     shape = common.ModelShape.from_config(model_dir, "bfloat16" if args.dtype == "auto" else args.dtype)
-    longest = args.input_len + args.settle + args.steps + args.trace_steps + 8 + 1 + len(REPLAY_MODES)
+    longest = args.input_len + max(decode_tokens(args, batch) for batch in args.batches)
     overrides = argparse.Namespace(**vars(args))
     overrides.max_num_seqs = max(args.max_num_seqs, max(args.batches))
     llm, info = make_llm(overrides, -(-longest // args.page_size) * args.page_size)
@@ -336,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if run["replay"]:
             print(f"replayed step, ms per call ({run['replay']['calls']} calls): "
                   + ", ".join(f"{mode} {ms:.2f}" for mode, ms in run["replay"]["ms_per_call"].items()))  # fmt: skip
+        if run["running_min_max"][0] < batch:
+            print(f"WARNING: only {run['running_min_max'][0]} of {batch} sequences ran through the timed steps")
         if run["compiles"]["timed"] or run["compiles"]["traced"] or run["compiles"]["replay"]:
             print(f"WARNING: compiles during the measured steps ({run['compiles']}): raise --settle")
         if s.get("available"):

@@ -239,9 +239,12 @@ def test_profile_step_record_and_trace_summary(tiny_model: Path, tmp_path: Path)
     assert runner_module._jitted_step is jitted_step
     assert set(run["compiles"]) == {"settle", "timed", "traced", "replay"} and run["compiles"]["traced"] == 0
     assert run["compiles"]["replay"] == 0  # the replayed calls reuse the engine's executable, resident input too
-    untraced = profile_step.main(["--model", str(tiny_model), "--batches", "2", "--input-len", "6", "--settle", "1",
-                                  "--steps", "1", "--trace-steps", "0", "--trace-dir", str(tmp_path / "none"),
-                                  *ENGINE_FLAGS])  # fmt: skip
+    assert run["running_min_max"] == [2, 2]
+    # 16 prefill chunks: the first request decodes meanwhile (~14 tokens), and must still run when timed
+    untraced = profile_step.main(["--model", str(tiny_model), "--batches", "8", "--input-len", "32", "--settle", "1",
+                                  "--steps", "3", "--trace-steps", "0", "--trace-dir", str(tmp_path / "none"),
+                                  *ENGINE_FLAGS, "--max-num-batched-tokens", "16"])  # fmt: skip
+    assert untraced["runs"][0]["running_min_max"] == [8, 8]
     assert untraced["runs"][0]["traced_step_ms"] is None and untraced["runs"][0]["trace"] is None
     assert not (tmp_path / "none").exists() and untraced["runs"][0]["replay"] is None
     with pytest.raises(SystemExit):
