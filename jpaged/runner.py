@@ -233,7 +233,10 @@ class ModelRunner:
         first comes.
 
         XLA compiles on host threads without the GIL, so the buckets compile concurrently, `workers` at a time (default:
-        one per core)."""
+        one per core). Tracing and lowering a variant run Python and hold the GIL: they run here, one variant after
+        another, and each variant goes to a compile thread as soon as it is lowered (lowering them all at once on
+        the compile threads interleaved them under the GIL, so no compile could start before nearly all had
+        lowered)."""
         start = time.perf_counter()
         empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
         variants = [(t_pad, False) for t_pad in self.mixed_buckets]
@@ -246,26 +249,34 @@ class ModelRunner:
             variants = list(dict.fromkeys(variants))  # a bucket of one token is the one-row decode variant too
         batches = [transfer.pack(self._pack(empty, t_pad=t_pad, decode_only=decode)[0]) for t_pad, decode in variants]
 
-        def compile_bucket(batch: tuple[np.ndarray, transfer.Layout]) -> float:
+        def compile_lowered(lowered: Any) -> float:
             t0 = time.perf_counter()
-            packed, layout = batch
             with jax.set_mesh(self.mesh):
-                _jitted_step.lower(
-                    self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
-                    num_logprobs=0, want_prompt_logprobs=False,
-                ).compile()  # fmt: skip
+                lowered.compile()
             return time.perf_counter() - t0
 
         workers = max(1, min(len(batches), workers or os.cpu_count() or 1))
+        lower_seconds: list[float] = []
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(compile_bucket, b) for b in batches]
-            show = len(futures) >= 4
-            for (t_pad, decode), future in tqdm(
-                zip(variants, futures, strict=True), total=len(futures), desc="Compiling step buckets",
-                disable=not show,
+            futures = []
+            show = len(batches) >= 4
+            for packed, layout in tqdm(batches, desc="Lowering step buckets", disable=not show):
+                t0 = time.perf_counter()
+                with jax.set_mesh(self.mesh):
+                    lowered = _jitted_step.lower(
+                        self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
+                        num_logprobs=0, want_prompt_logprobs=False,
+                    )  # fmt: skip
+                lower_seconds.append(time.perf_counter() - t0)
+                futures.append(pool.submit(compile_lowered, lowered))
+            logger.info("warm-up: %d variants lowered in %.1f s", len(variants), sum(lower_seconds))
+            for (t_pad, decode), lower_s, future in tqdm(
+                zip(variants, lower_seconds, futures, strict=True), total=len(futures),
+                desc="Compiling step buckets", disable=not show,
             ):  # fmt: skip
-                logger.info("compiled step bucket T=%d B=%d%s in %.2f s", t_pad, min(t_pad, self.max_num_seqs),
-                            " (decode)" if decode else "", future.result())  # fmt: skip
+                logger.info("compiled step bucket T=%d B=%d%s in %.2f s (lowered in %.2f s)", t_pad,
+                            min(t_pad, self.max_num_seqs), " (decode)" if decode else "", future.result(),
+                            lower_s)  # fmt: skip
         for packed, layout in batches:  # the compiled executables now serve the real call path
             with jax.set_mesh(self.mesh):
                 self.kv_pages, sampled, _, _ = _jitted_step(
