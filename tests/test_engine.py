@@ -34,6 +34,14 @@ def test_claims_the_utilization_before_jax_starts(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.usefixtures("fresh_jax")
+def test_claims_at_most_what_leaves_the_cuda_context_room() -> None:
+    import os
+
+    claim_gpu_memory(1.0)
+    assert os.environ[MEM_FRACTION_VAR] == "0.95"
+
+
+@pytest.mark.usefixtures("fresh_jax")
 def test_a_users_fraction_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
