@@ -19,7 +19,8 @@ predicate lives on the device made XLA's GPU executable copy the predicate to th
 dispatching a step blocked until the model had run: on an H200 that serialised host and device (Llama-2-7B shape,
 128 sequences: ~9 ms of idle GPU per 32 ms step, jax.profiler trace) and undid async scheduling. The price is the
 filter stage in every step. It used to be a sort (~3 ms at B=256, V=128k on an H200); it is now a threshold
-search, two bisections of 32 compare-and-sum passes over [B, V] (top_k_top_p_min_p_mask).
+search, two radix searches over [B, V] (top_k_top_p_min_p_mask: 32 compare-and-sum passes each on a CPU, 8 of
+15 comparisons each on a GPU, where a pass costs its launch).
 """
 
 from __future__ import annotations
@@ -137,15 +138,18 @@ def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
     return logits - meta.presence_penalty[:, None] * (counts > 0).astype(logits.dtype)
 
 
-def top_k_top_p_min_p_mask(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+def top_k_top_p_min_p_mask(
+    scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array, *, digit_bits: int | None = None
+) -> jax.Array:
     """Which tokens of temperature-scaled float32 logits [B, V] survive top-k, top-p, then min-p: [B, V] bool.
 
     The mask of top_k_top_p_min_p_mask_sorted (whose docstring has the semantics), found without sorting. Each
     filter keeps the tokens at or above some value, so together they keep those at or above the largest of the
     three: every token above it and, of those tied at it, as many as fit, lowest ids first. The values are found
-    by bisection over order-preserving integer keys, 32 steps of one compare-and-sum pass over [B, V] each: the
-    k-th largest by counting, then top-p's by summing probabilities, which are normalised over the top-k
-    survivors and so wait for the k-th largest. min-p's takes one pass.
+    by a radix search over order-preserving integer keys, one compare-and-sum pass over [B, V] a step
+    (`_largest_key`; `digit_bits` per step, default by backend): the k-th largest by counting, then top-p's by
+    summing probabilities, which are normalised over the top-k survivors and so wait for the k-th largest. min-p's
+    takes one pass.
 
     Top-k and min-p are exact. Top-p sums the same probabilities as the sorted version's cumsum in another order
     (and that cumsum itself rounds differently on CPU and GPU), so a row whose top_p lies within float32
@@ -164,13 +168,20 @@ def top_k_top_p_min_p_mask(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
     def mass(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] float32
         return jnp.sum(jnp.where(mask, weights, 0.0), axis=-1, keepdims=True)
 
+    # The searches ask about J thresholds t [B, J] at once; one pass over the row answers them all.
+    def count_at_least(t: jax.Array) -> jax.Array:  # [B, J] uint32 -> [B, J] int32
+        return jnp.sum(keys[:, None, :] >= t[:, :, None], axis=-1, dtype=jnp.int32)
+
+    def mass_at_least(t: jax.Array) -> jax.Array:  # [B, J] uint32 -> [B, J] float32
+        return jnp.sum(jnp.where(keys[:, None, :] >= t[:, :, None], weights[:, None, :], 0.0), axis=-1)
+
     k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]  # [B, 1]
-    kth = _largest_key(lambda t: count(keys >= t) >= k, rows)  # [B, 1] the k-th largest value
+    kth = _largest_key(lambda t: count_at_least(t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
     above_kth = keys > kth
     # softmax normaliser of the top-k survivors: those above the k-th value, then enough of those tied at it
     normaliser = mass(above_kth) + (k - count(above_kth)) * jnp.exp(_key_value(kth) - top)
     # the top-p survivors end at the largest value whose tokens at or above it hold top_p of the mass (0 if off)
-    top_p_last = _largest_key(lambda t: (top_p < 1) & (mass(keys >= t) / normaliser >= top_p), rows)
+    top_p_last = _largest_key(lambda t: (top_p < 1) & (mass_at_least(t) / normaliser >= top_p), rows, digit_bits)
     in_min_p = scaled - top >= jnp.log(min_p)[:, None]  # the sorted version's float ops; log(0) = -inf
     num_min_p = count(in_min_p)
     min_p_last = jnp.min(jnp.where(in_min_p, keys, _KEY_MAX), axis=-1, keepdims=True)  # _KEY_MAX if none
@@ -234,20 +245,32 @@ def _key_value(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jnp.where(key >> 31 == 1, key & ~_SIGN, ~key), jnp.float32)
 
 
-def _largest_key(holds: Callable[[jax.Array], jax.Array], rows: int) -> jax.Array:
-    """The largest uint32 t [B, 1] with holds(t) [B, 1] (0 if none), for a `holds` never true again once false.
+def digit_bits() -> int:
+    """Bits of the key `_largest_key` settles per step. On a GPU each step is a kernel launch over [B, V] of a few
+    microseconds whatever it computes, so 4 bits (15 comparisons a token, 8 steps); on a CPU the step's compute is
+    its cost, so 1 (a bisection: one comparison a token, 32 steps; 4 bits took 4.5x longer on the CPU box)."""
+    return 4 if jax.default_backend() == "gpu" else 1
 
-    Sets the bits from the top, one per step: 32 calls of `holds`, unrolled, so the step holds no loop at all.
-    XLA can run a loop with a static trip count without reading a predicate back, but that was not verified on
-    the H200, where a device predicate (a lax.cond) had made every step wait for the model; unrolled costs ~2 s
-    more compile time per step variant (three times the sampler's, on CPU) and nothing at run time.
+
+def _largest_key(holds: Callable[[jax.Array], jax.Array], rows: int, bits: int | None = None) -> jax.Array:
+    """The largest uint32 t [B, 1] with holds(t) (0 if none), for a `holds` never true again once false.
+
+    `holds` maps candidates [B, J] to [B, J] bool. The key is settled `bits` bits a step (`digit_bits()` by
+    default), from the top: each step asks about the 2**bits - 1 candidates for the next digit at once, and as
+    `holds` is monotone the digits that hold are a prefix, so their count is the digit. With 4 bits the two searches
+    are 16 passes over [B, V] a step instead of 64. Unrolled, so the step holds no loop: a loop with a device
+    predicate had made every step on the H200 wait for the model (see the module docstring).
     """
-
-    def step(i: jax.Array, found: jax.Array) -> jax.Array:
-        candidate = found | lax.shift_left(np.uint32(1), (31 - i).astype(jnp.uint32))
-        return jnp.where(holds(candidate), candidate, found)
-
-    return lax.fori_loop(0, 32, step, jnp.zeros((rows, 1), jnp.uint32), unroll=True)
+    bits = digit_bits() if bits is None else bits
+    if 32 % bits:
+        raise ValueError(f"bits must divide 32, got {bits}")
+    digits = np.arange(1, 1 << bits, dtype=np.uint32)  # [J]
+    found = jnp.zeros((rows, 1), jnp.uint32)
+    for shift in range(32 - bits, -1, -bits):
+        candidates = found | (digits << np.uint32(shift))[None, :]  # [B, J]
+        digit = jnp.sum(holds(candidates), axis=-1, keepdims=True, dtype=jnp.uint32)  # [B, 1]
+        found = found | (digit << np.uint32(shift))
+    return found
 
 
 def row_keys(meta: SamplingMetadata) -> jax.Array:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, decode, gemm, kernels, latency, moe, profile_step, summary, throughput
+from benchmarks import common, decode, gemm, kernels, latency, moe, profile_step, sampler, summary, throughput
 from jpaged import sharding
 from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params
@@ -139,6 +139,15 @@ def test_throughput_record(results: dict[str, Any]) -> None:
     assert fixed["input_tokens"] == 6 * 12 and fixed["output_tokens"] == 6 * 5
     saved = json.loads(results["path"].read_text())
     assert set(saved) == {"tp", "latency", "kernels"}  # every script merged into the one file
+
+
+def test_sampler_benchmark_checks_every_width(tmp_path: Path) -> None:
+    rec = sampler.main(["--rows", "1", "3", "--vocab", "64", "--json-out", str(tmp_path / "s.json")])
+    assert [(r["rows"], r["digit_bits"], r["passes"]) for r in rec["rows"]] == [
+        (b, bits, 64 // bits) for b in (1, 3) for bits in sampler.WIDTHS
+    ]
+    assert all(r["ok"] and r["time_us"] > 0 for r in rec["rows"]), rec["rows"]
+    assert json.loads((tmp_path / "s.json").read_text())["benchmark"] == "sampler"
 
 
 def test_timeline_charges_each_interval_to_the_step_fetched() -> None:

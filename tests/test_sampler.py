@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -261,8 +262,9 @@ def test_top_k_keeps_exactly_k_breaking_ties_towards_lower_ids(mask_fn):
 
 # --- the sort-free mask against the sorted definition ---
 
-mask_jit = jax.jit(top_k_top_p_min_p_mask)
+mask_jit = jax.jit(top_k_top_p_min_p_mask, static_argnames="digit_bits")
 sorted_mask_jit = jax.jit(top_k_top_p_min_p_mask_sorted)
+DIGIT_BITS = [1, 4]  # the CPU's bisection and the GPU's width
 NEG = -np.inf
 
 
@@ -311,14 +313,16 @@ def cuts_a_tie_group(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.any(~keep & (logits == lowest_kept), axis=-1) & np.isfinite(lowest_kept[:, 0])
 
 
+@pytest.mark.parametrize("digit_bits", DIGIT_BITS)
 @pytest.mark.parametrize("vocab", [1, 2, 7, 64, 300])
-def test_sort_free_mask_equals_sorted_mask(vocab):
+def test_sort_free_mask_equals_sorted_mask(vocab, digit_bits):
     rng = np.random.default_rng(vocab)
     batch, kept_counts, cuts, top_p_cuts = 8, set(), 0, 0
     for _ in range(60):
         logits, top_k, top_p, min_p = random_filter_case(rng, batch, vocab)
         expected = np.asarray(sorted_mask_jit(logits, top_k, top_p, min_p))
-        np.testing.assert_array_equal(np.asarray(mask_jit(logits, top_k, top_p, min_p)), expected)
+        got = mask_jit(logits, top_k, top_p, min_p, digit_bits=digit_bits)
+        np.testing.assert_array_equal(np.asarray(got), expected)
         kept_counts.update(expected.sum(-1).tolist())
         cut = cuts_a_tie_group(logits, expected)
         cuts += int(cut.sum())
@@ -345,8 +349,21 @@ def test_sort_free_mask_equals_sorted_mask(vocab):
 )
 def test_mask_edge_cases(row, top_k, top_p, min_p, expected):
     args = (np.asarray([row], np.float32), np.asarray([top_k], np.int32), np.asarray([top_p], np.float32))
-    for mask_fn in (top_k_top_p_min_p_mask, top_k_top_p_min_p_mask_sorted):
-        np.testing.assert_array_equal(np.asarray(mask_fn(*args, np.asarray([min_p], np.float32)))[0], expected)
+    min_p_arg = np.asarray([min_p], np.float32)
+    for mask_fn in (*(functools.partial(top_k_top_p_min_p_mask, digit_bits=b) for b in DIGIT_BITS),
+                    top_k_top_p_min_p_mask_sorted):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(mask_fn(*args, min_p_arg))[0], expected)
+
+
+def test_digit_width_follows_the_backend(monkeypatch):
+    from jpaged import sampler
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert sampler.digit_bits() == 4  # a pass costs its launch: fewer, wider passes
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert sampler.digit_bits() == 1  # a pass costs its compute: a bisection
+    with pytest.raises(ValueError, match="bits must divide 32, got 3"):
+        sampler._largest_key(lambda t: t > 0, rows=1, bits=3)
 
 
 # --- bias and penalties ---
