@@ -332,14 +332,16 @@ class LLMEngine:
 
 MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 MAX_MEM_FRACTION = 0.95
+JAX_DEFAULT_MEM_FRACTION = 0.75
 
 
 def claim_gpu_memory(fraction: float) -> None:
     """Lets JAX's GPU allocator take `fraction` of each GPU, if JAX has not started its backends yet and the user has
     not chosen: JAX's own default is 75%, the pages can only live in what the allocator may take, and without this
     a default engine on an H200 sized its pool from 0.9 x 75% of the memory (84.7 GB of pages against 104.9 GB at
-    0.9). The KV sizing then takes `gpu_memory_utilization` of the allocator's limit, so the same fraction is left over
-    for the steps' temporaries. Once the backends run, the process's fraction is fixed; a GPU engine then says so."""
+    0.9). The KV sizing takes `gpu_memory_utilization` of the allocator's limit (the rest of it is left to the
+    steps' temporaries), so the claim never goes below JAX's default, which would shrink the pool of an engine asking
+    for less than 75%. Once the backends run, the process's fraction is fixed; a GPU engine then says so."""
     from jax._src import xla_bridge
 
     if MEM_FRACTION_VAR in os.environ:
@@ -347,14 +349,14 @@ def claim_gpu_memory(fraction: float) -> None:
     if not xla_bridge.backends_are_initialized():
         # The CUDA context and libraries (cuBLAS workspaces, Triton) need memory outside JAX's pool: past 0.95 JAX's
         # allocator would take it from them (the Mixtral-8x7B benchmarks run at 0.95 on the H200).
-        claimed = min(fraction, MAX_MEM_FRACTION)
+        claimed = min(max(fraction, JAX_DEFAULT_MEM_FRACTION), MAX_MEM_FRACTION)
         os.environ[MEM_FRACTION_VAR] = str(claimed)
         logger.info("%s=%s (gpu_memory_utilization=%s) before JAX starts: its GPU allocator may take that much of "
                     "each GPU", MEM_FRACTION_VAR, claimed, fraction)  # fmt: skip
         return
     import jax
 
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() == "gpu" and fraction > JAX_DEFAULT_MEM_FRACTION:
         logger.warning(
             "JAX started before the engine: its GPU allocator keeps its default of 75%% of each GPU, and the KV pool "
             "is sized within that; set %s=%s before JAX starts (or create the engine first) to let it take more",

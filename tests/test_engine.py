@@ -42,6 +42,15 @@ def test_claims_at_most_what_leaves_the_cuda_context_room() -> None:
 
 
 @pytest.mark.usefixtures("fresh_jax")
+def test_claims_no_less_than_jaxs_default() -> None:
+    """The pool is `gpu_memory_utilization` of the allocator's limit: claiming 0.5 would halve it twice."""
+    import os
+
+    claim_gpu_memory(0.5)
+    assert os.environ[MEM_FRACTION_VAR] == "0.75"
+
+
+@pytest.mark.usefixtures("fresh_jax")
 def test_a_users_fraction_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
@@ -64,6 +73,19 @@ def test_too_late_on_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch, caplog: pyte
         claim_gpu_memory(0.9)
     assert MEM_FRACTION_VAR not in os.environ
     assert "JAX started before the engine" in caplog.text and f"{MEM_FRACTION_VAR}=0.9" in caplog.text
+
+
+def test_too_late_on_a_gpu_is_silent_when_asking_no_more_than_the_default(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import jax
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with caplog.at_level(logging.WARNING, logger="jpaged.engine"):
+        claim_gpu_memory(0.6)
+    assert caplog.text == ""
 
 
 def test_too_late_off_gpu_is_silent(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
