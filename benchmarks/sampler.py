@@ -1,15 +1,16 @@
 """The sampler's top-k/top-p/min-p mask (jpaged/sampler.py): its radix search at each digit width, timed.
 
-    python benchmarks/sampler.py --json-out sampler.json    # GPU: B = 1, 128, 256 rows of a 32,000-token vocabulary
+    python benchmarks/sampler.py --json-out sampler.json    # GPU: B = 1, 128, 256 rows, vocabularies of 32k and 128k
     python benchmarks/sampler.py                            # CPU: small shapes (times are the CPU's)
 
 Every step of the engine computes the mask for every row (no data-dependent control flow in the step), through two
-searches that each settle a 32-bit threshold `digit_bits` bits a pass over [B, V]. On a GPU a pass costs about its
-kernel launch, so the default there is 4 bits (16 passes of 15 comparisons a token) rather than a bisection (64
-passes of one); on a CPU a pass costs its compute and the default is 1. This script times the mask and the whole
-`sample()` at each width, the masks first checked equal to the sorted definition
-(`top_k_top_p_min_p_mask_sorted`), so the GPU default is a measured choice. Times are of --chain calls inside one
-jitted call (on distinct logits), divided by --chain: what the mask costs inside a step.
+searches that each settle a 32-bit threshold `digit_bits` bits a pass over [B, V]: 1 bit (a bisection, 64 passes,
+the default) or more (4 bits: 16 passes of 15 comparisons a token). On a GPU a pass may cost about its kernel launch,
+so a wider digit may be cheaper there; on the CPU box 4 bits took 4.5x longer, and XLA on CPU gave it 2.56 GB of
+temporaries against 0.66 GB at B = 256, V = 128k. This script times each width and records the compiled mask's
+temporary bytes, each mask first checked equal to the sorted definition (`top_k_top_p_min_p_mask_sorted`), so the
+default is a measured choice. Times are of --chain masks inside one jitted call, each fed by the one before (so a
+compiler cannot merge their passes), divided by --chain: what the mask costs inside a step.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from benchmarks import (
     common,
 )
 
-GPU_ROWS, GPU_VOCAB = (1, 128, 256), 32000
-CPU_ROWS, CPU_VOCAB = (1, 8), 512
+GPU_ROWS, GPU_VOCABS = (1, 128, 256), (32000, 128256)
+CPU_ROWS, CPU_VOCABS = (1, 8), (512,)
 WIDTHS = (1, 2, 4)
 
 
@@ -55,13 +56,21 @@ def run_case(rows: int, vocab: int, args: argparse.Namespace) -> list[dict[str, 
         row: dict[str, Any] = {"case": f"B={rows} V={vocab}", "rows": rows, "vocab": vocab, "digit_bits": bits,
                                "passes": 2 * 32 // bits}  # fmt: skip
 
-        def chained(logits: Any, bits: int = bits) -> Any:  # unrolled: one launch per pass, as in the step
-            return jnp.stack([top_k_top_p_min_p_mask(x, top_k, top_p, min_p, digit_bits=bits) for x in logits])
+        def chained(logits: Any, bits: int = bits) -> Any:
+            masks, prev = [], jnp.zeros((rows, 1), jnp.float32)
+            for x in logits:  # unrolled, each mask fed by the last: 1e-30 vanishes in any logit of magnitude > 1e-22
+                masks.append(top_k_top_p_min_p_mask(x + prev * 1e-30, top_k, top_p, min_p, digit_bits=bits))
+                prev = masks[-1][:, :1].astype(jnp.float32)
+            return jnp.stack(masks)
 
         mask = jax.jit(chained)
         try:
+            one = jax.jit(functools.partial(top_k_top_p_min_p_mask, digit_bits=bits))
+            compiled = one.lower(logits[0], top_k, top_p, min_p).compile()
+            memory = compiled.memory_analysis()  # None where the backend does not report it
+            row["temp_MB"] = memory.temp_size_in_bytes / 1e6 if memory is not None else None
             got = mask(logits)
-            row["ok"] = bool(jnp.array_equal(got[0], want))
+            row["ok"] = bool(jnp.array_equal(got[0], want))  # the first is unperturbed
             if not row["ok"]:
                 row["error"] = "differs from top_k_top_p_min_p_mask_sorted"
             else:
@@ -80,6 +89,7 @@ COLUMNS = [
     ("digit bits", "digit_bits"),
     ("passes", "passes"),
     ("us in a chain", "time_us"),
+    ("temp MB", "temp_MB"),
     ("equal to sorted", "ok"),
     ("error", "error"),
 ]
@@ -90,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, nargs="+", default=None, help="batch rows B (default: per backend)")
-    parser.add_argument("--vocab", type=int, default=None, help="vocabulary V (default: per backend)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabularies V (default: per backend)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--chain", type=int, default=8, help="masks per timed call (distinct logits)")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,12 +116,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.iters = min(args.iters, 2)
         args.chain = min(args.chain, 2)
     rows_list = args.rows or (GPU_ROWS if gpu else CPU_ROWS)
-    vocab = args.vocab or (GPU_VOCAB if gpu else CPU_VOCAB)
+    vocabs = args.vocab or (GPU_VOCABS if gpu else CPU_VOCABS)
     rows: list[dict[str, Any]] = []
     record = {"benchmark": "sampler", "env": common.env_info(jax_devices=True), "args": vars(args), "rows": rows}
-    for b in rows_list:
-        rows += run_case(b, vocab, args)
-        common.save(args, record)
+    for vocab in vocabs:
+        for b in rows_list:
+            rows += run_case(b, vocab, args)
+            common.save(args, record)
     print(common.table(rows, COLUMNS, title="sampler mask: the radix search's digit width"))
     return record
 

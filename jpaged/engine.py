@@ -37,7 +37,8 @@ Prompt = str | list[int] | dict[str, Any]
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        claim_gpu_memory(config.gpu_memory_utilization)
+        # True when this engine set JAX's GPU allocator fraction itself (the allocator then holds the utilization)
+        self.claimed_gpu_memory = claim_gpu_memory(config.gpu_memory_utilization)
         model_dir = Path(config.model)
         self.model_config = ModelConfig.from_pretrained(model_dir)
         cfg = self.model_config
@@ -303,9 +304,11 @@ class LLMEngine:
 
     # -- sizing -----------------------------------------------------------------------------------------------------
     def _num_pages_from_memory(self, dtype: Any) -> int:
-        """Pages that fit in the memory left after the weights: on accelerators `gpu_memory_utilization` of what
-        the allocator may use, minus what is in use and a reserve for the step's activations; on CPU
-        `kv_cache_memory_gb`, capped at what `max_num_seqs` full-length sequences could ever hold."""
+        """Pages that fit in the memory left after the weights: on accelerators a share of what the allocator may
+        use, minus what is in use and a reserve for the step's activations; on CPU `kv_cache_memory_gb`, capped at
+        what `max_num_seqs` full-length sequences could ever hold. The share is CLAIMED_KV_SHARE where the engine
+        set the allocator's fraction to `gpu_memory_utilization` itself, else `gpu_memory_utilization` (of a
+        limit the user or JAX's default chose)."""
         cfg, config = self.model_config, self.config
         kv_heads = sharding.kv_heads_per_pool(cfg.num_kv_heads, config.tensor_parallel_size)
         page_bytes = 2 * cfg.num_layers * kv_heads * config.page_size * cfg.head_dim * np.dtype(dtype).itemsize
@@ -314,9 +317,8 @@ class LLMEngine:
         if all("bytes_limit" in s for s in stats):
             # Logits of the largest token bucket dominate the step's temporaries; keep room for them twice over.
             reserve = 2 * config.max_num_batched_tokens * cfg.vocab_size * 4 + (1 << 30)
-            per_device = min(
-                int(s["bytes_limit"] * config.gpu_memory_utilization) - s["bytes_in_use"] - reserve for s in stats
-            )
+            share = CLAIMED_KV_SHARE if self.claimed_gpu_memory else config.gpu_memory_utilization
+            per_device = min(int(s["bytes_limit"] * share) - s["bytes_in_use"] - reserve for s in stats)
             logger.info("KV sizing: memory stats %s", stats[0])
             budget = per_device * len(stats)
             if budget < 2 * page_bytes:
@@ -332,36 +334,40 @@ class LLMEngine:
 
 MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 MAX_MEM_FRACTION = 0.95
+# The pool's share of an allocator whose limit the engine claimed: the rest is left to the steps' other temporaries
+# and XLA's autotuning scratch. 0.9 is the headroom every H200 benchmark ran with (a 0.9 fraction, 0.9 of it).
+CLAIMED_KV_SHARE = 0.9
 JAX_DEFAULT_MEM_FRACTION = 0.75
 
 
-def claim_gpu_memory(fraction: float) -> None:
-    """Lets JAX's GPU allocator take `fraction` of each GPU, if JAX has not started its backends yet and the user has
-    not chosen: JAX's own default is 75%, the pages can only live in what the allocator may take, and without this
-    a default engine on an H200 sized its pool from 0.9 x 75% of the memory (84.7 GB of pages against 104.9 GB at
-    0.9). The KV sizing takes `gpu_memory_utilization` of the allocator's limit (the rest of it is left to the
-    steps' temporaries), so the claim never goes below JAX's default, which would shrink the pool of an engine asking
-    for less than 75%. Once the backends run, the process's fraction is fixed; a GPU engine then says so."""
+def claim_gpu_memory(fraction: float) -> bool:
+    """Lets JAX's GPU allocator take `fraction` of each GPU (at most MAX_MEM_FRACTION), if JAX has not started its
+    backends yet and the user has not chosen; returns whether it did. JAX's own default is 75%, the pages can only
+    live in what the allocator may take, and without this a default engine on an H200 sized its pool from 0.9 x 75%
+    of the memory (84.7 GB of pages against 104.9 GB at 0.9); an engine asking for less than 75% took 75% anyway,
+    so two could not share a GPU. Once the backends run, the process's fraction is fixed; a GPU engine asking for
+    more than it then says so."""
     from jax._src import xla_bridge
 
     if MEM_FRACTION_VAR in os.environ:
-        return
+        return False
     if not xla_bridge.backends_are_initialized():
         # The CUDA context and libraries (cuBLAS workspaces, Triton) need memory outside JAX's pool: past 0.95 JAX's
         # allocator would take it from them (the Mixtral-8x7B benchmarks run at 0.95 on the H200).
-        claimed = min(max(fraction, JAX_DEFAULT_MEM_FRACTION), MAX_MEM_FRACTION)
+        claimed = min(fraction, MAX_MEM_FRACTION)
         os.environ[MEM_FRACTION_VAR] = str(claimed)
         logger.info("%s=%s (gpu_memory_utilization=%s) before JAX starts: its GPU allocator may take that much of "
                     "each GPU", MEM_FRACTION_VAR, claimed, fraction)  # fmt: skip
-        return
+        return True
     import jax
 
     if jax.default_backend() == "gpu" and fraction > JAX_DEFAULT_MEM_FRACTION:
         logger.warning(
             "JAX started before the engine: its GPU allocator keeps its default of 75%% of each GPU, and the KV pool "
             "is sized within that; set %s=%s before JAX starts (or create the engine first) to let it take more",
-            MEM_FRACTION_VAR, fraction,
+            MEM_FRACTION_VAR, min(fraction, MAX_MEM_FRACTION),
         )  # fmt: skip
+    return False
 
 
 def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:

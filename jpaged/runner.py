@@ -257,26 +257,30 @@ class ModelRunner:
 
         workers = max(1, min(len(batches), workers or os.cpu_count() or 1))
         lower_seconds: list[float] = []
+        show = len(batches) >= 4
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = []
-            show = len(batches) >= 4
-            for packed, layout in tqdm(batches, desc="Lowering step buckets", disable=not show):
-                t0 = time.perf_counter()
-                with jax.set_mesh(self.mesh):
-                    lowered = _jitted_step.lower(
-                        self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
-                        num_logprobs=0, want_prompt_logprobs=False,
-                    )  # fmt: skip
-                lower_seconds.append(time.perf_counter() - t0)
-                futures.append(pool.submit(compile_lowered, lowered))
-            logger.info("warm-up: %d variants lowered in %.1f s", len(variants), sum(lower_seconds))
-            for (t_pad, decode), lower_s, future in tqdm(
-                zip(variants, lower_seconds, futures, strict=True), total=len(futures),
-                desc="Compiling step buckets", disable=not show,
-            ):  # fmt: skip
-                logger.info("compiled step bucket T=%d B=%d%s in %.2f s (lowered in %.2f s)", t_pad,
-                            min(t_pad, self.max_num_seqs), " (decode)" if decode else "", future.result(),
-                            lower_s)  # fmt: skip
+            try:
+                futures = []
+                for packed, layout in tqdm(batches, desc="Lowering step buckets", disable=not show):
+                    t0 = time.perf_counter()
+                    with jax.set_mesh(self.mesh):
+                        lowered = _jitted_step.lower(
+                            self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
+                            num_logprobs=0, want_prompt_logprobs=False,
+                        )  # fmt: skip
+                    lower_seconds.append(time.perf_counter() - t0)
+                    futures.append(pool.submit(compile_lowered, lowered))
+                logger.info("warm-up: %d variants lowered in %.1f s", len(variants), sum(lower_seconds))
+                for (t_pad, decode), lower_s, future in tqdm(
+                    zip(variants, lower_seconds, futures, strict=True), total=len(futures),
+                    desc="Compiling step buckets", disable=not show,
+                ):  # fmt: skip
+                    logger.info("compiled step bucket T=%d B=%d%s in %.2f s (lowered in %.2f s)", t_pad,
+                                min(t_pad, self.max_num_seqs), " (decode)" if decode else "", future.result(),
+                                lower_s)  # fmt: skip
+            except BaseException:  # a failed lowering or compile, or Ctrl-C: the queued compiles are dropped
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         for packed, layout in batches:  # the compiled executables now serve the real call path
             with jax.set_mesh(self.mesh):
                 self.kv_pages, sampled, _, _ = _jitted_step(

@@ -19,8 +19,8 @@ predicate lives on the device made XLA's GPU executable copy the predicate to th
 dispatching a step blocked until the model had run: on an H200 that serialised host and device (Llama-2-7B shape,
 128 sequences: ~9 ms of idle GPU per 32 ms step, jax.profiler trace) and undid async scheduling. The price is the
 filter stage in every step. It used to be a sort (~3 ms at B=256, V=128k on an H200); it is now a threshold
-search, two radix searches over [B, V] (top_k_top_p_min_p_mask: 32 compare-and-sum passes each on a CPU, 8 of
-15 comparisons each on a GPU, where a pass costs its launch).
+search, two bisections of 32 compare-and-sum passes over [B, V] (top_k_top_p_min_p_mask; its radix search can
+settle more bits a pass, to be measured on a GPU).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def top_k_top_p_min_p_mask(
     filter keeps the tokens at or above some value, so together they keep those at or above the largest of the
     three: every token above it and, of those tied at it, as many as fit, lowest ids first. The values are found
     by a radix search over order-preserving integer keys, one compare-and-sum pass over [B, V] a step
-    (`_largest_key`; `digit_bits` per step, default by backend): the k-th largest by counting, then top-p's by
+    (`_largest_key`; `digit_bits` per step, DIGIT_BITS by default): the k-th largest by counting, then top-p's by
     summing probabilities, which are normalised over the top-k survivors and so wait for the k-th largest. min-p's
     takes one pass.
 
@@ -168,12 +168,13 @@ def top_k_top_p_min_p_mask(
     def mass(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] float32
         return jnp.sum(jnp.where(mask, weights, 0.0), axis=-1, keepdims=True)
 
-    # The searches ask about J thresholds t [B, J] at once; one pass over the row answers them all.
+    # The searches ask about J thresholds t [B, J] at once: J reductions of [B, V] each, never a [B, J, V] array
+    # (which XLA on CPU materialised: ~2 GB a pass at B = 256, V = 128k), siblings a GPU compiler can fuse.
     def count_at_least(t: jax.Array) -> jax.Array:  # [B, J] uint32 -> [B, J] int32
-        return jnp.sum(keys[:, None, :] >= t[:, :, None], axis=-1, dtype=jnp.int32)
+        return jnp.concatenate([count(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
 
     def mass_at_least(t: jax.Array) -> jax.Array:  # [B, J] uint32 -> [B, J] float32
-        return jnp.sum(jnp.where(keys[:, None, :] >= t[:, :, None], weights[:, None, :], 0.0), axis=-1)
+        return jnp.concatenate([mass(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
 
     k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]  # [B, 1]
     kth = _largest_key(lambda t: count_at_least(t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
@@ -245,25 +246,26 @@ def _key_value(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jnp.where(key >> 31 == 1, key & ~_SIGN, ~key), jnp.float32)
 
 
-def digit_bits() -> int:
-    """Bits of the key `_largest_key` settles per step. On a GPU each step is a kernel launch over [B, V] of a few
-    microseconds whatever it computes, so 4 bits (15 comparisons a token, 8 steps); on a CPU the step's compute is
-    its cost, so 1 (a bisection: one comparison a token, 32 steps; 4 bits took 4.5x longer on the CPU box)."""
-    return 4 if jax.default_backend() == "gpu" else 1
+# Bits of the key `_largest_key` settles per step. A bisection (1 bit: 32 passes over [B, V] per search, one
+# comparison a token) on every backend until benchmarks/sampler.py measures wider digits on a GPU, where each pass is
+# a kernel launch of a few microseconds and 4 bits (8 passes of 15 comparisons) may cost less; on the CPU box 4 bits
+# took 4.5x longer.
+DIGIT_BITS = 1
+_DIGIT_WIDTHS = (1, 2, 4, 8)
 
 
 def _largest_key(holds: Callable[[jax.Array], jax.Array], rows: int, bits: int | None = None) -> jax.Array:
     """The largest uint32 t [B, 1] with holds(t) (0 if none), for a `holds` never true again once false.
 
-    `holds` maps candidates [B, J] to [B, J] bool. The key is settled `bits` bits a step (`digit_bits()` by
-    default), from the top: each step asks about the 2**bits - 1 candidates for the next digit at once, and as
-    `holds` is monotone the digits that hold are a prefix, so their count is the digit. With 4 bits the two searches
-    are 16 passes over [B, V] a step instead of 64. Unrolled, so the step holds no loop: a loop with a device
-    predicate had made every step on the H200 wait for the model (see the module docstring).
+    `holds` maps candidates [B, J] to [B, J] bool. The key is settled `bits` bits a step (DIGIT_BITS by default),
+    from the top: each step asks about the 2**bits - 1 candidates for the next digit at once, and as `holds` is
+    monotone the digits that hold are a prefix, so their count is the digit (1 bit: a bisection). Unrolled, so the
+    step holds no loop: a loop with a device predicate had made every step on the H200 wait for the model (see the
+    module docstring).
     """
-    bits = digit_bits() if bits is None else bits
-    if 32 % bits:
-        raise ValueError(f"bits must divide 32, got {bits}")
+    bits = DIGIT_BITS if bits is None else bits
+    if bits not in _DIGIT_WIDTHS:
+        raise ValueError(f"bits must be one of {_DIGIT_WIDTHS}, got {bits}")
     digits = np.arange(1, 1 << bits, dtype=np.uint32)  # [J]
     found = jnp.zeros((rows, 1), jnp.uint32)
     for shift in range(32 - bits, -1, -bits):

@@ -146,7 +146,7 @@ def test_sampler_benchmark_checks_every_width(tmp_path: Path) -> None:
     assert [(r["rows"], r["digit_bits"], r["passes"]) for r in rec["rows"]] == [
         (b, bits, 64 // bits) for b in (1, 3) for bits in sampler.WIDTHS
     ]
-    assert all(r["ok"] and r["time_us"] > 0 for r in rec["rows"]), rec["rows"]
+    assert all(r["ok"] and r["time_us"] > 0 and r["temp_MB"] is not None for r in rec["rows"]), rec["rows"]
     assert json.loads((tmp_path / "s.json").read_text())["benchmark"] == "sampler"
 
 

@@ -114,6 +114,25 @@ def test_decode_only_steps_get_their_own_variant(monkeypatch):
     assert_pool_clean(llm)
 
 
+def test_warm_up_surfaces_a_failed_lowering(monkeypatch):
+    """A variant that fails to lower stops the warm-up with its own error (the compiles queued behind it dropped)."""
+    llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=False)
+    jitted = runner_module._jitted_step
+    lowered = []
+
+    class Failing:
+        def lower(self, *args, **kwargs):
+            lowered.append(kwargs["layout"])
+            if len(lowered) == 2:
+                raise RuntimeError("lowering failed")
+            return jitted.lower(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "_jitted_step", Failing())
+    with pytest.raises(RuntimeError, match="lowering failed"):
+        llm.engine.runner.warm_up(workers=1)
+    assert len(lowered) == 2  # nothing lowered after the failure
+
+
 def test_mixed_buckets_pad_prefill_steps_only(monkeypatch):
     """With decode variants, steps holding a prefill chunk may use coarser token buckets (`mixed_buckets`): warm-up
     compiles exactly those, decode-only steps keep the fine ones, and the greedy tokens do not change."""
