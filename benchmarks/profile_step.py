@@ -174,9 +174,12 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
             engine.step()
     times: list[float] = []
     live: list[int] = []  # sequences running after each timed step: the batch measured
+
     # the cyclic collector paused as `LLM.generate` runs its loop (--collector-on: as a hand-written loop runs)
-    paused = contextlib.nullcontext() if args.collector_on else collector_paused()
-    with paused, host_parts(engine) as parts, compiles["timed"]:
+    def paused() -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if args.collector_on else collector_paused()
+
+    with paused(), host_parts(engine) as parts, compiles["timed"]:
         for _ in range(args.steps):
             t0 = time.perf_counter()
             engine.step()
@@ -196,7 +199,7 @@ def profile_batch(engine: Any, batch: int, args: argparse.Namespace, vocab: int)
                 engine.step()
         traced_s = time.perf_counter() - t0
         jax.profiler.stop_trace()
-    with compiles["replay"], contextlib.nullcontext() if args.collector_on else collector_paused():
+    with compiles["replay"], paused():
         replay = replay_step(engine, args.replay) if args.replay else None
     for rid in ids:
         engine.abort_request(rid)

@@ -170,19 +170,16 @@ def top_k_top_p_min_p_mask(
 
     # The searches ask about J thresholds t [B, J] at once: J reductions of [B, V] each, never a [B, J, V] array
     # (which XLA on CPU materialised: ~2 GB a pass at B = 256, V = 128k), siblings a GPU compiler can fuse.
-    def count_at_least(t: jax.Array) -> jax.Array:  # [B, J] uint32 -> [B, J] int32
-        return jnp.concatenate([count(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
-
-    def mass_at_least(t: jax.Array) -> jax.Array:  # [B, J] uint32 -> [B, J] float32
-        return jnp.concatenate([mass(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
+    def at_least(reduce: Callable[[jax.Array], jax.Array], t: jax.Array) -> jax.Array:  # t [B, J] -> [B, J]
+        return jnp.concatenate([reduce(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
 
     k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]  # [B, 1]
-    kth = _largest_key(lambda t: count_at_least(t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
+    kth = _largest_key(lambda t: at_least(count, t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
     above_kth = keys > kth
     # softmax normaliser of the top-k survivors: those above the k-th value, then enough of those tied at it
     normaliser = mass(above_kth) + (k - count(above_kth)) * jnp.exp(_key_value(kth) - top)
     # the top-p survivors end at the largest value whose tokens at or above it hold top_p of the mass (0 if off)
-    top_p_last = _largest_key(lambda t: (top_p < 1) & (mass_at_least(t) / normaliser >= top_p), rows, digit_bits)
+    top_p_last = _largest_key(lambda t: (top_p < 1) & (at_least(mass, t) / normaliser >= top_p), rows, digit_bits)
     in_min_p = scaled - top >= jnp.log(min_p)[:, None]  # the sorted version's float ops; log(0) = -inf
     num_min_p = count(in_min_p)
     min_p_last = jnp.min(jnp.where(in_min_p, keys, _KEY_MAX), axis=-1, keepdims=True)  # _KEY_MAX if none

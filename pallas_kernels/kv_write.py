@@ -149,9 +149,8 @@ def write_kv(
     impl = resolve_impl(impl, k_new)
     if impl == "xla":
         return _write_xla(k_pages, v_pages, k_new, v_new, slot_mapping)
-    if not interpret and jax.default_backend() != "gpu":
-        backend = jax.default_backend()
-        raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}) or interpret=True")
+    if not interpret and not on_gpu():
+        raise ValueError(f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}) or interpret=True")
     if not interpret and (reason := pallas_unsupported_reason(k_new)) is not None:
         raise ValueError(f"impl='pallas' cannot write these shapes: {reason}")
     return _write_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, interpret=interpret)
