@@ -1,16 +1,16 @@
-"""The sampler's top-k/top-p/min-p mask (jpaged/sampler.py): its radix search at each digit width, timed.
+"""The sampler's top-k/top-p/min-p mask (jpaged/sampler.py): who runs its threshold searches, timed.
 
-    python benchmarks/sampler.py --json-out sampler.json    # GPU: B = 1, 128, 256 rows, vocabularies of 32k and 128k
+    python benchmarks/sampler.py --json-out sampler.json    # GPU: B = 1, 128 rows, vocabularies of 32k and 128k
     python benchmarks/sampler.py                            # CPU: small shapes (times are the CPU's)
 
 Every step of the engine computes the mask for every row (no data-dependent control flow in the step), through two
-searches that each settle a 32-bit threshold `digit_bits` bits a pass over [B, V]: 1 bit (a bisection, 64 passes,
-the default) or more (4 bits: 16 passes of 15 comparisons a token). On a GPU a pass may cost about its kernel launch,
-so a wider digit may be cheaper there; on the CPU box 4 bits took 4.5x longer, and XLA on CPU gave it 2.56 GB of
-temporaries against 0.66 GB at B = 256, V = 128k. This script times each width and records the compiled mask's
-temporary bytes, each mask first checked equal to the sorted definition (`top_k_top_p_min_p_mask_sorted`), so the
-default is a measured choice. Times are of --chain masks inside one jitted call, each fed by the one before (so a
-compiler cannot merge their passes), divided by --chain: what the mask costs inside a step.
+searches that each settle a 32-bit threshold. In XLA ("xla-Nbit") a search is a chain of passes over [B, V], each
+settling N bits: 1 bit (a bisection, 64 passes, XLA's default) or 4 (16 passes of 15 comparisons a token); on a
+GPU each pass is a kernel launch. "pallas" runs both searches of a row in one program (jpaged.kernels.filter_search,
+the GPU's default); "kernel <tuning>" times that kernel alone at each tuning in KERNEL_TUNINGS, checked against its
+sorted reference. Each mask is first checked equal to the sorted definition (`top_k_top_p_min_p_mask_sorted`);
+temporary bytes are the compiled mask's. Times are of --chain calls inside one jitted call, each fed by the one
+before (so a compiler cannot merge their passes), divided by --chain: what the mask costs inside a step.
 """
 
 from __future__ import annotations
@@ -29,9 +29,15 @@ from benchmarks import (
     common,
 )
 
-GPU_ROWS, GPU_VOCABS = (1, 128, 256), (32000, 128256)
+GPU_ROWS, GPU_VOCABS = (1, 128), (32000, 128256)
 CPU_ROWS, CPU_VOCABS = (1, 8), (512,)
-WIDTHS = (1, 2, 4)
+# mask variants: keyword arguments of top_k_top_p_min_p_mask (interpret is added off GPU)
+MASKS: dict[str, dict[str, Any]] = {
+    "xla-1bit": {"search": "xla", "digit_bits": 1},
+    "xla-4bit": {"search": "xla", "digit_bits": 4},
+    "pallas": {"search": "pallas"},
+}
+KERNEL_TUNINGS = ((256, 4, 2), (128, 4, 3), (512, 8, 3), (1024, 8, 2))  # (block, num_warps, num_stages)
 
 
 def make_inputs(rows: int, vocab: int, chain: int, seed: int) -> tuple[Any, ...]:
@@ -43,51 +49,92 @@ def make_inputs(rows: int, vocab: int, chain: int, seed: int) -> tuple[Any, ...]
     return logits, jnp.full(rows, 50, jnp.int32), jnp.full(rows, 0.9, jnp.float32), jnp.full(rows, 0.05, jnp.float32)
 
 
-def run_case(rows: int, vocab: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def chain_calls(fn: Any, rows: int) -> Any:
+    """fn(x, ...) applied to each of [C, B, V] logits in turn, each call's input perturbed by the last one's output
+    (1e-30 vanishes in any logit of magnitude > 1e-22), unrolled in one function."""
     import jax
     import jax.numpy as jnp
 
-    from jpaged.sampler import top_k_top_p_min_p_mask, top_k_top_p_min_p_mask_sorted
+    def chained(logits: Any, *args: Any) -> Any:
+        outs, prev = [], jnp.zeros((rows, 1), jnp.float32)
+        for x in logits:
+            out = fn(x + prev * 1e-30, *args)
+            outs.append(out)
+            first = jax.tree.leaves(out)[0]
+            prev = first.reshape(rows, -1)[:, :1].astype(jnp.float32)
+        return outs
 
-    logits, top_k, top_p, min_p = make_inputs(rows, vocab, args.chain, args.seed)
+    return chained
+
+
+def time_variant(row: dict[str, Any], fn: Any, check: Any, inputs: tuple[Any, ...], args: argparse.Namespace) -> None:
+    """Fills row with temp_MB, ok, time_us (or error): fn(*inputs) compiled alone, checked, then timed chained."""
+    import jax
+
+    logits, *rest = inputs
+    try:
+        compiled = jax.jit(fn).lower(logits[0], *rest).compile()
+        memory = compiled.memory_analysis()  # None where the backend does not report it
+        row["temp_MB"] = memory.temp_size_in_bytes / 1e6 if memory is not None else None
+        chained = jax.jit(chain_calls(fn, row["rows"]))
+        got = chained(logits, *rest)
+        row["ok"] = bool(check(got[0]))  # the first is unperturbed
+        if not row["ok"]:
+            row["error"] = "differs from the sorted reference"
+        else:
+            t = common.time_calls(functools.partial(chained, logits, *rest), warmup=1, iters=args.iters)
+            row["time_us"] = t["pipelined_s"] / args.chain * 1e6
+    except Exception as e:  # a variant that fails to lower or run is a result, not a crash
+        row |= {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    common.log(f"{row['case']:<16} {row['variant']}: " + (f"{row['time_us']:.1f} us" if "time_us" in row else
+                                                          row.get("error", "")))  # fmt: skip
+
+
+def run_case(rows: int, vocab: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jpaged.kernels import filter_search
+    from jpaged.sampler import _order_keys, top_k_top_p_min_p_mask, top_k_top_p_min_p_mask_sorted
+
+    interpret = not common.on_gpu()
+    inputs = make_inputs(rows, vocab, args.chain, args.seed)
+    logits, top_k, top_p, min_p = inputs
     want = jax.jit(top_k_top_p_min_p_mask_sorted)(logits[0], top_k, top_p, min_p)
     out = []
-    for bits in WIDTHS:
-        row: dict[str, Any] = {"case": f"B={rows} V={vocab}", "rows": rows, "vocab": vocab, "digit_bits": bits,
-                               "passes": 2 * 32 // bits}  # fmt: skip
-
-        def chained(logits: Any, bits: int = bits) -> Any:
-            masks, prev = [], jnp.zeros((rows, 1), jnp.float32)
-            for x in logits:  # unrolled, each mask fed by the last: 1e-30 vanishes in any logit of magnitude > 1e-22
-                masks.append(top_k_top_p_min_p_mask(x + prev * 1e-30, top_k, top_p, min_p, digit_bits=bits))
-                prev = masks[-1][:, :1].astype(jnp.float32)
-            return jnp.stack(masks)
-
-        mask = jax.jit(chained)
-        try:
-            one = jax.jit(functools.partial(top_k_top_p_min_p_mask, digit_bits=bits))
-            compiled = one.lower(logits[0], top_k, top_p, min_p).compile()
-            memory = compiled.memory_analysis()  # None where the backend does not report it
-            row["temp_MB"] = memory.temp_size_in_bytes / 1e6 if memory is not None else None
-            got = mask(logits)
-            row["ok"] = bool(jnp.array_equal(got[0], want))  # the first is unperturbed
-            if not row["ok"]:
-                row["error"] = "differs from top_k_top_p_min_p_mask_sorted"
-            else:
-                t = common.time_calls(functools.partial(mask, logits), warmup=1, iters=args.iters)
-                row["time_us"] = t["pipelined_s"] / args.chain * 1e6
-        except Exception as e:  # a width that fails to lower or run is a result, not a crash
-            row |= {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        common.log(f"{row['case']:<16} {bits} bit(s): " + (f"{row['time_us']:.1f} us" if "time_us" in row else
-                                                            row.get("error", "")))  # fmt: skip
+    case = {"case": f"B={rows} V={vocab}", "rows": rows, "vocab": vocab}
+    for name in args.variants:
+        kwargs = MASKS[name] | ({"interpret": True} if interpret and name == "pallas" else {})
+        row = case | {"variant": name}
+        fn = functools.partial(top_k_top_p_min_p_mask, **kwargs)
+        time_variant(row, fn, lambda got: jnp.array_equal(got, want), inputs, args)
         out.append(row)
+    if args.kernel_tunings:
+        weights = jnp.exp(logits[0] - logits[0].max(-1, keepdims=True))
+        reference = filter_search.filter_thresholds_reference(_order_keys(logits[0]), weights, top_k, top_p)
+
+        def check(got: Any) -> bool:
+            return all(np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=0)
+                       for a, b in zip(got, reference, strict=True))  # fmt: skip
+
+        for block, warps, stages in KERNEL_TUNINGS:
+            tuning = filter_search.FilterSearchTuning(block=block, num_warps=warps, num_stages=stages)
+
+            def kernel(x: Any, top_k: Any, top_p: Any, min_p: Any, tuning: Any = tuning) -> Any:
+                del min_p
+                keys, w = _order_keys(x), jnp.exp(x - x.max(-1, keepdims=True))
+                return filter_search.filter_thresholds(keys, w, top_k, top_p, tuning=tuning, interpret=interpret)
+
+            row = case | {"variant": f"kernel {block}/{warps}/{stages}"}
+            time_variant(row, kernel, check, inputs, args)
+            out.append(row)
     return out
 
 
 COLUMNS = [
     ("case", "case"),
-    ("digit bits", "digit_bits"),
-    ("passes", "passes"),
+    ("variant (kernel: block/warps/stages)", "variant"),
     ("us in a chain", "time_us"),
     ("temp MB", "temp_MB"),
     ("equal to sorted", "ok"),
@@ -102,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=int, nargs="+", default=None, help="batch rows B (default: per backend)")
     parser.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabularies V (default: per backend)")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--chain", type=int, default=8, help="masks per timed call (distinct logits)")
+    parser.add_argument("--chain", type=int, default=4, help="masks per timed call (distinct logits)")
+    parser.add_argument("--variants", nargs="*", choices=list(MASKS), default=list(MASKS), help="mask variants")
+    parser.add_argument("--kernel-tunings", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the search kernel alone at each of KERNEL_TUNINGS")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     common.add_output_arguments(parser)
     return parser
@@ -123,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for b in rows_list:
             rows += run_case(b, vocab, args)
             common.save(args, record)
-    print(common.table(rows, COLUMNS, title="sampler mask: the radix search's digit width"))
+    print(common.table(rows, COLUMNS, title="sampler mask: who runs the threshold searches"))
     return record
 
 

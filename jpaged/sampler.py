@@ -19,8 +19,8 @@ predicate lives on the device made XLA's GPU executable copy the predicate to th
 dispatching a step blocked until the model had run: on an H200 that serialised host and device (Llama-2-7B shape,
 128 sequences: ~9 ms of idle GPU per 32 ms step, jax.profiler trace) and undid async scheduling. The price is the
 filter stage in every step. It used to be a sort (~3 ms at B=256, V=128k on an H200); it is now a threshold
-search, two bisections of 32 compare-and-sum passes over [B, V] (top_k_top_p_min_p_mask; its radix search can
-settle more bits a pass, to be measured on a GPU).
+search (top_k_top_p_min_p_mask): on GPUs one Pallas kernel runs both searches of a row (jpaged.kernels.filter_search),
+elsewhere XLA runs them as two bisections of 32 compare-and-sum passes over [B, V], a kernel launch each on a GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jpaged.kernels import filter_search
 
 GREEDY_TEMPERATURE = 1e-5  # temperature <= this samples greedily, as vLLM's _SAMPLING_EPS
 
@@ -139,28 +141,43 @@ def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
 
 
 def top_k_top_p_min_p_mask(
-    scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array, *, digit_bits: int | None = None
+    scaled: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    *,
+    search: str = "auto",
+    digit_bits: int | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """Which tokens of temperature-scaled float32 logits [B, V] survive top-k, top-p, then min-p: [B, V] bool.
 
     The mask of top_k_top_p_min_p_mask_sorted (whose docstring has the semantics), found without sorting. Each
     filter keeps the tokens at or above some value, so together they keep those at or above the largest of the
     three: every token above it and, of those tied at it, as many as fit, lowest ids first. The values are found
-    by a radix search over order-preserving integer keys, one compare-and-sum pass over [B, V] a step
-    (`_largest_key`; `digit_bits` per step, DIGIT_BITS by default): the k-th largest by counting, then top-p's by
-    summing probabilities, which are normalised over the top-k survivors and so wait for the k-th largest. min-p's
-    takes one pass.
+    by a radix search over order-preserving integer keys: the k-th largest by counting, then top-p's by summing
+    probabilities, which are normalised over the top-k survivors and so wait for the k-th largest. min-p's takes
+    one pass. `search` says who runs the two searches: "xla", one compare-and-sum pass over [B, V] a step
+    (`_largest_key`, `digit_bits` per step, DIGIT_BITS by default), each pass a kernel launch on a GPU; "pallas",
+    jpaged.kernels.filter_search, both searches of a row in one program (off GPU with interpret=True); "auto",
+    the kernel on GPUs.
 
     Top-k and min-p are exact. Top-p sums the same probabilities as the sorted version's cumsum in another order
     (and that cumsum itself rounds differently on CPU and GPU), so a row whose top_p lies within float32
     rounding (~1e-6) of a cumulative probability may keep one token more or one fewer. Logits must not be NaN or
     +inf; -inf (a banned token) is fine.
     """
-    rows, vocab = scaled.shape
+    vocab = scaled.shape[1]
     keys = _order_keys(scaled)  # [B, V] uint32
     top = jnp.max(scaled, axis=-1, keepdims=True)  # [B, 1]
     weights = jnp.exp(scaled - top)  # [B, V] unnormalised probabilities, as softmax computes them
-    top_p = top_p[:, None]
+    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k).astype(jnp.int32)  # [B]
+    if filter_search.resolve_impl(search) == "pallas":
+        found = filter_search.filter_thresholds(keys, weights, k, top_p.astype(jnp.float32), interpret=interpret)
+    else:
+        found = _filter_thresholds_xla(keys, weights, top, k, top_p, digit_bits)
+    kth, normaliser, top_p_last = (x[:, None] for x in found)  # [B, 1] each
+    k, top_p = k[:, None], top_p[:, None]
 
     def count(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] int32
         return jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32)
@@ -168,18 +185,6 @@ def top_k_top_p_min_p_mask(
     def mass(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] float32
         return jnp.sum(jnp.where(mask, weights, 0.0), axis=-1, keepdims=True)
 
-    # The searches ask about J thresholds t [B, J] at once: J reductions of [B, V] each, never a [B, J, V] array
-    # (which XLA on CPU materialised: ~2 GB a pass at B = 256, V = 128k), siblings a GPU compiler can fuse.
-    def at_least(reduce: Callable[[jax.Array], jax.Array], t: jax.Array) -> jax.Array:  # t [B, J] -> [B, J]
-        return jnp.concatenate([reduce(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
-
-    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]  # [B, 1]
-    kth = _largest_key(lambda t: at_least(count, t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
-    above_kth = keys > kth
-    # softmax normaliser of the top-k survivors: those above the k-th value, then enough of those tied at it
-    normaliser = mass(above_kth) + (k - count(above_kth)) * jnp.exp(_key_value(kth) - top)
-    # the top-p survivors end at the largest value whose tokens at or above it hold top_p of the mass (0 if off)
-    top_p_last = _largest_key(lambda t: (top_p < 1) & (at_least(mass, t) / normaliser >= top_p), rows, digit_bits)
     in_min_p = scaled - top >= jnp.log(min_p)[:, None]  # the sorted version's float ops; log(0) = -inf
     num_min_p = count(in_min_p)
     min_p_last = jnp.min(jnp.where(in_min_p, keys, _KEY_MAX), axis=-1, keepdims=True)  # _KEY_MAX if none
@@ -199,6 +204,34 @@ def top_k_top_p_min_p_mask(
     num_kept = jnp.maximum(jnp.minimum(jnp.minimum(k, num_top_p), num_min_p), 1)
     room = num_kept - num_above  # how many tied tokens fit, lowest ids first
     return above | (tied & (jnp.cumsum(tied, axis=-1) <= room))
+
+
+def _filter_thresholds_xla(
+    keys: jax.Array, weights: jax.Array, top: jax.Array, k: jax.Array, top_p: jax.Array, digit_bits: int | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """filter_search.filter_thresholds in XLA: the k-th largest key, the top-k survivors' mass, top-p's last key
+    ([B] each), each search pass a [B, V] reduction."""
+    rows = keys.shape[0]
+    k, top_p = k[:, None], top_p[:, None]
+
+    def count(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] int32
+        return jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32)
+
+    def mass(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] float32
+        return jnp.sum(jnp.where(mask, weights, 0.0), axis=-1, keepdims=True)
+
+    # The searches ask about J thresholds t [B, J] at once: J reductions of [B, V] each, never a [B, J, V] array
+    # (which XLA on CPU materialised: ~2 GB a pass at B = 256, V = 128k), siblings a GPU compiler can fuse.
+    def at_least(reduce: Callable[[jax.Array], jax.Array], t: jax.Array) -> jax.Array:  # t [B, J] -> [B, J]
+        return jnp.concatenate([reduce(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
+
+    kth = _largest_key(lambda t: at_least(count, t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
+    above_kth = keys > kth
+    # softmax normaliser of the top-k survivors: those above the k-th value, then enough of those tied at it
+    normaliser = mass(above_kth) + (k - count(above_kth)) * jnp.exp(_key_value(kth) - top)
+    # the top-p survivors end at the largest value whose tokens at or above it hold top_p of the mass (0 if off)
+    top_p_last = _largest_key(lambda t: (top_p < 1) & (at_least(mass, t) / normaliser >= top_p), rows, digit_bits)
+    return kth[:, 0], normaliser[:, 0], top_p_last[:, 0]
 
 
 def top_k_top_p_min_p_mask_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:

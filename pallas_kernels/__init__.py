@@ -1,5 +1,7 @@
-"""jpaged's kernels: ragged paged attention, the KV-cache write, the MoE grouped matmul; each with a jnp reference."""
+"""jpaged's kernels: ragged paged attention, the KV-cache write, the MoE grouped matmul, the sampler's threshold
+search; each with a jnp reference."""
 
+from jpaged.kernels.filter_search import FilterSearchTuning, filter_thresholds, filter_thresholds_reference
 from jpaged.kernels.grouped_matmul import (
     GroupedMatmulTuning,
     grouped_matmul,
@@ -16,7 +18,10 @@ from jpaged.kernels.paged_attention import (
 
 __all__ = [
     "AttentionTuning",
+    "FilterSearchTuning",
     "GroupedMatmulTuning",
+    "filter_thresholds",
+    "filter_thresholds_reference",
     "grouped_matmul",
     "grouped_matmul_reference",
     "grouped_matmul_unsupported_reason",

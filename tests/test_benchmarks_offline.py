@@ -141,10 +141,11 @@ def test_throughput_record(results: dict[str, Any]) -> None:
     assert set(saved) == {"tp", "latency", "kernels"}  # every script merged into the one file
 
 
-def test_sampler_benchmark_checks_every_width(tmp_path: Path) -> None:
+def test_sampler_benchmark_checks_every_variant(tmp_path: Path) -> None:
     rec = sampler.main(["--rows", "1", "3", "--vocab", "64", "--json-out", str(tmp_path / "s.json")])
-    assert [(r["rows"], r["digit_bits"], r["passes"]) for r in rec["rows"]] == [
-        (b, bits, 64 // bits) for b in (1, 3) for bits in sampler.WIDTHS
+    kernels = [f"kernel {b}/{w}/{s}" for b, w, s in sampler.KERNEL_TUNINGS]
+    assert [(r["rows"], r["variant"]) for r in rec["rows"]] == [
+        (b, v) for b in (1, 3) for v in [*sampler.MASKS, *kernels]
     ]
     assert all(r["ok"] and r["time_us"] > 0 and r["temp_MB"] is not None for r in rec["rows"]), rec["rows"]
     assert json.loads((tmp_path / "s.json").read_text())["benchmark"] == "sampler"

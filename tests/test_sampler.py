@@ -262,9 +262,15 @@ def test_top_k_keeps_exactly_k_breaking_ties_towards_lower_ids(mask_fn):
 
 # --- the sort-free mask against the sorted definition ---
 
-mask_jit = jax.jit(top_k_top_p_min_p_mask, static_argnames="digit_bits")
+mask_jit = jax.jit(top_k_top_p_min_p_mask, static_argnames=("search", "digit_bits", "interpret"))
 sorted_mask_jit = jax.jit(top_k_top_p_min_p_mask_sorted)
-DIGIT_BITS = [1, 4]  # a bisection (the default) and the width to measure on GPUs
+# Who runs the threshold searches: XLA's passes as a bisection (its default) and 4 bits a pass, and the Pallas
+# kernel (the GPU's default), interpreted.
+SEARCHES = {
+    "xla-1bit": dict(search="xla", digit_bits=1),
+    "xla-4bit": dict(search="xla", digit_bits=4),
+    "pallas": dict(search="pallas", interpret=True),
+}
 NEG = -np.inf
 
 
@@ -313,15 +319,15 @@ def cuts_a_tie_group(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.any(~keep & (logits == lowest_kept), axis=-1) & np.isfinite(lowest_kept[:, 0])
 
 
-@pytest.mark.parametrize("digit_bits", DIGIT_BITS)
+@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("vocab", [1, 2, 7, 64, 300])
-def test_sort_free_mask_equals_sorted_mask(vocab, digit_bits):
+def test_sort_free_mask_equals_sorted_mask(vocab, search):
     rng = np.random.default_rng(vocab)
     batch, kept_counts, cuts, top_p_cuts = 8, set(), 0, 0
     for _ in range(60):
         logits, top_k, top_p, min_p = random_filter_case(rng, batch, vocab)
         expected = np.asarray(sorted_mask_jit(logits, top_k, top_p, min_p))
-        got = mask_jit(logits, top_k, top_p, min_p, digit_bits=digit_bits)
+        got = mask_jit(logits, top_k, top_p, min_p, **SEARCHES[search])
         np.testing.assert_array_equal(np.asarray(got), expected)
         kept_counts.update(expected.sum(-1).tolist())
         cut = cuts_a_tie_group(logits, expected)
@@ -350,7 +356,7 @@ def test_sort_free_mask_equals_sorted_mask(vocab, digit_bits):
 def test_mask_edge_cases(row, top_k, top_p, min_p, expected):
     args = (np.asarray([row], np.float32), np.asarray([top_k], np.int32), np.asarray([top_p], np.float32))
     min_p_arg = np.asarray([min_p], np.float32)
-    for mask_fn in (*(functools.partial(top_k_top_p_min_p_mask, digit_bits=b) for b in DIGIT_BITS),
+    for mask_fn in (*(functools.partial(top_k_top_p_min_p_mask, **kw) for kw in SEARCHES.values()),
                     top_k_top_p_min_p_mask_sorted):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(mask_fn(*args, min_p_arg))[0], expected)
 
