@@ -37,7 +37,7 @@ MASKS: dict[str, dict[str, Any]] = {
     "xla-4bit": {"search": "xla", "digit_bits": 4},
     "pallas": {"search": "pallas"},
 }
-KERNEL_TUNINGS = ((256, 4, 2), (128, 4, 3), (512, 8, 3), (1024, 8, 2))  # (block, num_warps, num_stages)
+KERNEL_TUNINGS = ((1024, 8, 2), (512, 8, 3), (2048, 16, 2), (256, 4, 2))  # (block, num_warps, num_stages)
 
 
 def make_inputs(rows: int, vocab: int, chain: int, seed: int) -> tuple[Any, ...]:

@@ -19,8 +19,9 @@ predicate lives on the device made XLA's GPU executable copy the predicate to th
 dispatching a step blocked until the model had run: on an H200 that serialised host and device (Llama-2-7B shape,
 128 sequences: ~9 ms of idle GPU per 32 ms step, jax.profiler trace) and undid async scheduling. The price is the
 filter stage in every step. It used to be a sort (~3 ms at B=256, V=128k on an H200); it is now a threshold
-search (top_k_top_p_min_p_mask): on GPUs one Pallas kernel runs both searches of a row (jpaged.kernels.filter_search),
-elsewhere XLA runs them as two bisections of 32 compare-and-sum passes over [B, V], a kernel launch each on a GPU.
+search (top_k_top_p_min_p_mask): two bisections of 32 compare-and-sum passes over [B, V], a kernel launch each on a
+GPU (~0.2-0.4 ms of a 7B decode step on an H200). A Pallas kernel running both searches of a row in one program
+(jpaged.kernels.filter_search, opt-in) was not clearly faster; see its resolve_impl.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def top_k_top_p_min_p_mask(
     one pass. `search` says who runs the two searches: "xla", one compare-and-sum pass over [B, V] a step
     (`_largest_key`, `digit_bits` per step, DIGIT_BITS by default), each pass a kernel launch on a GPU; "pallas",
     jpaged.kernels.filter_search, both searches of a row in one program (off GPU with interpret=True); "auto",
-    the kernel on GPUs.
+    XLA's (filter_search.resolve_impl says why).
 
     Top-k and min-p are exact. Top-p sums the same probabilities as the sorted version's cumsum in another order
     (and that cumsum itself rounds differently on CPU and GPU), so a row whose top_p lies within float32
@@ -276,10 +277,10 @@ def _key_value(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jnp.where(key >> 31 == 1, key & ~_SIGN, ~key), jnp.float32)
 
 
-# Bits of the key `_largest_key` settles per step. A bisection (1 bit: 32 passes over [B, V] per search, one
-# comparison a token) on every backend until benchmarks/sampler.py measures wider digits on a GPU, where each pass is
-# a kernel launch of a few microseconds and 4 bits (8 passes of 15 comparisons) may cost less; on the CPU box 4 bits
-# took 4.5x longer.
+# Bits of the key `_largest_key` settles per step: a bisection (1 bit: 32 passes over [B, V] per search, one
+# comparison a token) on every backend. 4 bits (8 passes of 15 comparisons) took longer everywhere measured: on the
+# H200 (benchmarks/sampler.py, V = 32,000) 961 against 434 us a mask at B = 1, 1,049 against 590 at B = 128 (not
+# profiled further); on the CPU box 4.5x.
 DIGIT_BITS = 1
 _DIGIT_WIDTHS = (1, 2, 4, 8)
 

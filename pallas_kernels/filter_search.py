@@ -1,13 +1,13 @@
-"""The sampler's top-k / top-p thresholds, both radix searches of a row in one kernel launch.
+"""The sampler's top-k / top-p thresholds, both radix searches of a row in one kernel launch (opt-in: XLA's passes
+stay the default, measured faster or as fast; see resolve_impl).
 
 B rows, V vocabulary (padded to Vp, a multiple of the block), J = 2**DIGIT_BITS candidates a pass.
 
 jpaged's sampler keeps, per row, the tokens at or above a threshold found without sorting (jpaged/sampler.py):
 the k-th largest order key (the largest t with count(keys >= t) >= k) and top-p's last key (the largest t with
 mass(keys >= t) / normaliser >= top_p, the mass normalised over the top-k survivors). Written in XLA each search
-is a chain of [B, V] reductions, a kernel launch each: the step of a 7B model on an H200 ran ~190 such launches
-(1.5-5 us each; 0.3 ms at batch 1, ~0.7 ms at batch 128). Here one program a row runs both searches and the
-normaliser between them, re-reading its row from L2 a pass.
+is a chain of [B, V] reductions, a kernel launch each: the step of a 7B model on an H200 runs ~190 of them. Here one
+program a row runs both searches and the normaliser between them, re-reading its row from L2 every pass.
 
 Keys are the sampler's order-preserving uint32 keys with the sign bit flipped, as int32, so that signed
 comparisons order them (Triton compares int32 signed). Padding keys are INT32_MIN, the flipped key 0: every
@@ -36,8 +36,11 @@ _INT32_MIN = np.int32(-(2**31))
 
 @dataclasses.dataclass(frozen=True)
 class FilterSearchTuning:
-    block: int = 256  # vocabulary entries a loop iteration compares with all J candidates (a [J, block] tile)
-    num_warps: int = 4
+    """On the H200 (benchmarks/sampler.py, V = 32,000) larger blocks won: at B = 1, 1024/8/2 took 311 us a call
+    against 689 us at 256/4/2; at B = 128, 512/8/3 took 482 us (1024/8/2 not timed there)."""
+
+    block: int = 1024  # vocabulary entries a loop iteration compares with all J candidates (a [J, block] tile)
+    num_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self):
@@ -153,11 +156,15 @@ def _kernel(
 
 
 def resolve_impl(impl: str) -> str:
-    """What "auto" means on the default backend: the kernel on a GPU (one launch against XLA's ~190), XLA's
-    reductions elsewhere (the kernel interprets slowly)."""
+    """What "auto" means: XLA's passes on every backend. On the H200 the kernel lost or barely won (benchmarks/
+    sampler.py, a mask per call): at V = 32,000, B = 1, 311 us at its best tuning against XLA's 434 (689 at the first
+    tuning, which in the 7B decode step made a step 0.46 ms slower at batch 1 and 0.6 ms at batch 128); at B = 128
+    482 against 590; at V = 128,256, B = 128, 3.3 ms. One program a row leaves a batch-1 step's search on one SM,
+    latency-bound on its loop, and at 4 bits a pass it compares each token 120 times a search. Beating XLA clearly
+    needs a row split over many programs, which needs a grid-wide reduction between passes."""
     if impl not in ("auto", "xla", "pallas"):
         raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
-    return ("pallas" if on_gpu() else "xla") if impl == "auto" else impl
+    return "xla" if impl == "auto" else impl
 
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
