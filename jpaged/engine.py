@@ -305,10 +305,11 @@ class LLMEngine:
     # -- sizing -----------------------------------------------------------------------------------------------------
     def _num_pages_from_memory(self, dtype: Any) -> int:
         """Pages that fit in the memory left after the weights: on accelerators a share of what the allocator may
-        use, minus what is in use and a reserve for the step's activations; on CPU `kv_cache_memory_gb`, capped at
-        what `max_num_seqs` full-length sequences could ever hold. The share is CLAIMED_KV_SHARE where the engine
-        set the allocator's fraction to `gpu_memory_utilization` itself, else `gpu_memory_utilization` (of a
-        limit the user or JAX's default chose)."""
+        use, minus what is in use and a reserve for the step's activations (an accelerator whose allocator reports
+        no limit is an error: the CPU's 1 GB default would silently starve it); on CPU `kv_cache_memory_gb`,
+        capped at what `max_num_seqs` full-length sequences could ever hold. The share is CLAIMED_KV_SHARE where
+        the engine set the allocator's fraction to `gpu_memory_utilization` itself, else `gpu_memory_utilization`
+        (of a limit the user or JAX's default chose)."""
         cfg, config = self.model_config, self.config
         kv_heads = sharding.kv_heads_per_pool(cfg.num_kv_heads, config.tensor_parallel_size)
         page_bytes = 2 * cfg.num_layers * kv_heads * config.page_size * cfg.head_dim * np.dtype(dtype).itemsize
@@ -328,6 +329,12 @@ class LLMEngine:
                     f"{config.gpu_memory_utilization}); raise it, set XLA_PYTHON_CLIENT_MEM_FRACTION, or pass num_pages"
                 )
             return int(budget // page_bytes)
+        platform = self.mesh.devices.flat[0].platform
+        if platform != "cpu":  # e.g. XLA's VMM allocator, which command-buffer update modes switch a GPU to
+            raise ValueError(
+                f"the {platform} allocator reports no memory limit to size the KV pool from (memory stats: "
+                f"{sorted(stats[0])}); pass num_pages"
+            )
         budget = int(config.kv_cache_memory_gb * 1e9)
         return max(2, min(budget // page_bytes, config.max_num_seqs * max_pages_per_seq + 1))
 

@@ -85,14 +85,16 @@ def test_too_late_is_silent_off_gpu_or_within_jaxs_default(
     assert caplog.text == ""
 
 
-def _sizing_engine(stats: list[dict[str, int]], claimed: bool = False, **config: object) -> LLMEngine:
+def _sizing_engine(
+    stats: list[dict[str, int]], claimed: bool = False, platform: str = "gpu", **config: object
+) -> LLMEngine:
     """An engine object with only what the sizing reads: a Llama-2-7B-like shape, devices reporting `stats`."""
     engine = object.__new__(LLMEngine)
     engine.claimed_gpu_memory = claimed
     engine.config = EngineConfig(model=str(HF_FIXTURES / "llama-gqa4"), max_num_batched_tokens=8192, **config)
     engine.model_config = types.SimpleNamespace(num_layers=32, num_kv_heads=32, head_dim=128, vocab_size=32000)
     engine.max_model_len = 2048
-    devices = [types.SimpleNamespace(memory_stats=lambda s=s: s) for s in stats]
+    devices = [types.SimpleNamespace(memory_stats=lambda s=s: s, platform=platform) for s in stats]
     engine.mesh = types.SimpleNamespace(devices=np.array(devices, dtype=object))
     return engine
 
@@ -130,6 +132,18 @@ def test_gpu_pool_takes_the_tightest_device_times_the_devices() -> None:
     one = _sizing_engine([{"bytes_limit": 100 * gb, "bytes_in_use": 30 * gb}])
     pages = engine._num_pages_from_memory(np.dtype("bfloat16"))
     assert abs(pages - 2 * one._num_pages_from_memory(np.dtype("bfloat16"))) <= 1
+
+
+def test_gpu_allocator_without_a_limit_is_a_clear_error_not_the_cpu_default() -> None:
+    """XLA's VMM allocator (which --xla_gpu_command_buffer_update_mode switches to) reports no bytes_limit: an H200
+    run sized its pool as on CPU, 1 GB (119 pages of Llama-2-7B), and failed later on a long sequence."""
+    engine = _sizing_engine([{"bytes_in_use": 13 * 10**9}])
+    with pytest.raises(
+        ValueError, match=r"the gpu allocator reports no memory limit .*\['bytes_in_use'\]\); pass num_pages"
+    ):
+        engine._num_pages_from_memory(np.dtype("bfloat16"))
+    cpu = _sizing_engine([{}], platform="cpu", kv_cache_memory_gb=0.5)
+    assert cpu._num_pages_from_memory(np.dtype("bfloat16")) == int(0.5e9 // (2 * 32 * 32 * 16 * 128 * 2))
 
 
 def test_gpu_without_room_for_two_pages_is_a_clear_error() -> None:
