@@ -24,7 +24,19 @@ from safetensors import safe_open
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, decode, gemm, kernels, latency, moe, profile_step, sampler, summary, throughput
+from benchmarks import (
+    common,
+    decode,
+    gemm,
+    hlo_inventory,
+    kernels,
+    latency,
+    moe,
+    profile_step,
+    sampler,
+    summary,
+    throughput,
+)
 from jpaged import sharding
 from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params
@@ -482,3 +494,31 @@ def test_overlap_reads_every_variant(tmp_path: Path) -> None:
     assert len(rec["rows"]) == 16  # donated x pinned host x early copy x chained
     assert len({(r["donated"], r["to_host"], r["early_copy"], r["chained"]) for r in rec["rows"]}) == 16
     assert all(r["one_program_ms"] > 0 and r["a_ready_ms"] > 0 for r in rec["rows"])
+
+
+def test_hlo_inventory_attributes_launches_to_source_lines(tmp_path: Path) -> None:
+    """A jitted function's CPU dump: its launches are counted once each and named by the lines that made them."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import jax, jax.numpy as jnp\n"
+        "def inner(x):\n"
+        "    return jnp.sort(x, axis=-1)\n"
+        "def f(x, y):\n"
+        "    return inner(x) @ y, jnp.cumsum(x, axis=0)\n"
+        "jax.block_until_ready(jax.jit(f)(jnp.ones((64, 64)), jnp.ones((64, 64))))\n"
+    )
+    dump = tmp_path / "dump"
+    env = os.environ | {"XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_f",
+                        "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=120)
+    [path] = dump.glob("*jit_f*after_optimizations.txt")
+    rec = hlo_inventory.main([str(path), "--depth", "2", "--json-out", str(tmp_path / "inv.json")])
+    [module] = rec["modules"]
+    wheres = {row["where"] for row in module["rows"]}
+    assert any(w.startswith(f"{script}:3 inner < {script}:5 f") for w in wheres), wheres  # the sort, two frames
+    assert any(w.startswith(f"{script}:5 f") for w in wheres), wheres  # the matmul or the cumsum
+    assert module["launches"] == sum(row["launches"] for row in module["rows"]) >= 2
+    assert sum(f["launches"] for f in module["by_file"]) == module["launches"]
+    assert json.loads((tmp_path / "inv.json").read_text())["benchmark"] == "hlo_inventory"
+    with pytest.raises(SystemExit, match="no ENTRY computation"):
+        hlo_inventory.main([str(script)])
