@@ -2,7 +2,8 @@
 
 The step is `forward` + sampling, compiled once per padding bucket (token count T, sequence count B, and a few static
 switches: logprobs, prompt logprobs, penalties, and whether the batch is decode-only where attention has a decode
-kernel of its own); the KV pages are donated, so every step updates them in place.
+kernel of its own, in which case also whether any row uses top-k/top-p/min-p); the KV pages are donated, so every
+step updates them in place.
 What crosses to the host each step: the sampled token ids [B] (and logprobs when some request asked for them).
 """
 
@@ -30,7 +31,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.metadata import AttentionMetadata
 from jpaged.page_pool import NULL_PAGE
 from jpaged.request import Logprob, Request
-from jpaged.sampler import SamplerOutput, SamplingMetadata, prompt_logprobs, sample
+from jpaged.sampler import SamplerOutput, SamplingMetadata, filtered_rows, prompt_logprobs, sample
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import SchedulerOutput
 
@@ -47,6 +48,17 @@ class StepInput:
     sample_rows: jax.Array  # [B] int32 which of the R logit rows each sequence samples from
     prompt_targets: jax.Array  # [T] int32 next prompt token per row for prompt logprobs, -1 where none ([1] if unused)
     sampling: SamplingMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSwitches:
+    """The step's static switches besides its shapes: each combination is a compiled variant."""
+
+    num_logprobs: int = 0  # top logprobs per sampled token (0: none)
+    want_prompt_logprobs: bool = False
+    # False only for decode-only steps where no row uses top-k/top-p/min-p: the filter stage is then an identity,
+    # and skipping it saves a 7B decode step ~200 kernel launches on an H200 (docs/benchmarks.md, eighth session).
+    sampling_filters: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +114,14 @@ def _step(
     matmul_impl: str,
     num_logprobs: int,
     want_prompt_logprobs: bool,
+    sampling_filters: bool,
 ):
     batch: StepInput = transfer.unpack(packed, layout)
     forward = get_forward(cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
     # With async scheduling the host packs this step before it has seen the last one's samples: take them here.
     tokens = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.tokens)
     logits, kv_pages = forward(params, tokens, batch.positions, kv_pages, batch.attn)
-    sampled = sample(logits[batch.sample_rows], batch.sampling, num_logprobs=num_logprobs)
+    sampled = sample(logits[batch.sample_rows], batch.sampling, num_logprobs=num_logprobs, filters=sampling_filters)
     prompt = prompt_logprobs(logits, batch.prompt_targets, num_logprobs=MAX_LOGPROBS) if want_prompt_logprobs else None
     next_tokens = jnp.zeros_like(prev_tokens).at[: sampled.token_ids.shape[0]].set(sampled.token_ids)
     return kv_pages, sampled, prompt, next_tokens
@@ -117,7 +130,15 @@ def _step(
 # One jitted step for the process: engines with the same model config and bucket shapes share compiled code.
 _jitted_step = jax.jit(
     _step,
-    static_argnames=("layout", "cfg", "attn_impl", "matmul_impl", "num_logprobs", "want_prompt_logprobs"),
+    static_argnames=(
+        "layout",
+        "cfg",
+        "attn_impl",
+        "matmul_impl",
+        "num_logprobs",
+        "want_prompt_logprobs",
+        "sampling_filters",
+    ),
     donate_argnames=("kv_pages",),
 )
 
@@ -185,7 +206,7 @@ class ModelRunner:
 
     def dispatch(self, sched: SchedulerOutput) -> InFlight:
         """Packs and launches the step without waiting for it (JAX dispatch is asynchronous)."""
-        batch, num_logprobs, want_prompt = self._pack(sched)
+        batch, switches = self._pack(sched)
         packed, layout = transfer.pack(batch)
         with jax.set_mesh(self.mesh):
             self.kv_pages, sampled, prompt, self._last_samples = _jitted_step(
@@ -195,9 +216,9 @@ class ModelRunner:
                 self._last_samples,
                 layout=layout,
                 **self._statics,
-                num_logprobs=num_logprobs,
-                want_prompt_logprobs=want_prompt,
+                **dataclasses.asdict(switches),
             )
+        num_logprobs = switches.num_logprobs
         # Start the copies of what the host will read as soon as the step ends, not when `fetch` asks: with async
         # scheduling, `fetch` runs only after the next step has been packed and dispatched.
         for out in (sampled.token_ids, *((sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
@@ -228,9 +249,9 @@ class ModelRunner:
     def warm_up(self, workers: int | None = None) -> float:
         """Compiles the step for every token bucket (the common variant: no logprobs, penalties or prompt
         logprobs; with `decode_steps`, also the decode-only variants: one row for a lone sequence and each bucket
-        that several sequences' decode steps can land in), then runs each once on an all-padding batch, which only
-        writes into the null page. A step with logprobs, penalties or prompt logprobs compiles its variant when it
-        first comes.
+        that several sequences' decode steps can land in, each with and without the sampler's filter stage), then
+        runs each once on an all-padding batch, which only writes into the null page. A step with logprobs,
+        penalties or prompt logprobs compiles its variant when it first comes.
 
         XLA compiles on host threads without the GIL, so the buckets compile concurrently, `workers` at a time (default:
         one per core). Tracing and lowering a variant run Python and hold the GIL: they run here, one variant after
@@ -239,15 +260,17 @@ class ModelRunner:
         lowered)."""
         start = time.perf_counter()
         empty = SchedulerOutput(requests=(), num_new_tokens=(), preempted=())
-        variants = [(t_pad, False) for t_pad in self.mixed_buckets]
+        variants = [(t_pad, False, True) for t_pad in self.mixed_buckets]  # (T, decode-only, sampling filters)
         if self.decode_steps:
-            if self.one_row_decode:
-                variants.append((1, True))
+            decode_buckets = [1] if self.one_row_decode else []
             if self.max_num_seqs > 1 or not self.one_row_decode:  # else every decode step has one sequence
                 largest_decode = bucket(self.max_num_seqs, self.token_buckets)
-                variants += [(t_pad, True) for t_pad in self.token_buckets if t_pad <= largest_decode]
+                decode_buckets += [t_pad for t_pad in self.token_buckets if t_pad <= largest_decode]
+            variants += [(t_pad, True, filters) for t_pad in decode_buckets for filters in (True, False)]
             variants = list(dict.fromkeys(variants))  # a bucket of one token is the one-row decode variant too
-        batches = [transfer.pack(self._pack(empty, t_pad=t_pad, decode_only=decode)[0]) for t_pad, decode in variants]
+        packs = [self._pack(empty, t_pad=t_pad, decode_only=decode, sampling_filters=filters)
+                 for t_pad, decode, filters in variants]  # fmt: skip
+        batches = [(transfer.pack(batch), switches) for batch, switches in packs]
 
         def compile_lowered(lowered: Any) -> float:
             t0 = time.perf_counter()
@@ -261,31 +284,31 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             try:
                 futures = []
-                for packed, layout in tqdm(batches, desc="Lowering step buckets", disable=not show):
+                for (packed, layout), switches in tqdm(batches, desc="Lowering step buckets", disable=not show):
                     t0 = time.perf_counter()
                     with jax.set_mesh(self.mesh):
                         lowered = _jitted_step.lower(
                             self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
-                            num_logprobs=0, want_prompt_logprobs=False,
+                            **dataclasses.asdict(switches),
                         )  # fmt: skip
                     lower_seconds.append(time.perf_counter() - t0)
                     futures.append(pool.submit(compile_lowered, lowered))
                 logger.info("warm-up: %d variants lowered in %.1f s", len(variants), sum(lower_seconds))
-                for (t_pad, decode), lower_s, future in tqdm(
+                for (t_pad, decode, filters), lower_s, future in tqdm(
                     zip(variants, lower_seconds, futures, strict=True), total=len(futures),
                     desc="Compiling step buckets", disable=not show,
                 ):  # fmt: skip
+                    kind = (" (decode)" if filters else " (decode, no filters)") if decode else ""
                     logger.info("compiled step bucket T=%d B=%d%s in %.2f s (lowered in %.2f s)", t_pad,
-                                min(t_pad, self.max_num_seqs), " (decode)" if decode else "", future.result(),
-                                lower_s)  # fmt: skip
+                                min(t_pad, self.max_num_seqs), kind, future.result(), lower_s)  # fmt: skip
             except BaseException:  # a failed lowering or compile, or Ctrl-C: the queued compiles are dropped
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
-        for packed, layout in batches:  # the compiled executables now serve the real call path
+        for (packed, layout), switches in batches:  # the compiled executables now serve the real call path
             with jax.set_mesh(self.mesh):
                 self.kv_pages, sampled, _, _ = _jitted_step(
                     self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
-                    num_logprobs=0, want_prompt_logprobs=False,
+                    **dataclasses.asdict(switches),
                 )  # fmt: skip
             jax.block_until_ready(sampled.token_ids)
         elapsed = self.warmup_seconds = time.perf_counter() - start
@@ -294,8 +317,14 @@ class ModelRunner:
 
     # -- packing ----------------------------------------------------------------------------------------------------
     def _pack(
-        self, sched: SchedulerOutput, t_pad: int | None = None, decode_only: bool | None = None
-    ) -> tuple[StepInput, int, bool]:
+        self,
+        sched: SchedulerOutput,
+        t_pad: int | None = None,
+        decode_only: bool | None = None,
+        sampling_filters: bool | None = None,
+    ) -> tuple[StepInput, StepSwitches]:
+        """The step's input and switches for `sched`; t_pad, decode_only and sampling_filters force a variant (the
+        warm-up's all-padding batches)."""
         reqs, counts = sched.requests, sched.num_new_tokens
         if decode_only is None:
             # A one-token prefill chunk is a decode query too: it sits at its sequence's last position.
@@ -373,6 +402,11 @@ class ModelRunner:
             logits_indices=_host(logits_indices),
             decode_only=decode_only,
         )
+        sampling = self._pack_sampling(reqs, b_pad)
+        if sampling_filters is None:  # only decode-only steps have a variant without the filter stage (see warm_up)
+            rows = filtered_rows(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                                 vocab=self.cfg.vocab_size)  # fmt: skip
+            sampling_filters = not decode_only or bool(np.any(rows))
         batch = StepInput(
             tokens=_host(tokens),
             prev_rows=_host(prev_rows),
@@ -380,9 +414,9 @@ class ModelRunner:
             attn=attn,
             sample_rows=_host(sample_rows),
             prompt_targets=_host(targets),
-            sampling=self._pack_sampling(reqs, b_pad),
+            sampling=sampling,
         )
-        return batch, num_logprobs, want_prompt
+        return batch, StepSwitches(num_logprobs, want_prompt, sampling_filters)
 
     def _pack_sampling(self, reqs: tuple[Request, ...], b_pad: int) -> SamplingMetadata:
         def column(fn: Callable[[Request], Any], dtype: Any, pad: Any) -> np.ndarray:

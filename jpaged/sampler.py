@@ -67,10 +67,12 @@ class SamplerOutput:
     top_logprobs: jax.Array  # [B, K] float32 their logprobs, descending
 
 
-def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int) -> SamplerOutput:
+def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int, filters: bool = True) -> SamplerOutput:
     """Samples one token per row of `logits` [B, V] (any float dtype; computed in float32).
 
-    `num_logprobs` is static: 0 skips the top-K logprobs (top_ids/top_logprobs are then [B, 0]).
+    `num_logprobs` is static: 0 skips the top-K logprobs (top_ids/top_logprobs are then [B, 0]). `filters` is
+    static too: False skips the top-k/top-p/min-p stage, which is an exact identity for batches where no row uses it
+    (`filtered_rows` of the metadata all False), so their tokens do not change.
     """
     _check_inputs(logits, meta, num_logprobs)
     raw = logits.astype(jnp.float32)
@@ -81,14 +83,28 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int) -> S
 
     temperature = jnp.where(greedy, 1.0, meta.temperature)  # greedy rows' draws are discarded; no x / 0
     scaled = x / temperature[:, None]
-    top_k_on = (meta.top_k > 0) & (meta.top_k < x.shape[1])
-    filters = ~greedy & (top_k_on | (meta.top_p < 1) | (meta.min_p > 0))
-    keep = ~filters[:, None] | top_k_top_p_min_p_mask(scaled, meta.top_k, meta.top_p, meta.min_p)
     noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[1:], jnp.float32))(row_keys(meta))
-    drawn = jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+    candidates = scaled + noise
+    if filters:  # ~200 kernel launches of a 7B decode step on an H200, whether or not a row filters
+        filtered = filtered_rows(meta.temperature, meta.top_k, meta.top_p, meta.min_p, vocab=x.shape[1])
+        keep = ~filtered[:, None] | top_k_top_p_min_p_mask(scaled, meta.top_k, meta.top_p, meta.min_p)
+        candidates = jnp.where(keep, candidates, -jnp.inf)
+    drawn = jnp.argmax(candidates, axis=-1).astype(jnp.int32)
     token_ids = jnp.where(greedy, greedy_ids, drawn)
     logprobs, top_ids, top_logprobs = _raw_logprobs(raw, token_ids, num_logprobs)
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
+
+
+def filtered_rows[Array: (jax.Array, np.ndarray)](
+    temperature: Array, top_k: Array, top_p: Array, min_p: Array, *, vocab: int
+) -> Array:
+    """[B] bool: the rows whose draw top-k, top-p or min-p restricts (greedy rows never: they take the argmax).
+
+    Plain array operators, so the host evaluates on the numpy columns it packs exactly what the step evaluates on
+    the device (jpaged.runner picks the step without the filter stage where this is all False).
+    """
+    top_k_on = (top_k > 0) & (top_k < vocab)
+    return (temperature > GREEDY_TEMPERATURE) & (top_k_on | (top_p < 1) | (min_p > 0))
 
 
 def prompt_logprobs(

@@ -6,7 +6,7 @@ B rows, V vocabulary (padded to Vp, a multiple of the block), J = 2**DIGIT_BITS 
 jpaged's sampler keeps, per row, the tokens at or above a threshold found without sorting (jpaged/sampler.py):
 the k-th largest order key (the largest t with count(keys >= t) >= k) and top-p's last key (the largest t with
 mass(keys >= t) / normaliser >= top_p, the mass normalised over the top-k survivors). Written in XLA each search
-is a chain of [B, V] reductions, a kernel launch each: the step of a 7B model on an H200 runs ~190 of them. Here one
+is a chain of [B, V] reductions, a kernel launch each: the step of a 7B model on an H200 runs ~200 of them. Here one
 program a row runs both searches and the normaliser between them, re-reading its row from L2 every pass.
 
 Keys are the sampler's order-preserving uint32 keys with the sign bit flipped, as int32, so that signed
@@ -36,8 +36,9 @@ _INT32_MIN = np.int32(-(2**31))
 
 @dataclasses.dataclass(frozen=True)
 class FilterSearchTuning:
-    """On the H200 (benchmarks/sampler.py, V = 32,000) larger blocks won: at B = 1, 1024/8/2 took 311 us a call
-    against 689 us at 256/4/2; at B = 128, 512/8/3 took 482 us (1024/8/2 not timed there)."""
+    """On the H200 (benchmarks/sampler.py, V = 32,000; block/warps/stages) the largest tiles won: at B = 1,
+    1024/8/2 took 311 us a call against 689 us at 256/4/2; at B = 128, 512/8/3 took 482 us (1024/8/2 not timed
+    there), though 128/4/3 beat 256/4/2 (586 against 765 us): block size and warps were not varied apart."""
 
     block: int = 1024  # vocabulary entries a loop iteration compares with all J candidates (a [J, block] tile)
     num_warps: int = 8
@@ -76,7 +77,9 @@ def filter_thresholds_reference(
     top_p: jax.Array,  # [B] float32; >= 1 = off
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # kth [B] uint32, normaliser [B] float32, top_p_last [B] uint32
     """Plain jnp by sorting: both thresholds are key values of the row (or 0), so per token the mass at or above
-    its key is all that needs knowing (the tests' oracle; sums in another order than the kernel)."""
+    its key is all that needs knowing (the tests' oracle; sums in another order than the kernel). Except where
+    top_p <= 0: every key then holds, so the search's answer is the largest uint32, 0xFFFFFFFF (the sampler keeps
+    the top token: it caps its threshold at the top key)."""
     _validate(keys, weights, top_k, top_p)
     order = jnp.argsort(keys, axis=-1)  # ascending
     asc = jnp.take_along_axis(keys, order, axis=-1)
@@ -90,7 +93,8 @@ def filter_thresholds_reference(
     kth_weight = jnp.max(jnp.where(asc == kth[:, None], w, 0.0), axis=-1)
     normaliser = jnp.sum(jnp.where(above, w, 0.0), -1) + (top_k - jnp.sum(above, -1)) * kth_weight
     holds = (top_p[:, None] < 1) & (at_or_above_mass / normaliser[:, None] >= top_p[:, None])
-    return kth, normaliser, jnp.max(jnp.where(holds, asc, 0), axis=-1)
+    top_p_last = jnp.where(top_p <= 0, np.uint32(2**32 - 1), jnp.max(jnp.where(holds, asc, 0), axis=-1))
+    return kth, normaliser, top_p_last
 
 
 def _kernel(
@@ -160,7 +164,8 @@ def resolve_impl(impl: str) -> str:
     sampler.py, a mask per call): at V = 32,000, B = 1, 311 us at its best tuning against XLA's 434 (689 at the first
     tuning, which in the 7B decode step made a step 0.46 ms slower at batch 1 and 0.6 ms at batch 128); at B = 128
     482 against 590; at V = 128,256, B = 128, 3.3 ms. One program a row leaves a batch-1 step's search on one SM,
-    latency-bound on its loop, and at 4 bits a pass it compares each token 120 times a search. Beating XLA clearly
+    latency-bound on its loop, and at 4 bits a pass it compares each token 128 times a search (16 candidates, 8
+    passes). Beating XLA clearly
     needs a row split over many programs, which needs a grid-wide reduction between passes."""
     if impl not in ("auto", "xla", "pallas"):
         raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
@@ -178,8 +183,8 @@ def filter_thresholds(
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # kth [B] uint32, normaliser [B] float32, top_p_last [B] uint32
     """Per row: the k-th largest key; the softmax mass of the top-k survivors; the largest key t whose tokens at
-    or above it hold top_p of that mass (0 when top_p >= 1 or none). One program a row; off GPU needs
-    interpret=True."""
+    or above it hold top_p of that mass (0 when top_p >= 1; 0xFFFFFFFF when top_p <= 0). One program a row; off
+    GPU needs interpret=True."""
     _validate(keys, weights, top_k, top_p)
     if not interpret and not on_gpu():
         raise ValueError(f"the kernel needs a GPU (backend is {jax.default_backend()!r}) or interpret=True")

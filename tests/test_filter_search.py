@@ -97,12 +97,15 @@ def test_reference_by_hand():
     check(got, (kth, normaliser, top_p_last))
 
 
-def test_top_p_off_or_unreachable_gives_zero():
+@pytest.mark.parametrize(("p", "want"), [(1.0, 0), (1.5, 0), (0.0, 2**32 - 1), (-0.5, 2**32 - 1)])
+def test_top_p_at_or_past_its_ends(p, want):
+    """top_p >= 1 is off (0: no cut); top_p <= 0 holds for every key, the largest uint32 included, in the kernel and
+    the reference alike (the sampler caps it at the top key)."""
     keys, weights, top_k, _ = case(np.random.default_rng(3), 3, 40)
-    for p in (1.0, 1.5):
-        top_p = jnp.full((3,), p, jnp.float32)
-        _, _, top_p_last = filter_thresholds(keys, weights, top_k, top_p, tuning=SMALL, interpret=not ON_GPU)
-        np.testing.assert_array_equal(np.asarray(top_p_last), 0)
+    top_p = jnp.full((3,), p, jnp.float32)
+    got = filter_thresholds(keys, weights, top_k, top_p, tuning=SMALL, interpret=not ON_GPU)
+    np.testing.assert_array_equal(np.asarray(got[2]), want)
+    check(got, filter_thresholds_reference(keys, weights, top_k, top_p))
 
 
 def test_inputs_are_validated():

@@ -99,6 +99,8 @@ def test_decode_only_steps_get_their_own_variant(monkeypatch):
         packed.append((tuple(sched.num_new_tokens), out[0].attn.decode_only))
         if out[0].attn.decode_only:
             rows[len(sched.num_new_tokens) == 1].add(out[0].tokens.shape[0])
+        # every request is greedy: decode-only steps skip the filter stage, steps with a prefill chunk keep it
+        assert out[1].sampling_filters == (not out[0].attn.decode_only)
         return out
 
     monkeypatch.setattr(runner, "_pack", spy)
@@ -111,6 +113,46 @@ def test_decode_only_steps_get_their_own_variant(monkeypatch):
     assert {decode for counts, decode in packed} == {True, False}
     assert all(decode == all(n == 1 for n in counts) for counts, decode in packed)
     assert rows == {True: {1}, False: {16}}  # a lone sequence decodes in one row, several in the padded bucket
+    assert_pool_clean(llm)
+
+
+def test_decode_steps_skip_the_filter_stage_only_without_filtering_rows(monkeypatch):
+    """Decode-only steps compile a variant without the sampler's top-k/top-p/min-p stage, picked exactly when no
+    row of the step uses one; warm-up covers both, so a workload mixing filtered and greedy requests compiles
+    nothing, and seeded draws are the plain engine's."""
+    rng = np.random.default_rng(5)
+    prompts = [{"prompt_token_ids": [1, *rng.integers(3, 500, int(rng.integers(1, 40))).tolist()]} for _ in range(10)]
+    # the filtered requests (odd i) end early, so the last decode steps hold greedy requests alone
+    params = [
+        SamplingParams(temperature=[0.0, 0.8][i % 2], top_p=[1.0, 0.9][i % 3 == 0], top_k=[0, 7][i % 4 == 1],
+                       min_p=[0.0, 0.1][i % 5 == 2], seed=i, max_tokens=[20, 4][i % 2])
+        for i in range(10)
+    ]  # fmt: skip
+    plain = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+
+    monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
+    llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=True)
+    runner = llm.engine.runner
+    seen: set[tuple[bool, bool, bool]] = set()  # (decode-only, some row filters, filter stage compiled in)
+    pack = runner._pack
+
+    def spy(sched, *args, **kwargs):
+        batch, switches = pack(sched, *args, **kwargs)
+        filtering = any(
+            r.params.temperature > 1e-5 and (r.params.top_p < 1 or r.params.top_k > 0 or r.params.min_p > 0)
+            for r in sched.requests
+        )
+        seen.add((batch.attn.decode_only, filtering, switches.sampling_filters))
+        return batch, switches
+
+    monkeypatch.setattr(runner, "_pack", spy)
+    with count_compilations() as compiles:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert compiles == [] and got == want
+    # decode steps with and without filtering rows, each in its variant; steps with a prefill chunk keep the stage
+    assert {(True, True, True), (True, False, False)} <= seen
+    assert all(filters == (filtering or not decode) for decode, filtering, filters in seen)
     assert_pool_clean(llm)
 
 
@@ -212,5 +254,5 @@ def test_a_token_without_a_page_is_refused_before_the_step():
     with pytest.raises(RuntimeError, match="a scheduled token has no page"):
         runner._pack(SchedulerOutput(requests=(req,), num_new_tokens=(page + 2,), preempted=()))
     req.pages = [1, 2]
-    batch, _, _ = runner._pack(SchedulerOutput(requests=(req,), num_new_tokens=(page + 2,), preempted=()))
+    batch, _ = runner._pack(SchedulerOutput(requests=(req,), num_new_tokens=(page + 2,), preempted=()))
     assert batch.attn.slot_mapping[page + 1] == 2 * page + 1  # token page + 1 sits in page 2, offset 1

@@ -14,6 +14,7 @@ from jpaged.sampler import (
     SamplingMetadata,
     apply_logit_bias,
     apply_penalties,
+    filtered_rows,
     prompt_logprobs,
     sample,
     top_k,
@@ -21,7 +22,7 @@ from jpaged.sampler import (
     top_k_top_p_min_p_mask_sorted,
 )
 
-sample_jit = jax.jit(sample, static_argnames="num_logprobs")
+sample_jit = jax.jit(sample, static_argnames=("num_logprobs", "filters"))
 DEFAULTS = dict(
     temperature=1.0,
     top_p=1.0,
@@ -260,12 +261,48 @@ def test_top_k_keeps_exactly_k_breaking_ties_towards_lower_ids(mask_fn):
     np.testing.assert_array_equal(np.asarray(mask), [[False, True, True, False, True, False]])
 
 
+def test_filtered_rows_on_the_host_is_the_devices_rule():
+    """The runner decides on its numpy columns whether a step may skip the filter stage; the step decides per row
+    on the device. Both are filtered_rows over the same float32 values, at the edges too."""
+    rng = np.random.default_rng(11)
+    batch, vocab = 400, 50
+    temperature = rng.choice([0.0, 1e-5, np.nextafter(np.float32(1e-5), 1), 0.7], batch).astype(np.float32)
+    top_k = rng.choice([-1, 0, 1, vocab - 1, vocab, vocab + 1], batch).astype(np.int32)
+    top_p = rng.choice([0.5, np.nextafter(np.float32(1), 0), 1.0], batch).astype(np.float32)
+    min_p = rng.choice([0.0, 1e-8, 0.1], batch).astype(np.float32)
+    host = filtered_rows(temperature, top_k, top_p, min_p, vocab=vocab)
+    device = jax.jit(filtered_rows, static_argnames="vocab")(temperature, top_k, top_p, min_p, vocab=vocab)
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_array_equal(host, np.asarray(device))
+    assert 0 < host.sum() < batch
+    assert not host[temperature <= 1e-5].any()  # greedy rows never filter
+
+
+def test_skipping_the_filter_stage_changes_no_token_of_unfiltered_rows():
+    """filters=False is an exact identity where no row filters (greedy and plain temperature rows, seeded), and
+    really skips the stage: a top-k = 1 row then draws other tokens than its argmax."""
+    rng = np.random.default_rng(12)
+    batch, vocab = 64, 300
+    logits = rng.normal(size=(batch, vocab)).astype(np.float32) * 3
+    temperature = np.where(np.arange(batch) % 3 == 0, 0.0, rng.uniform(0.3, 2.0, batch))
+    for position in range(3):
+        meta = make_meta(batch, temperature=temperature, positions=position)
+        with_stage = sample_jit(jnp.asarray(logits), meta, num_logprobs=2)
+        without = sample_jit(jnp.asarray(logits), meta, num_logprobs=2, filters=False)
+        for a, b in zip(jax.tree.leaves(with_stage), jax.tree.leaves(without), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    top1 = make_meta(batch, temperature=2.0, top_k=1)
+    assert (tokens(logits, top1) == logits.argmax(-1)).all()
+    drawn = np.asarray(sample_jit(jnp.asarray(logits), top1, num_logprobs=0, filters=False).token_ids)
+    assert (drawn != logits.argmax(-1)).sum() > batch // 4
+
+
 # --- the sort-free mask against the sorted definition ---
 
 mask_jit = jax.jit(top_k_top_p_min_p_mask, static_argnames=("search", "digit_bits", "interpret"))
 sorted_mask_jit = jax.jit(top_k_top_p_min_p_mask_sorted)
-# Who runs the threshold searches: XLA's passes as a bisection (its default) and 4 bits a pass, and the Pallas
-# kernel (the GPU's default), interpreted.
+# Who runs the threshold searches: XLA's passes as a bisection (the default) and 4 bits a pass, and the opt-in
+# Pallas kernel, interpreted.
 SEARCHES = {
     "xla-1bit": dict(search="xla", digit_bits=1),
     "xla-4bit": dict(search="xla", digit_bits=4),
