@@ -10,7 +10,9 @@ the parts of an engine step (scheduling, packing the step's inputs, the jitted c
 dispatch, waiting for and fetching the samples, turning them into outputs), and --trace-steps more are traced with
 `jax.profiler` (a Perfetto trace per batch under --trace-dir). With --replay N, one decode step's jitted call is
 then captured and called N times back-to-back in four ways (`replay_step`), which separates the device's own step time
-from what the engine's loop adds around it, with no profiler attached.
+from what the engine's loop adds around it, with no profiler attached. With --hlo-dir, XLA dumps the step's optimised
+HLO there and `hlo_inventory` counts each compiled step variant's kernel launches by the source lines that emit them
+(a fresh process: XLA reads its dump flags when JAX starts).
 The summary reads the trace: device busy time (the sum of kernel durations on the GPU's streams) against the wall
 time of the traced steps, the kernels that take the most of it, and the longest idle gaps between consecutive device
 events with what came before and after them (an idle gap after a device-to-host copy is the host's turn). The
@@ -25,6 +27,7 @@ import contextlib
 import gzip
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,6 +41,7 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/profile_step.p
 from benchmarks import (
     _bootstrap,  # noqa: F401  (maps jpaged.models etc. in a bare checkout)
     common,
+    hlo_inventory,
 )
 from benchmarks.throughput import make_llm
 
@@ -311,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--replay", type=int, default=0,
                         help="then call one captured decode step N times in each replay mode (0: none)")  # fmt: skip
+    parser.add_argument("--hlo-dir", default=None,
+                        help="dump the step's optimised HLO here; count its launches by source line")  # fmt: skip
     parser.add_argument("--collector-on", action="store_true",
                         help="time the host steps with Python's cyclic collector running (default: paused, as in "
                              "LLM.generate)")  # fmt: skip
@@ -324,6 +330,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.replay < 0:
         parser.error(f"--replay must be >= 0, got {args.replay}")
+    if args.hlo_dir:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            parser.error("--hlo-dir needs a fresh process: XLA reads its dump flags when JAX starts")
+        dump = f"--xla_dump_to={args.hlo_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=_step"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {dump}".strip()
     model_dir = common.resolve_model(args.model)
     shape = common.ModelShape.from_config(model_dir, "bfloat16" if args.dtype == "auto" else args.dtype)
     longest = args.input_len + max(decode_tokens(args, batch) for batch in args.batches)
@@ -364,6 +377,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                   ("calls/step", "calls_per_step")]))  # fmt: skip
             print(common.table(s["longest_gaps"][:6], [("idle ms", "idle_ms"), ("after", "after"),
                                                        ("before", "before")]))  # fmt: skip
+    if args.hlo_dir:
+        dumps = sorted(Path(args.hlo_dir).glob("*_step*after_optimizations.txt"))
+        if not dumps:
+            print(f"WARNING: no step HLO dumped under {args.hlo_dir}")
+        record["hlo_inventory"] = hlo_inventory.main([*map(str, dumps), "--top", "25"])["modules"] if dumps else []
+        common.save(args, record)
     return record
 
 

@@ -526,3 +526,23 @@ def test_hlo_inventory_attributes_launches_to_source_lines(tmp_path: Path) -> No
     assert json.loads((tmp_path / "inv.json").read_text())["benchmark"] == "hlo_inventory"
     with pytest.raises(SystemExit, match="no ENTRY computation"):
         hlo_inventory.main([str(script)])
+
+
+def test_profile_step_counts_the_steps_launches_from_a_fresh_process(tiny_model: Path, tmp_path: Path) -> None:
+    """--hlo-dir: XLA dumps every compiled step variant, and the record counts each one's launches by source; the
+    sampler's threshold searches show as dozens of them. In a process whose JAX has started it is refused."""
+    out = tmp_path / "p.json"
+    args = ["--model", str(tiny_model), "--batches", "2", "--input-len", "6", "--settle", "1", "--steps", "2",
+            "--trace-steps", "0", "--hlo-dir", str(tmp_path / "hlo"), "--json-out", str(out),
+            *ENGINE_FLAGS]  # fmt: skip
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), *args], check=True, env=env,
+                   timeout=300, capture_output=True)  # fmt: skip
+    modules = json.loads(out.read_text())["hlo_inventory"]
+    assert modules and all(m["launches"] > 0 for m in modules)
+    sampler_launches = max(next((f["launches"] for f in m["by_file"] if f["file"] == "jpaged/sampler.py"), 0)
+                           for m in modules)  # fmt: skip
+    assert sampler_launches >= 32, modules[0]["by_file"]  # 64 bisection passes, however XLA on CPU fuses them
+    jax.devices()  # this process's JAX has started: its dump flags are read already
+    with pytest.raises(SystemExit):
+        profile_step.main(args)
