@@ -331,12 +331,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.replay < 0:
         parser.error(f"--replay must be >= 0, got {args.replay}")
     if args.hlo_dir:
-        from jax._src import xla_bridge
+        import jax
+        from jax._src import xla_bridge  # no public way to ask whether the backends have started
 
+        if Path(args.hlo_dir).exists() and any(Path(args.hlo_dir).iterdir()):
+            parser.error(f"--hlo-dir {args.hlo_dir} is not empty: its old dumps would be counted")
         if xla_bridge.backends_are_initialized():
             parser.error("--hlo-dir needs a fresh process: XLA reads its dump flags when JAX starts")
-        dump = f"--xla_dump_to={args.hlo_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=_step"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {dump}".strip()
+        dump = f'--xla_dump_to="{args.hlo_dir}" --xla_dump_hlo_as_text --xla_dump_hlo_module_re=_step'
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {dump}".strip()  # later flags win
+        jax.config.update("jax_enable_compilation_cache", False)  # the dump flags are not in its key
     model_dir = common.resolve_model(args.model)
     shape = common.ModelShape.from_config(model_dir, "bfloat16" if args.dtype == "auto" else args.dtype)
     longest = args.input_len + max(decode_tokens(args, batch) for batch in args.batches)

@@ -403,10 +403,15 @@ class ModelRunner:
             decode_only=decode_only,
         )
         sampling = self._pack_sampling(reqs, b_pad)
-        if sampling_filters is None:  # only decode-only steps have a variant without the filter stage (see warm_up)
+        if sampling_filters is None:
+            # Only the decode variants warm-up compiles have a twin without the filter stage: a step that compiles
+            # on first use anyway (logprobs, prompt logprobs, penalties, a wide logit bias) keeps the stage, so that
+            # it does not compile twice.
+            warmed_up = (not num_logprobs and not want_prompt and sampling.history.shape[1] == 1
+                      and sampling.bias_ids.shape[1] == _BIAS_WIDTHS[0])  # fmt: skip
             rows = filtered_rows(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
                                  vocab=self.cfg.vocab_size)  # fmt: skip
-            sampling_filters = not decode_only or bool(np.any(rows))
+            sampling_filters = not (decode_only and warmed_up) or bool(np.any(rows))
         batch = StepInput(
             tokens=_host(tokens),
             prev_rows=_host(prev_rows),
@@ -442,7 +447,8 @@ class ModelRunner:
         return SamplingMetadata(
             temperature=_host(column(lambda r: r.params.temperature, np.float32, 0.0)),
             top_p=_host(column(lambda r: r.params.top_p, np.float32, 1.0)),
-            top_k=_host(column(lambda r: r.params.top_k, np.int32, 0)),
+            # any top_k >= V is off; clipped so that a huge one fits int32 (it had raised OverflowError in the step)
+            top_k=_host(column(lambda r: min(r.params.top_k, self.cfg.vocab_size), np.int32, 0)),
             min_p=_host(column(lambda r: r.params.min_p, np.float32, 0.0)),
             seeds=_host(column(lambda r: r.seed & 0xFFFFFFFF, np.uint32, 0)),
             sample_index=_host(column(lambda r: r.sample_index, np.int32, 0)),

@@ -104,7 +104,7 @@ def filtered_rows[Array: (jax.Array, np.ndarray)](
     the device (jpaged.runner picks the step without the filter stage where this is all False).
     """
     top_k_on = (top_k > 0) & (top_k < vocab)
-    return (temperature > GREEDY_TEMPERATURE) & (top_k_on | (top_p < 1) | (min_p > 0))
+    return ~(temperature <= GREEDY_TEMPERATURE) & (top_k_on | (top_p < 1) | (min_p > 0))  # `sample`'s greedy test
 
 
 def prompt_logprobs(

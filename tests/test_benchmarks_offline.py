@@ -528,7 +528,9 @@ def test_hlo_inventory_attributes_launches_to_source_lines(tmp_path: Path) -> No
         hlo_inventory.main([str(script)])
 
 
-def test_profile_step_counts_the_steps_launches_from_a_fresh_process(tiny_model: Path, tmp_path: Path) -> None:
+def test_profile_step_counts_the_steps_launches_from_a_fresh_process(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--hlo-dir: XLA dumps every compiled step variant, and the record counts each one's launches by source; the
     sampler's threshold searches show as dozens of them. In a process whose JAX has started it is refused."""
     out = tmp_path / "p.json"
@@ -543,6 +545,10 @@ def test_profile_step_counts_the_steps_launches_from_a_fresh_process(tiny_model:
     sampler_launches = max(next((f["launches"] for f in m["by_file"] if f["file"] == "jpaged/sampler.py"), 0)
                            for m in modules)  # fmt: skip
     assert sampler_launches >= 32, modules[0]["by_file"]  # 64 bisection passes, however XLA on CPU fuses them
+    with pytest.raises(SystemExit):  # the directory holds the dumps above
+        profile_step.main(args)
+    assert "is not empty" in capsys.readouterr().err
     jax.devices()  # this process's JAX has started: its dump flags are read already
     with pytest.raises(SystemExit):
-        profile_step.main(args)
+        profile_step.main([*args[: -len(ENGINE_FLAGS)], "--hlo-dir", str(tmp_path / "empty"), *ENGINE_FLAGS])
+    assert "needs a fresh process" in capsys.readouterr().err

@@ -121,13 +121,20 @@ def test_decode_steps_skip_the_filter_stage_only_without_filtering_rows(monkeypa
     row of the step uses one; warm-up covers both, so a workload mixing filtered and greedy requests compiles
     nothing, and seeded draws are the plain engine's."""
     rng = np.random.default_rng(5)
-    prompts = [{"prompt_token_ids": [1, *rng.integers(3, 500, int(rng.integers(1, 40))).tolist()]} for _ in range(10)]
-    # the filtered requests (odd i) end early, so the last decode steps hold greedy requests alone
-    params = [
-        SamplingParams(temperature=[0.0, 0.8][i % 2], top_p=[1.0, 0.9][i % 3 == 0], top_k=[0, 7][i % 4 == 1],
-                       min_p=[0.0, 0.1][i % 5 == 2], seed=i, max_tokens=[20, 4][i % 2])
-        for i in range(10)
-    ]  # fmt: skip
+    prompts = [{"prompt_token_ids": [1, *rng.integers(3, 500, int(rng.integers(1, 40))).tolist()]} for _ in range(12)]
+    # Greedy requests; filtering ones (top-p, top-k or min-p), which end early so that the last decode steps hold
+    # none; sampled ones that do not filter, seeded: plain, top_k at or past the vocabulary (512; a huge one too),
+    # top_p that is 1 in float32. The unfiltered sampled rows draw in the variant without the stage.
+    filtering = [dict(top_p=0.9), dict(top_k=7), dict(min_p=0.1)]
+    unfiltered = [{}, dict(top_k=512), dict(top_k=10**12), dict(top_p=0.99999999)]
+    params = []
+    for i in range(12):
+        if i % 3 == 0:
+            params.append(SamplingParams(temperature=0.0, max_tokens=20))
+        elif i % 3 == 1:
+            params.append(SamplingParams(temperature=0.8, seed=i, max_tokens=4, **filtering[(i // 3) % 3]))
+        else:
+            params.append(SamplingParams(temperature=0.9, seed=i, max_tokens=20, **unfiltered[(i // 3) % 4]))
     plain = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
 
@@ -135,15 +142,19 @@ def test_decode_steps_skip_the_filter_stage_only_without_filtering_rows(monkeypa
     llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=True)
     runner = llm.engine.runner
     seen: set[tuple[bool, bool, bool]] = set()  # (decode-only, some row filters, filter stage compiled in)
+    sampled_without_stage: list[int] = []  # steps drawing sampled (not greedy) rows without the stage
     pack = runner._pack
 
     def spy(sched, *args, **kwargs):
         batch, switches = pack(sched, *args, **kwargs)
         filtering = any(
-            r.params.temperature > 1e-5 and (r.params.top_p < 1 or r.params.top_k > 0 or r.params.min_p > 0)
+            r.params.temperature > 1e-5
+            and (np.float32(r.params.top_p) < 1 or 0 < r.params.top_k < 512 or r.params.min_p > 0)
             for r in sched.requests
         )
         seen.add((batch.attn.decode_only, filtering, switches.sampling_filters))
+        if not switches.sampling_filters and any(r.params.temperature > 1e-5 for r in sched.requests):
+            sampled_without_stage.append(len(sched.requests))
         return batch, switches
 
     monkeypatch.setattr(runner, "_pack", spy)
@@ -153,6 +164,20 @@ def test_decode_steps_skip_the_filter_stage_only_without_filtering_rows(monkeypa
     # decode steps with and without filtering rows, each in its variant; steps with a prefill chunk keep the stage
     assert {(True, True, True), (True, False, False)} <= seen
     assert all(filters == (filtering or not decode) for decode, filtering, filters in seen)
+    assert sampled_without_stage  # and their seeded draws were the plain engine's (got == want above)
+    assert_pool_clean(llm)
+
+
+def test_steps_that_compile_on_first_use_keep_the_filter_stage(monkeypatch):
+    """Decode steps with logprobs (a variant warm-up does not compile) keep the filter stage whether or not a row
+    filters, so such traffic compiles each bucket once, not once with the stage and once without."""
+    monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
+    llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=True)
+    prompts = [{"prompt_token_ids": [1, 50 + i, 60 + i]} for i in range(3)]
+    llm.generate(prompts, SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=6, logprobs=2))
+    with count_compilations() as compiles:
+        out = llm.generate(prompts, SamplingParams(temperature=0.8, seed=1, max_tokens=6, logprobs=2))
+    assert compiles == [] and all(len(o.outputs[0].logprobs) == 6 for o in out)
     assert_pool_clean(llm)
 
 
