@@ -197,6 +197,17 @@ def test_unknown_routes_and_methods(server: RunningServer):
     assert_error(post(server, "/detokenize", {"tokens": [100000]}), 400, "outside the vocabulary")
 
 
+def test_a_top_k_past_int32_is_off_not_a_dead_engine(server: RunningServer):
+    """top_k has no upper bound in the API (any top_k >= the vocabulary is off); one past int32 had raised in the
+    engine's step, which stops its loop."""
+    body = {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0.7, "seed": 4}
+    for top_k in (2**31, 10**15):
+        huge = post(server, "/v1/completions", body | {"top_k": top_k})
+        assert huge.status_code == 200, huge.text
+        assert huge.json()["choices"][0]["text"] == post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_the_server_keeps_serving_after_errors(server: RunningServer):
     ok = post(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == ", there was"
