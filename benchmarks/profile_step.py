@@ -265,7 +265,6 @@ def replay_step(engine: Any, calls: int) -> dict[str, Any]:
     (args, kwargs), *_ = captured
     params, _, packed, _ = args
     host_packed = np.asarray(packed)
-    device_packed = jax.device_put(host_packed)  # uncommitted, as jit treats a numpy argument: no new compile
     # Uncommitted, as jit treats a numpy argument: no new compile. With tensor parallelism this single-device copy is
     # moved to the mesh on each call, so "resident" is only resident on one device.
     device_packed = jax.device_put(host_packed)

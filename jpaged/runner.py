@@ -408,7 +408,7 @@ class ModelRunner:
             # on first use anyway (logprobs, prompt logprobs, penalties, a wide logit bias) keeps the stage, so that
             # it does not compile twice.
             warmed_up = (not num_logprobs and not want_prompt and sampling.history.shape[1] == 1
-                      and sampling.bias_ids.shape[1] == _BIAS_WIDTHS[0])  # fmt: skip
+                         and sampling.bias_ids.shape[1] == _BIAS_WIDTHS[0])  # fmt: skip
             rows = filtered_rows(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
                                  vocab=self.cfg.vocab_size)  # fmt: skip
             sampling_filters = not (decode_only and warmed_up) or bool(np.any(rows))

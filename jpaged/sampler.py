@@ -27,6 +27,7 @@ GPU (~0.2-0.4 ms of a 7B decode step on an H200). A Pallas kernel running both s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -157,6 +158,14 @@ def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
     return logits - meta.presence_penalty[:, None] * (counts > 0).astype(logits.dtype)
 
 
+def _count(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] int32
+    return jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32)
+
+
+def _mass(mask: jax.Array, weights: jax.Array) -> jax.Array:  # [B, V] bool, [B, V] float32 -> [B, 1] float32
+    return jnp.sum(jnp.where(mask, weights, 0.0), axis=-1, keepdims=True)
+
+
 def top_k_top_p_min_p_mask(
     scaled: jax.Array,
     top_k: jax.Array,
@@ -196,21 +205,17 @@ def top_k_top_p_min_p_mask(
     kth, normaliser, top_p_last = (x[:, None] for x in found)  # [B, 1] each
     k, top_p = k[:, None], top_p[:, None]
 
-    def count(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] int32
-        return jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32)
-
-    def mass(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] float32
-        return jnp.sum(jnp.where(mask, weights, 0.0), axis=-1, keepdims=True)
+    mass = functools.partial(_mass, weights=weights)
 
     in_min_p = scaled - top >= jnp.log(min_p)[:, None]  # the sorted version's float ops; log(0) = -inf
-    num_min_p = count(in_min_p)
+    num_min_p = _count(in_min_p)
     min_p_last = jnp.min(jnp.where(in_min_p, keys, _KEY_MAX), axis=-1, keepdims=True)  # _KEY_MAX if none
     # the last kept value; at most the top one, as one token is always kept (top_p <= 0, min_p > 1, all -inf)
     threshold = jnp.minimum(jnp.maximum(jnp.maximum(kth, top_p_last), min_p_last), _order_keys(top))
 
     above = keys > threshold
     tied = keys == threshold
-    num_above, num_tied = count(above), count(tied)
+    num_above, num_tied = _count(above), _count(tied)
     # top-p inside the tie group: its j-th token (from 0) survives while p_above + j * p_tied < top_p
     p_above = mass(above) / normaliser
     p_tied = jnp.exp(_key_value(threshold) - top) / normaliser
@@ -231,21 +236,17 @@ def _filter_thresholds_xla(
     rows = keys.shape[0]
     k, top_p = k[:, None], top_p[:, None]
 
-    def count(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] int32
-        return jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32)
-
-    def mass(mask: jax.Array) -> jax.Array:  # [B, V] bool -> [B, 1] float32
-        return jnp.sum(jnp.where(mask, weights, 0.0), axis=-1, keepdims=True)
+    mass = functools.partial(_mass, weights=weights)
 
     # The searches ask about J thresholds t [B, J] at once: J reductions of [B, V] each, never a [B, J, V] array
     # (which XLA on CPU materialised: ~2 GB a pass at B = 256, V = 128k), siblings a GPU compiler can fuse.
     def at_least(reduce: Callable[[jax.Array], jax.Array], t: jax.Array) -> jax.Array:  # t [B, J] -> [B, J]
         return jnp.concatenate([reduce(keys >= t[:, j : j + 1]) for j in range(t.shape[1])], axis=-1)
 
-    kth = _largest_key(lambda t: at_least(count, t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
+    kth = _largest_key(lambda t: at_least(_count, t) >= k, rows, digit_bits)  # [B, 1] the k-th largest value
     above_kth = keys > kth
     # softmax normaliser of the top-k survivors: those above the k-th value, then enough of those tied at it
-    normaliser = mass(above_kth) + (k - count(above_kth)) * jnp.exp(_key_value(kth) - top)
+    normaliser = mass(above_kth) + (k - _count(above_kth)) * jnp.exp(_key_value(kth) - top)
     # the top-p survivors end at the largest value whose tokens at or above it hold top_p of the mass (0 if off)
     top_p_last = _largest_key(lambda t: (top_p < 1) & (at_least(mass, t) / normaliser >= top_p), rows, digit_bits)
     return kth[:, 0], normaliser[:, 0], top_p_last[:, 0]
