@@ -63,6 +63,13 @@ class EngineConfig:
             "they can tile the weight"
         ),
     )
+    norm_impl: str = dataclasses.field(
+        default="auto",
+        metadata=_help(
+            "residual adds and RMSNorms: auto (GPU: jpaged's fused Pallas kernel where the model width is a power of "
+            "two; CPU: XLA), pallas (GPU only) or xla"
+        ),
+    )
     async_scheduling: bool = dataclasses.field(
         default=True, metadata=_help("schedule and dispatch step N+1 before step N's tokens reach the host")
     )
@@ -93,6 +100,8 @@ class EngineConfig:
             raise ValueError(f"attn_impl must be auto, mgpu, pallas or reference, got {self.attn_impl!r}")
         if self.matmul_impl not in ("auto", "mgpu", "pallas", "xla"):
             raise ValueError(f"matmul_impl must be auto, mgpu, pallas or xla, got {self.matmul_impl!r}")
+        if self.norm_impl not in ("auto", "pallas", "xla"):
+            raise ValueError(f"norm_impl must be auto, pallas or xla, got {self.norm_impl!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not Path(self.model).is_dir():

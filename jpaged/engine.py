@@ -57,7 +57,8 @@ class LLMEngine:
             logger.info("sliding window of %d tokens over max_model_len %d", cfg.sliding_window, self.max_model_len)
         sharding.check_model_fits(cfg.num_heads, cfg.num_kv_heads, config.tensor_parallel_size)
         # before the weights load, not in the first step
-        for name, impl in (("attn_impl", config.attn_impl), ("matmul_impl", config.matmul_impl)):
+        impls = (("attn_impl", config.attn_impl), ("matmul_impl", config.matmul_impl), ("norm_impl", config.norm_impl))
+        for name, impl in impls:
             if impl not in ("auto", "xla") and (unavailable := impl_unavailable_reason(impl, name)) is not None:
                 raise ValueError(unavailable)
 
@@ -92,6 +93,7 @@ class LLMEngine:
             dtype=dtype,
             attn_impl=config.attn_impl,
             matmul_impl=config.matmul_impl,
+            norm_impl=config.norm_impl,
             num_pages=num_pages,
             page_size=config.page_size,
             max_model_len=self.max_model_len,

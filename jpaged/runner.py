@@ -112,12 +112,13 @@ def _step(
     cfg: ModelConfig,
     attn_impl: str,
     matmul_impl: str,
+    norm_impl: str,
     num_logprobs: int,
     want_prompt_logprobs: bool,
     sampling_filters: bool,
 ):
     batch: StepInput = transfer.unpack(packed, layout)
-    forward = get_forward(cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
+    forward = get_forward(cfg, attn_impl=attn_impl, matmul_impl=matmul_impl, norm_impl=norm_impl)
     # With async scheduling the host packs this step before it has seen the last one's samples: take them here.
     tokens = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.tokens)
     logits, kv_pages = forward(params, tokens, batch.positions, kv_pages, batch.attn)
@@ -135,6 +136,7 @@ _jitted_step = jax.jit(
         "cfg",
         "attn_impl",
         "matmul_impl",
+        "norm_impl",
         "num_logprobs",
         "want_prompt_logprobs",
         "sampling_filters",
@@ -153,6 +155,7 @@ class ModelRunner:
         dtype: jnp.dtype,
         attn_impl: str,
         matmul_impl: str = "auto",
+        norm_impl: str = "auto",
         num_pages: int,
         page_size: int,
         max_model_len: int,
@@ -176,7 +179,8 @@ class ModelRunner:
         self.kv_pages = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         self._replicated = sharding.replicated(mesh)
         self.attn_impl = attn_impl
-        self._statics = {"cfg": cfg, "attn_impl": attn_impl, "matmul_impl": matmul_impl}  # the step's static args
+        # the step's static args
+        self._statics = {"cfg": cfg, "attn_impl": attn_impl, "matmul_impl": matmul_impl, "norm_impl": norm_impl}
         # Steps whose every sequence has one token get their own compiled variant only where attention then runs
         # another kernel (the Mosaic GPU decode kernel on Hopper); elsewhere it would compile the same program twice.
         self.decode_steps = has_decode_kernel(

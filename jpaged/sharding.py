@@ -118,6 +118,18 @@ def _tp_size() -> int:
     return 1 if mesh.empty or TP not in mesh.axis_names else mesh.shape[TP]
 
 
+def on_every_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps `fn` of replicated arrays (a kernel XLA cannot partition) to run whole on every device, as it is without a
+    `tp` axis in the current mesh."""
+
+    def wrapped(*args: Any) -> Any:
+        if _tp_size() == 1:
+            return fn(*args)
+        return jax.shard_map(fn, in_specs=P(), out_specs=P(), check_vma=False)(*args)
+
+    return wrapped
+
+
 def column_parallel(fn: Callable[[jax.Array, jax.Array], jax.Array], w_dim: int) -> Callable[..., jax.Array]:
     """Wraps `fn(x [T, I], w) -> [T, ...]` (a projection whose weight is split on its dimension `w_dim`, an output
     dimension) to run per device on its slice of w, giving its slice of the output (on output dimension w_dim).

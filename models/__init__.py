@@ -9,7 +9,9 @@ from typing import Any
 from jpaged.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 
 
-def get_forward(cfg: ModelConfig, *, attn_impl: str = "auto", matmul_impl: str = "auto") -> Callable[..., Any]:
+def get_forward(
+    cfg: ModelConfig, *, attn_impl: str = "auto", matmul_impl: str = "auto", norm_impl: str = "auto"
+) -> Callable[..., Any]:
     """`forward(params, tokens, positions, kv_pages, meta) -> (logits, kv_pages)` for the config's architecture."""
     from jpaged.models import llama, mixtral
 
@@ -20,7 +22,9 @@ def get_forward(cfg: ModelConfig, *, attn_impl: str = "auto", matmul_impl: str =
     }
     if cfg.architecture not in registry:
         raise UnsupportedModelError(f"architecture {cfg.architecture!r} is not supported")
-    return functools.partial(registry[cfg.architecture], cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
+    return functools.partial(
+        registry[cfg.architecture], cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl, norm_impl=norm_impl
+    )
 
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ModelConfig", "UnsupportedModelError", "get_forward"]

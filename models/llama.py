@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from jpaged import sharding
+from jpaged.kernels.add_rms_norm import add_rms_norm, rms_norm
+from jpaged.kernels.add_rms_norm import pallas_unsupported_reason as add_norm_unsupported_reason
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
 from jpaged.kernels.kv_write import write_kv
 from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
@@ -48,11 +50,16 @@ KVPages = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), ea
 FeedForward = Callable[..., jax.Array]
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    # As HF: normalise in float32, cast back, then scale.
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+def add_norm(x: jax.Array, delta: jax.Array, weight: jax.Array, cfg: ModelConfig, *, impl: str):
+    """(x + delta, rms_norm(x + delta)) [T, D] each: the residual add and the next norm, fused by the kernel
+    (add_rms_norm.py) where it runs; "pallas" where D cannot be a Triton block falls back to XLA, saying why in the
+    log."""
+    if impl == "pallas" and (reason := add_norm_unsupported_reason(x)) is not None:
+        logger.info("norm_impl='pallas': XLA for rows of width %d (%s)", x.shape[1], reason)
+        impl = "xla"
+    interpret = impl == "pallas" and jax.default_backend() != "gpu"
+    fn = functools.partial(add_rms_norm, eps=cfg.rms_norm_eps, impl=impl, interpret=interpret)
+    return sharding.on_every_device(fn)(x, delta, weight)
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> jax.Array:
@@ -201,19 +208,28 @@ def decoder_forward(
     feed_forward: FeedForward,
     attn_impl: str = "auto",
     matmul_impl: str = "auto",
+    norm_impl: str = "auto",
 ) -> tuple[jax.Array, KVPages]:
-    """tokens/positions [T] -> logits [R, V] (float32) at meta.logits_indices, and the updated pages."""
+    """tokens/positions [T] -> logits [R, V] (float32) at meta.logits_indices, and the updated pages.
+
+    attn_impl: paged attention's (`paged_attention`); matmul_impl: the weight matmuls' (`project`); norm_impl: the
+    residual adds and norms' ("auto", "xla" or "pallas", `add_rms_norm`)."""
     x = params["embed"][tokens]
     num_tokens = meta.cu_q_lens[meta.num_seqs[0]]  # rows past the last live sequence's are padding
+    layers = params["layers"]
+    # Each residual add is fused with the norm after it (`add_norm`): the attention and feed-forward blocks read
+    # normed rows `h` and give a delta for x.
+    h = rms_norm(x, layers[0]["attn_norm"], cfg.rms_norm_eps)
     new_pages: KVPages = []
-    for layer, layer_kv in zip(params["layers"], kv_pages, strict=True):
-        h, layer_kv = attention(layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), positions, layer_kv, meta,
-                                cfg, attn_impl, matmul_impl)  # fmt: skip
-        x = x + h
-        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-        x = x + feed_forward(layer, h, cfg, num_tokens, matmul_impl=matmul_impl)
+    for i, (layer, layer_kv) in enumerate(zip(layers, kv_pages, strict=True)):
+        delta, layer_kv = attention(layer, h, positions, layer_kv, meta, cfg, attn_impl, matmul_impl)
+        x, h = add_norm(x, delta, layer["mlp_norm"], cfg, impl=norm_impl)
+        delta = feed_forward(layer, h, cfg, num_tokens, matmul_impl=matmul_impl)
+        if i + 1 < len(layers):
+            x, h = add_norm(x, delta, layers[i + 1]["attn_norm"], cfg, impl=norm_impl)
         new_pages.append(layer_kv)
-    x = rms_norm(x[meta.logits_indices], params["final_norm"], cfg.rms_norm_eps)
+    # The last add only for the rows that give logits.
+    x = rms_norm(x[meta.logits_indices] + delta[meta.logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params.get("lm_head", params["embed"])
     logits = jnp.einsum("rd,vd->rv", x, lm_head, preferred_element_type=jnp.float32)
     return logits, new_pages
@@ -229,6 +245,7 @@ def forward(
     cfg: ModelConfig,
     attn_impl: str = "auto",
     matmul_impl: str = "auto",
+    norm_impl: str = "auto",
 ) -> tuple[jax.Array, KVPages]:
     return decoder_forward(params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=mlp, attn_impl=attn_impl,
-                           matmul_impl=matmul_impl)  # fmt: skip
+                           matmul_impl=matmul_impl, norm_impl=norm_impl)  # fmt: skip

@@ -73,22 +73,43 @@ def test_stories_story_matches_hf():
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("name", ["llama-gqa4", "mixtral-e4-top2", "llama-gqa2"])  # gqa2: F = 172, XLA for the MLP
-def test_weight_matmuls_through_the_kernel_match_hf(name):
-    """The decode-step path of a GPU (every weight matmul through the Pallas dense kernel, interpreted here) gives
-    HF's prompt logprobs for the fixture's longest prompt."""
+@pytest.mark.parametrize(
+    ("name", "impls"),
+    [
+        ("llama-gqa4", {"matmul_impl": "pallas"}),
+        ("mixtral-e4-top2", {"matmul_impl": "pallas"}),
+        ("llama-gqa2", {"matmul_impl": "pallas"}),  # gqa2: F = 172, XLA for the MLP
+        ("llama-gqa4", {"norm_impl": "pallas"}),
+        ("mixtral-e4-top2", {"norm_impl": "pallas"}),
+    ],
+)
+def test_kernels_of_the_gpu_path_match_hf(name, impls):
+    """The step's kernels a GPU takes (every weight matmul through the Pallas dense kernel; every residual add and
+    norm through the fused one), interpreted here, give HF's prompt logprobs for the fixture's longest prompt."""
+    check_forward_matches_hf(name, impls)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_fused_norm_under_tensor_parallelism_matches_hf():
+    """Over two devices the fused add + norm kernel runs whole on each (XLA cannot partition a kernel) and the
+    logits stay HF's."""
+    check_forward_matches_hf("llama-gqa4", {"norm_impl": "pallas"}, tensor_parallel_size=2)
+
+
+def check_forward_matches_hf(name: str, impls: dict[str, str], tensor_parallel_size: int = 1) -> None:
     import jax
     import jax.numpy as jnp
 
     from jpaged.models import get_forward
 
     model, ref = load_reference(name)
-    llm = LLM(str(model), dtype="float32", max_model_len=128, skip_tokenizer_init=True)
+    llm = LLM(str(model), dtype="float32", max_model_len=128, skip_tokenizer_init=True,
+              tensor_parallel_size=tensor_parallel_size)  # fmt: skip
     runner, page_size = llm.engine.runner, llm.engine.config.page_size
     prompt = ref["prompts"][-1]  # the longest: multi-row tiles, attention across tokens
     n = len(prompt)
     meta = one_prompt_metadata(n, page_size)
-    forward = jax.jit(get_forward(llm.engine.model_config, matmul_impl="pallas"))
+    forward = jax.jit(get_forward(llm.engine.model_config, **impls))
     with jax.set_mesh(runner.mesh), jax.default_matmul_precision("highest"):
         logits, _ = forward(runner.params, jnp.array(prompt, jnp.int32), jnp.arange(n, dtype=jnp.int32),
                             runner.kv_pages, meta)  # fmt: skip

@@ -284,6 +284,11 @@ def test_a_kernel_this_machine_cannot_run_is_refused_at_start_up(impl, message):
         LLM(matmul_impl=impl)
     with pytest.raises(ValueError, match="matmul_impl must be auto, mgpu, pallas or xla"):
         LLM(matmul_impl="cublas")
+    if impl == "pallas":  # the fused residual add + norm has no Mosaic GPU kernel
+        with pytest.raises(ValueError, match=r"norm_impl='pallas' needs an NVIDIA GPU \(the backend is 'cpu'\)"):
+            LLM(norm_impl=impl)
+    with pytest.raises(ValueError, match="norm_impl must be auto, pallas or xla"):
+        LLM(norm_impl="mgpu")
 
 
 def test_generate_pauses_the_cyclic_collector_and_restores_it(monkeypatch):

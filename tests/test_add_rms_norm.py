@@ -1,0 +1,114 @@
+"""The fused residual add + RMSNorm: the kernel gives the reference's residual and normed rows (the residual exactly),
+whatever the row count, width and dtype, and the model's layers give the same logits through it.
+
+T tokens, D model width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.kernels.add_rms_norm import (
+    AddRmsNormTuning,
+    add_rms_norm,
+    add_rms_norm_reference,
+    default_tuning,
+    pallas_unsupported_reason,
+)
+
+# jax 0.11.2 warns on every Triton lowering of a Pallas kernel; that backend is what this kernel is written for.
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def rows(seed: int, num_tokens: int, width: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_tokens, width)) * 4  # a residual stream larger than what is added to it
+    delta = rng.standard_normal((num_tokens, width))
+    weight = 1 + 0.1 * rng.standard_normal(width)
+    return jnp.asarray(x, dtype), jnp.asarray(delta, dtype), jnp.asarray(weight, dtype)
+
+
+def close(got, want, dtype) -> None:
+    # The normalised row differs from the reference's by the float32 sum of squares' order (one bf16 rounding
+    # flipped at most); the residual is one rounding of the same sum, so equal.
+    atol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 128, 300])
+@pytest.mark.parametrize(("width", "dtype"), [(64, jnp.float32), (128, jnp.bfloat16), (4096, jnp.bfloat16)])
+def test_kernel_matches_reference(num_tokens, width, dtype):
+    x, delta, weight = rows(num_tokens * width, num_tokens, width, dtype)
+    residual, normed = add_rms_norm(x, delta, weight, eps=1e-5, impl="pallas", interpret=not ON_GPU)
+    want_residual, want_normed = add_rms_norm_reference(x, delta, weight, 1e-5)
+    assert residual.dtype == x.dtype and normed.dtype == x.dtype and normed.shape == (num_tokens, width)
+    np.testing.assert_array_equal(np.asarray(residual, np.float32), np.asarray(want_residual, np.float32))
+    close(normed, want_normed, dtype)
+
+
+def test_reference_is_hf_rms_norm():
+    """Against the formula spelled out in numpy: float32 mean of squares, rounded to bf16, then scaled."""
+    x, delta, weight = rows(0, 3, 64, jnp.bfloat16)
+    residual, normed = add_rms_norm_reference(x, delta, weight, 1e-6)
+    s = (np.asarray(x, np.float32) + np.asarray(delta, np.float32)).astype(jnp.bfloat16).astype(np.float32)
+    n = (s / np.sqrt((s * s).mean(-1, keepdims=True) + 1e-6)).astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(residual, np.float32), s)
+    close(normed, (np.asarray(weight, np.float32) * n).astype(jnp.bfloat16), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("num_warps", [1, 2, 8])
+def test_every_tuning_gives_the_same_rows(num_warps):
+    x, delta, weight = rows(1, 5, 256, jnp.bfloat16)
+    tuning = AddRmsNormTuning(num_warps=num_warps)
+    got = add_rms_norm(x, delta, weight, eps=1e-5, impl="pallas", tuning=tuning, interpret=not ON_GPU)
+    want = add_rms_norm_reference(x, delta, weight, 1e-5)
+    for g, w in zip(got, want, strict=True):
+        close(g, w, jnp.bfloat16)
+
+
+def test_auto_is_xla_off_gpu_and_for_widths_a_triton_block_cannot_hold():
+    x, delta, weight = rows(2, 3, 80, jnp.float32)
+    assert pallas_unsupported_reason(x) == "D = 80 is not a power of two (a Triton block's side)"
+    assert pallas_unsupported_reason(jnp.zeros((3, 4096))) is None
+    got = add_rms_norm(x, delta, weight, eps=1e-5)  # "auto": XLA here (off GPU, or 80 wide on a GPU)
+    want = jax.jit(lambda x, d, w: add_rms_norm_reference(x, d, w, 1e-5))(x, delta, weight)  # as XLA fuses it
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    x, delta, weight = rows(3, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match=r"x must be \[T, D\]"):
+        add_rms_norm(x[None], delta[None], weight, eps=1e-5)
+    with pytest.raises(ValueError, match="must match x"):
+        add_rms_norm(x, delta.astype(jnp.bfloat16), weight, eps=1e-5)
+    with pytest.raises(ValueError, match=r"weight must be \[D=64\]"):
+        add_rms_norm(x, delta, weight[:32], eps=1e-5)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        add_rms_norm(x, delta, weight, eps=1e-5, impl="triton")
+    with pytest.raises(ValueError, match="num_warps"):
+        AddRmsNormTuning(num_warps=3)
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="needs a GPU"):
+            add_rms_norm(x, delta, weight, eps=1e-5, impl="pallas")
+    assert default_tuning(4096).num_warps == 8 and default_tuning(64).num_warps == 1
+
+
+def test_kernel_lowers_to_triton_for_an_h200():
+    """The compiled kernel lowers for CUDA at Llama-2-7B's width and 8192 rows from any machine (an abstract H200
+    answers Triton's question of which GPU; the compile to PTX needs the GPU)."""
+    from jpaged.kernels import add_rms_norm as module
+
+    x = jax.ShapeDtypeStruct((8192, 4096), jnp.bfloat16)
+    weight = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+        kernel = jax.jit(lambda x, d, w: module._add_rms_norm_pallas(x, d, w, eps=1e-5, tuning=default_tuning(4096),
+                                                                     interpret=False))  # fmt: skip
+        lowered = kernel.trace(x, x, weight).lower(lowering_platforms=("cuda",))
+    assert "add_rms_norm" in lowered.as_text() and "triton" in lowered.as_text()
