@@ -87,28 +87,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def over_kv_heads(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wraps `fn(q, k, v, k_pages, v_pages, meta) -> (out, k_pages, v_pages)` to run per device on its own heads.
+    """Wraps `fn(qkv, positions, k_pages, v_pages, meta) -> (out, k_pages, v_pages)` to run per device on its own
+    heads.
 
     Without a `tp` axis in the current mesh (`jax.set_mesh`), `fn` runs as it is.
     """
 
-    def wrapped(q, k, v, k_pages, v_pages, meta):
+    def wrapped(qkv, positions, k_pages, v_pages, meta):
         if _tp_size() == 1:
-            return fn(q, k, v, k_pages, v_pages, meta)
-        heads = P(None, TP, None)
+            return fn(qkv, positions, k_pages, v_pages, meta)
         return jax.shard_map(
             fn,
             in_specs=(
-                heads,  # q [T, N, H]: this device's query heads
-                heads,  # k [T, K, H]: the new keys of the KV heads those query heads read
-                heads,  # v [T, K, H]
+                P(None, TP, None, None),  # qkv [T, K, G + 2, H]: this device's KV heads, their queries, keys, values
+                P(),  # positions [T]
                 P(TP),  # k_pages [K, P, S, H]: the same KV heads' pages
                 P(TP),  # v_pages
                 P(),  # meta: every device sees the whole batch
             ),
-            out_specs=(heads, P(TP), P(TP)),
+            out_specs=(P(None, TP, None), P(TP), P(TP)),  # out [T, N, H]: this device's query heads
             check_vma=False,
-        )(q, k, v, k_pages, v_pages, meta)
+        )(qkv, positions, k_pages, v_pages, meta)
 
     return wrapped
 

@@ -34,11 +34,11 @@ from jpaged import sharding
 from jpaged.kernels.add_rms_norm import add_rms_norm, rms_norm
 from jpaged.kernels.add_rms_norm import pallas_unsupported_reason as add_norm_unsupported_reason
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
-from jpaged.kernels.kv_write import write_kv
 from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
 from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason, measured_faster_tuning
 from jpaged.kernels.paged_attention import paged_attention
 from jpaged.kernels.platform import on_hopper
+from jpaged.kernels.rope_write_kv import rope_write_kv
 from jpaged.models.config import ModelConfig, RopeConfig
 from jpaged.models.metadata import AttentionMetadata
 
@@ -80,16 +80,6 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> jax.Array:
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return jnp.where(medium, smoothed, scaled)
     return inv_freq
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x [T, heads, H]; HF's rotate-half layout (the first and second halves of H form the pairs)."""
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(jnp.concatenate([freqs, freqs], axis=-1))[:, None, :].astype(x.dtype)
-    sin = jnp.sin(jnp.concatenate([freqs, freqs], axis=-1))[:, None, :].astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
 
 
 # Weight matmuls of at most this many rows may take a kernel (decode steps; prefill-sized ones are compute-bound and
@@ -164,14 +154,17 @@ def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens:
     return project(silu(gate_up[:, 0]) * gate_up[:, 1], layer, "w_down", impl=matmul_impl)
 
 
-def _write_and_attend(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, cfg: ModelConfig, impl: str):
-    # The plain-jnp attention path stays all XLA, its write too; otherwise the write picks its own implementation
-    # by backend and shape (the Pallas kernel on GPUs), whichever attention kernel runs.
+def _write_and_attend(qkv, positions, k_pages, v_pages, meta: AttentionMetadata, *, cfg: ModelConfig, impl: str):
+    # The plain-jnp attention path stays all XLA, its rope and write too; otherwise they pick their own implementation
+    # by backend and shape (the fused Pallas kernel on GPUs), whichever attention kernel runs.
     write_impl = "xla" if impl == "reference" else "auto"
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping, impl=write_impl)
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope)
+    q, k_pages, v_pages = rope_write_kv(qkv, positions, inv_freq, k_pages, v_pages, meta.slot_mapping,
+                                        impl=write_impl)  # fmt: skip
     out = paged_attention(
-        q, k_pages, v_pages, meta.page_tables, meta.seq_lens, meta.cu_q_lens, meta.num_seqs,
-        sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window, impl=impl, decode_only=meta.decode_only,
+        q.reshape(q.shape[0], -1, q.shape[-1]), k_pages, v_pages, meta.page_tables, meta.seq_lens, meta.cu_q_lens,
+        meta.num_seqs, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window, impl=impl,
+        decode_only=meta.decode_only,
     )  # fmt: skip
     return out, k_pages, v_pages
 
@@ -186,14 +179,9 @@ def attention(
     attn_impl: str,
     matmul_impl: str = "auto",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope)
     qkv = project(x, layer, "wqkv", impl=matmul_impl)  # [T, K, G + 2, H]
-    num_tokens, _, _, head_dim = qkv.shape
-    q = apply_rope(qkv[:, :, :-2].reshape(num_tokens, -1, head_dim), positions, inv_freq)  # [T, N, H]
-    k = apply_rope(qkv[:, :, -2], positions, inv_freq)  # [T, K, H]
-    v = qkv[:, :, -1]  # [T, K, H]
     attend = sharding.over_kv_heads(functools.partial(_write_and_attend, cfg=cfg, impl=attn_impl))
-    out, k_pages, v_pages = attend(q, k, v, *layer_kv, meta)
+    out, k_pages, v_pages = attend(qkv, positions, *layer_kv, meta)  # out [T, N, H]
     return project(out, layer, "wo", impl=matmul_impl), (k_pages, v_pages)
 
 

@@ -25,7 +25,7 @@ from jpaged.kernels.platform import on_gpu
 IMPLS = ("auto", "xla", "pallas")
 
 
-def _validate(k_pages, v_pages, k_new, v_new, slot_mapping) -> None:
+def validate_write_args(k_pages, v_pages, k_new, v_new, slot_mapping) -> None:
     if k_pages.ndim != 4:
         raise ValueError(f"k_pages must be [K, P, S, H], got shape {k_pages.shape}")
     if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
@@ -49,7 +49,7 @@ def write_kv_reference(
     slot_mapping: jax.Array,  # [T] int32
 ) -> tuple[jax.Array, jax.Array]:
     """Plain jnp: one token at a time, page and offset spelled out (slow; the tests' oracle)."""
-    _validate(k_pages, v_pages, k_new, v_new, slot_mapping)
+    validate_write_args(k_pages, v_pages, k_new, v_new, slot_mapping)
     page_size = k_pages.shape[2]
 
     def write_one(t, pages):
@@ -143,7 +143,7 @@ def write_kv(
     impl: "xla" (a scatter; any backend), "pallas" (Triton-style kernel, one program a token, pages aliased to its
     outputs; on a GPU K and H must be powers of two; off GPU it needs interpret=True) or "auto" (`resolve_impl`).
     """
-    _validate(k_pages, v_pages, k_new, v_new, slot_mapping)
+    validate_write_args(k_pages, v_pages, k_new, v_new, slot_mapping)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     impl = resolve_impl(impl, k_new)

@@ -96,6 +96,26 @@ def test_fused_norm_under_tensor_parallelism_matches_hf():
     check_forward_matches_hf("llama-gqa4", {"norm_impl": "pallas"}, tensor_parallel_size=2)
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(("name", "tp"), [("llama-gqa4", 1), ("mixtral-e4-top2", 1), ("llama-gqa4", 2)])
+def test_fused_rope_and_kv_write_match_hf(monkeypatch, name, tp):
+    """The rope + KV write kernel a GPU takes ("auto" on a GPU; interpreted here), on one device and per device over
+    two, gives HF's prompt logprobs."""
+    from jpaged.kernels import rope_write_kv
+
+    calls = []
+    kernel = rope_write_kv._rope_write_pallas
+    monkeypatch.setattr(rope_write_kv, "on_gpu", lambda: True)
+    monkeypatch.setattr(rope_write_kv, "_rope_write_pallas",
+                        lambda *a, interpret: calls.append(1) or kernel(*a, interpret=True))  # fmt: skip
+    rope_write_kv.rope_write_kv.clear_cache()  # an earlier test's trace of the same shapes took the unfused path
+    try:
+        check_forward_matches_hf(name, {}, tensor_parallel_size=tp)
+    finally:
+        rope_write_kv.rope_write_kv.clear_cache()  # nor may a later test reuse this one's
+    assert calls  # traced once per layer
+
+
 def check_forward_matches_hf(name: str, impls: dict[str, str], tensor_parallel_size: int = 1) -> None:
     import jax
     import jax.numpy as jnp

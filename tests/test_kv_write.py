@@ -6,7 +6,6 @@ T tokens, K kv-heads, H head dim, P pages, S page size.
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import jax
@@ -190,23 +189,6 @@ def test_auto_runs_the_kernel_where_it_resolves_to_it(monkeypatch):
     assert calls == [{"interpret": True}]
     check_written(k_out, k_pages, k_new, slots, num_real)
     check_written(v_out, v_pages, v_new, slots, num_real)
-
-
-@pytest.mark.parametrize(("attn_impl", "write_impl"), [("reference", "xla"), ("auto", "auto"), ("pallas", "auto")])
-def test_the_model_writes_through_xla_only_on_the_reference_path(monkeypatch, attn_impl, write_impl):
-    from jpaged.models import llama
-
-    seen = []
-    write = llama.write_kv
-    monkeypatch.setattr(llama, "write_kv", lambda *a, impl: seen.append(impl) or write(*a, impl="xla"))
-    monkeypatch.setattr(llama, "paged_attention", lambda q, *a, **k: q)
-    k_pages, v_pages, k_new, v_new, slots, _ = make_write(np.random.default_rng(0))
-    meta = types.SimpleNamespace(slot_mapping=jnp.asarray(slots), page_tables=None, seq_lens=None, cu_q_lens=None,
-                                 num_seqs=None, decode_only=False)  # fmt: skip
-    cfg = types.SimpleNamespace(sm_scale=1.0, sliding_window=None)
-    llama._write_and_attend(jnp.asarray(k_new), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(k_pages),
-                            jnp.asarray(v_pages), meta, cfg=cfg, impl=attn_impl)  # fmt: skip
-    assert seen == [write_impl]
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the off-GPU error")
