@@ -14,15 +14,17 @@ concatenate of the rotated halves), and the write kernel. At one token each move
 (benchmarks/profile_step.py, docs/benchmarks.md, ninth session). One program a token reads its row of qkv once and
 writes q and the two page rows.
 
-Design. Grid (T,). The q, k and v parts of a token's row are three blocks of qkv ([K, G, H], [K, H], [K, H]), each a
-power of two a side (Triton's blocks), so K, G and H must be: Llama-2-7B (32, 1, 128), Llama-3-8B and Mistral/Mixtral
-(8, 4, 128); not Llama-2-13B's 40 KV heads, which keep the unfused path. The halves of H are loaded and stored
-separately (Triton has no concatenate). The pages are aliased to the outputs, so the write is in place when the
-caller donates them.
+Design. Grid (T, K / B) for B KV heads a program (`RopeWriteTuning`): few tokens (decode of a small batch) split their
+heads over programs so that the GPU's SMs share the work; many tokens take all heads in one program each. The q, k
+and v parts of a program's rows are three blocks of qkv ([B, G, H], [B, H], [B, H]), each a power of two a side
+(Triton's blocks), so K, G and H must be: Llama-2-7B (32, 1, 128), Llama-3-8B and Mistral/Mixtral (8, 4, 128); not
+Llama-2-13B's 40 KV heads, which keep the unfused path. The halves of H are loaded and stored separately (Triton has
+no concatenate). The pages are aliased to the outputs, so the write is in place when the caller donates them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,6 +37,30 @@ from jpaged.kernels.paged_attention import pallas_out_struct
 from jpaged.kernels.platform import on_gpu
 
 IMPLS = ("auto", "xla", "pallas")
+_MIN_PROGRAMS = 132  # an H100/H200's SMs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeWriteTuning:
+    """The kernel's knobs: KV heads a program rotates and writes (a power of two dividing K), and its warps."""
+
+    kv_heads_per_program: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("kv_heads_per_program", "num_warps"):
+            n = getattr(self, name)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n & (n - 1):
+                raise ValueError(f"RopeWriteTuning.{name} must be a positive power of two, got {n!r}")
+
+
+def default_tuning(num_tokens: int, num_kv_heads: int) -> RopeWriteTuning:
+    """All of a token's heads in one program, halved while the programs would not fill the SMs (one token of
+    Llama-2-7B: 32 programs of one head; 128 tokens: 256 of 16; 256 tokens: 256 of 32). Not yet tuned on a GPU."""
+    heads = num_kv_heads
+    while heads > 1 and num_tokens * (num_kv_heads // heads) < _MIN_PROGRAMS:
+        heads //= 2
+    return RopeWriteTuning(kv_heads_per_program=heads)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -95,17 +121,18 @@ def _kernel(
     slot_ref,  # [T] int32
     pos_ref,  # [T] int32
     inv_freq_ref,  # [H/2] float32
-    q_in_ref,  # [K, G, H] token t's queries
-    k_in_ref,  # [K, H] its keys
-    v_in_ref,  # [K, H] its values
+    q_in_ref,  # [B, G, H] token t's queries of this program's B KV heads
+    k_in_ref,  # [B, H] their keys
+    v_in_ref,  # [B, H] their values
     k_pages_in_ref,  # [K, P, S, H] aliased to k_pages_ref
     v_pages_in_ref,  # [K, P, S, H] aliased to v_pages_ref
-    q_ref,  # [K, G, H] out: rotated queries
+    q_ref,  # [B, G, H] out: rotated queries
     k_pages_ref,  # [K, P, S, H]
     v_pages_ref,  # [K, P, S, H]
 ):
     del k_pages_in_ref, v_pages_in_ref  # same buffers as the outputs
     t = pl.program_id(0)
+    heads = pl.ds(pl.program_id(1) * q_ref.shape[0], q_ref.shape[0])
     dtype = q_ref.dtype
     half = q_ref.shape[-1] // 2
     lo, hi = pl.ds(0, half), pl.ds(half, half)
@@ -127,23 +154,26 @@ def _kernel(
     page_size = k_pages_ref.shape[2]
     page, offset = slot // page_size, slot % page_size
     k_lo, k_hi = rotate(k_in_ref[:, lo], k_in_ref[:, hi])
-    k_pages_ref[:, page, offset, lo] = k_lo.astype(k_pages_ref.dtype)
-    k_pages_ref[:, page, offset, hi] = k_hi.astype(k_pages_ref.dtype)
-    v_pages_ref[:, page, offset, :] = v_in_ref[...].astype(v_pages_ref.dtype)
+    k_pages_ref[heads, page, offset, lo] = k_lo.astype(k_pages_ref.dtype)
+    k_pages_ref[heads, page, offset, hi] = k_hi.astype(k_pages_ref.dtype)
+    v_pages_ref[heads, page, offset, :] = v_in_ref[...].astype(v_pages_ref.dtype)
 
 
-def _rope_write_pallas(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping, *, interpret: bool):
+def _rope_write_pallas(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping, *, tuning: RopeWriteTuning,
+                       interpret: bool):  # fmt: skip
     num_tokens, num_kv_heads, group_plus_2, head_dim = qkv.shape
-    group = group_plus_2 - 2
-    q_spec = pl.BlockSpec((None, num_kv_heads, group, head_dim), lambda t: (t, 0, 0, 0))
-    k_spec = pl.BlockSpec((None, num_kv_heads, None, head_dim), lambda t: (t, 0, group, 0))
-    v_spec = pl.BlockSpec((None, num_kv_heads, None, head_dim), lambda t: (t, 0, group + 1, 0))
-    pages_spec = pl.BlockSpec(k_pages.shape, lambda t: (0, 0, 0, 0))
+    group, heads = group_plus_2 - 2, tuning.kv_heads_per_program
+    if num_kv_heads % heads:
+        raise ValueError(f"kv_heads_per_program = {heads} does not divide K = {num_kv_heads}")
+    q_spec = pl.BlockSpec((None, heads, group, head_dim), lambda t, h: (t, h, 0, 0))
+    k_spec = pl.BlockSpec((None, heads, None, head_dim), lambda t, h: (t, h, group, 0))
+    v_spec = pl.BlockSpec((None, heads, None, head_dim), lambda t, h: (t, h, group + 1, 0))
+    pages_spec = pl.BlockSpec(k_pages.shape, lambda t, h: (0, 0, 0, 0))
     inputs = (slot_mapping, positions, inv_freq, qkv, qkv, qkv, k_pages, v_pages)
     q_shape = (num_tokens, num_kv_heads, group, head_dim)
     return pl.pallas_call(
         _kernel,
-        grid=(num_tokens,),
+        grid=(num_tokens, num_kv_heads // heads),
         in_specs=[pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec(), q_spec, k_spec, v_spec, pages_spec, pages_spec],
         out_specs=[q_spec, pages_spec, pages_spec],
         out_shape=[
@@ -152,7 +182,7 @@ def _rope_write_pallas(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping,
             pallas_out_struct(v_pages.shape, v_pages.dtype, *inputs),
         ],
         input_output_aliases={6: 1, 7: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=1),
         interpret=interpret,
         name="rope_write_kv",
     )(*inputs)
@@ -166,7 +196,7 @@ def resolve_impl(impl: str, qkv: jax.Array) -> str:
     return "pallas" if on_gpu() and pallas_unsupported_reason(qkv) is None else "auto"
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
+@functools.partial(jax.jit, static_argnames=("impl", "tuning", "interpret"))
 def rope_write_kv(
     qkv: jax.Array,  # [T, K, G + 2, H]
     positions: jax.Array,  # [T] int32
@@ -176,13 +206,14 @@ def rope_write_kv(
     slot_mapping: jax.Array,  # [T] int32 page_id * S + offset_in_page; padding -> a slot of page 0
     *,
     impl: str = "auto",
+    tuning: RopeWriteTuning | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # q [T, K, G, H] rotated, updated (k_pages, v_pages)
     """Rotates q and k of a fused q/k/v by RoPE and writes k and v into the pages; returns q and the pages.
 
     impl: "xla" (XLA's rope and scatter; any backend), "pallas" (one Triton-style program a token; on a GPU K, G and
     H/2 must be powers of two; off GPU it needs interpret=True) or "auto" (`resolve_impl`: the kernel on GPUs where it
-    can run, else XLA's rope and `write_kv(impl="auto")`).
+    can run, else XLA's rope and `write_kv(impl="auto")`). tuning: the kernel's; None picks `default_tuning`.
     """
     _validate(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping)
     if impl not in IMPLS:
@@ -195,4 +226,6 @@ def rope_write_kv(
         raise ValueError(f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}) or interpret=True")
     if not interpret and (reason := pallas_unsupported_reason(qkv)) is not None:
         raise ValueError(f"impl='pallas' cannot take these shapes: {reason}")
-    return _rope_write_pallas(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping, interpret=interpret)
+    tuning = tuning or default_tuning(qkv.shape[0], qkv.shape[1])
+    return _rope_write_pallas(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping, tuning=tuning,
+                              interpret=interpret)  # fmt: skip

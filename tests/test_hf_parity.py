@@ -107,7 +107,7 @@ def test_fused_rope_and_kv_write_match_hf(monkeypatch, name, tp):
     kernel = rope_write_kv._rope_write_pallas
     monkeypatch.setattr(rope_write_kv, "on_gpu", lambda: True)
     monkeypatch.setattr(rope_write_kv, "_rope_write_pallas",
-                        lambda *a, interpret: calls.append(1) or kernel(*a, interpret=True))  # fmt: skip
+                        lambda *a, interpret, **k: calls.append(1) or kernel(*a, interpret=True, **k))  # fmt: skip
     rope_write_kv.rope_write_kv.clear_cache()  # an earlier test's trace of the same shapes took the unfused path
     try:
         check_forward_matches_hf(name, {}, tensor_parallel_size=tp)

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from jpaged.kernels.rope_write_kv import (
+    RopeWriteTuning,
     apply_rope,
+    default_tuning,
     pallas_unsupported_reason,
     rope_write_kv,
     rope_write_kv_reference,
@@ -79,6 +81,28 @@ def test_every_implementation_agrees_at_llama_shapes(dtype):
     check(rope_write_kv(*step, impl="pallas", interpret=not ON_GPU), want, 5, 16)
 
 
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_every_tuning_writes_the_same_pages(heads):
+    """A program's KV heads (the grid's second axis) change who writes what, not what is written."""
+    step = make_step(np.random.default_rng(heads), num_kv_heads=4, group=2, head_dim=16, page_size=8, num_tokens=6)
+    tuning = RopeWriteTuning(kv_heads_per_program=heads, num_warps=2)
+    check(rope_write_kv(*step, impl="pallas", tuning=tuning, interpret=not ON_GPU), rope_write_kv_reference(*step),
+          6, 8)  # fmt: skip
+
+
+def test_default_tuning_splits_heads_only_while_the_programs_are_few():
+    assert default_tuning(1, 32).kv_heads_per_program == 1  # a decode token of Llama-2-7B: 32 programs
+    assert default_tuning(16, 32).kv_heads_per_program == 2  # 256 programs
+    assert default_tuning(128, 32).kv_heads_per_program == 16  # 256 programs: 128 would leave 4 of 132 SMs idle
+    assert default_tuning(256, 32).kv_heads_per_program == 32  # a token a program
+    assert default_tuning(4, 8).kv_heads_per_program == 1
+    with pytest.raises(ValueError, match="kv_heads_per_program must be a positive power of two"):
+        RopeWriteTuning(kv_heads_per_program=3)
+    step = make_step(np.random.default_rng(9), num_kv_heads=2, group=1, head_dim=8, page_size=8, num_tokens=1)
+    with pytest.raises(ValueError, match="kv_heads_per_program = 4 does not divide K = 2"):
+        rope_write_kv(*step, impl="pallas", tuning=RopeWriteTuning(kv_heads_per_program=4), interpret=True)
+
+
 def test_rope_is_hf_rotate_half():
     """apply_rope against the rotation spelled out in numpy: pair i with i + H/2, angle position * inv_freq[i]."""
     rng = np.random.default_rng(2)
@@ -101,11 +125,11 @@ def test_auto_is_the_kernel_only_on_gpus_and_shapes_it_can_take(monkeypatch):
     monkeypatch.setattr(module, "_rope_write_pallas", lambda *a, **k: calls.append(k) or kernel(*a, **k))
     step = make_step(np.random.default_rng(3), num_kv_heads=2, group=2, head_dim=16, page_size=8, num_tokens=3)
     rope_write_kv(*step)  # "auto" off GPU: XLA's rope and write_kv's own "auto"
-    assert calls == ([{"interpret": False}] if ON_GPU else [])
+    assert [c["interpret"] for c in calls] == ([False] if ON_GPU else [])
     monkeypatch.setattr(module, "on_gpu", lambda: True)
     calls.clear()
     got = rope_write_kv(*step, interpret=True)
-    assert calls == [{"interpret": True}]
+    assert calls == [{"interpret": True, "tuning": default_tuning(5, 2)}]
     check(got, rope_write_kv_reference(*step), 3, 8)
     qkv = jax.ShapeDtypeStruct((4, 40, 3, 128), jnp.bfloat16)  # Llama-2-13B: 40 KV heads
     assert pallas_unsupported_reason(qkv) == "K (kv heads) = 40 is not a power of two"
@@ -136,20 +160,21 @@ def test_bad_inputs_are_refused_with_the_reason():
             rope_write_kv(qkv, positions, freqs, k_pages, v_pages, slots, impl="pallas")
 
 
-@pytest.mark.parametrize(("num_kv_heads", "group"), [(32, 1), (8, 4), (1, 8)])
-def test_kernel_lowers_to_triton_for_an_h200(num_kv_heads, group):
-    """The compiled kernel lowers for CUDA at Llama-2-7B's and Llama-3-8B's shapes and at one KV head a device
-    (Llama-3-8B at tp=8), 128 tokens, over a pool that is no power of two, from any machine (an abstract H200 answers
-    Triton's question of which GPU; the compile to PTX needs the GPU)."""
+@pytest.mark.parametrize(("num_tokens", "num_kv_heads", "group"), [(128, 32, 1), (1, 32, 1), (128, 8, 4), (128, 1, 8)])
+def test_kernel_lowers_to_triton_for_an_h200(num_tokens, num_kv_heads, group):
+    """The compiled kernel lowers for CUDA at Llama-2-7B's shapes (128 tokens, and one token: a head a program) and
+    Llama-3-8B's, and at one KV head a device (Llama-3-8B at tp=8), over a pool that is no power of two, from any
+    machine (an abstract H200 answers Triton's question of which GPU; the compile to PTX needs the GPU)."""
     from jpaged.kernels import rope_write_kv as module
 
-    qkv = jax.ShapeDtypeStruct((128, num_kv_heads, group + 2, 128), jnp.bfloat16)
-    ints = jax.ShapeDtypeStruct((128,), jnp.int32)
+    qkv = jax.ShapeDtypeStruct((num_tokens, num_kv_heads, group + 2, 128), jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
     freqs = jax.ShapeDtypeStruct((64,), jnp.float32)
     pages = jax.ShapeDtypeStruct((num_kv_heads, 3001, 16, 128), jnp.bfloat16)
     h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
-        kernel = jax.jit(lambda *a: module._rope_write_pallas(*a, interpret=False))
+        tuning = default_tuning(num_tokens, num_kv_heads)
+        kernel = jax.jit(lambda *a: module._rope_write_pallas(*a, tuning=tuning, interpret=False))
         lowered = kernel.trace(qkv, ints, freqs, pages, pages, ints).lower(lowering_platforms=("cuda",))
     assert "rope_write_kv" in lowered.as_text() and "triton" in lowered.as_text()
 
