@@ -10,9 +10,12 @@ input's dtype).
 
 Why. Unfused, a layer takes four launches for this: XLA's slice of v, a rope fusion for q and one for k (each a
 concatenate of the rotated halves), and the write kernel. At one token each moves a few KB and costs a launch's
-~1.5-3 us; on the H200 they were ~0.19 ms of a 4.2 ms Llama-2-7B decode step at batch 1 and ~0.28 of 15.7 ms at 128
-(benchmarks/profile_step.py, docs/benchmarks.md, ninth session). One program a token reads its row of qkv once and
-writes q and the two page rows.
+~1.5-3 us; on the H200 the four took 0.28 ms of a 16.6 ms Llama-2-7B decode step at batch 128. One program a token
+(or a group of its KV heads) reads its row of qkv once and writes q and the two page rows.
+
+Measured (H200, Llama-2-7B, docs/benchmarks.md, ninth session): 2.5 us a call at batch 1 (32 programs of one head;
+4.8 us as one program of 32), 5.6 us at 128; single-stream decode 245.1 tok/s against 239.5 with one program a token
+and 238.1 against 235.5 for that against the unfused path, each pair in one call.
 
 Design. Grid (T, K / B) for B KV heads a program (`RopeWriteTuning`): few tokens (decode of a small batch) split their
 heads over programs so that the GPU's SMs share the work; many tokens take all heads in one program each. The q, k
