@@ -31,13 +31,14 @@ import jax
 import jax.numpy as jnp
 
 from jpaged import sharding
-from jpaged.kernels.add_rms_norm import add_rms_norm, rms_norm
+from jpaged.kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from jpaged.kernels.add_rms_norm import pallas_unsupported_reason as add_norm_unsupported_reason
+from jpaged.kernels.add_rms_norm import resolve_impl as resolve_norm_impl
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
 from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
 from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason, measured_faster_tuning
 from jpaged.kernels.paged_attention import paged_attention
-from jpaged.kernels.platform import on_hopper
+from jpaged.kernels.platform import on_gpu, on_hopper
 from jpaged.kernels.rope_write_kv import rope_write_kv
 from jpaged.models.config import ModelConfig, RopeConfig
 from jpaged.models.metadata import AttentionMetadata
@@ -57,8 +58,9 @@ def add_norm(x: jax.Array, delta: jax.Array, weight: jax.Array, cfg: ModelConfig
     if impl == "pallas" and (reason := add_norm_unsupported_reason(x)) is not None:
         logger.info("norm_impl='pallas': XLA for rows of width %d (%s)", x.shape[1], reason)
         impl = "xla"
-    interpret = impl == "pallas" and jax.default_backend() != "gpu"
-    fn = functools.partial(add_rms_norm, eps=cfg.rms_norm_eps, impl=impl, interpret=interpret)
+    if resolve_norm_impl(impl, x) == "xla":  # no kernel: XLA partitions it like any other op
+        return add_rms_norm_reference(x, delta, weight, cfg.rms_norm_eps)
+    fn = functools.partial(add_rms_norm, eps=cfg.rms_norm_eps, impl="pallas", interpret=not on_gpu())
     return sharding.on_every_device(fn)(x, delta, weight)
 
 

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jpaged.kernels.paged_attention import pallas_out_struct
-from jpaged.kernels.platform import on_gpu
+from jpaged.kernels.platform import is_power_of_two, on_gpu
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -43,13 +43,13 @@ class AddRmsNormTuning:
 
     def __post_init__(self) -> None:
         n = self.num_warps
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 32 or n & (n - 1):
+        if not isinstance(n, int) or isinstance(n, bool) or n > 32 or not is_power_of_two(n):
             raise ValueError(f"AddRmsNormTuning.num_warps must be a power of two in [1, 32], got {n!r}")
 
 
 def default_tuning(width: int) -> AddRmsNormTuning:
     """A warp per 512 elements of the row, 1-8 warps (4096 wide: 8 warps, 16 bf16 elements a thread). Not swept on a
-    GPU: at 2.1 us a call the kernel is at a launch's cost."""
+    GPU: at ~2.1 us a call the kernel is at a launch's cost."""
     return AddRmsNormTuning(num_warps=min(8, max(1, width // 512)))
 
 
@@ -78,7 +78,7 @@ def _validate(x, delta, weight) -> None:
 def pallas_unsupported_reason(x: jax.Array) -> str | None:
     """Why the compiled kernel cannot take rows of this width, or None."""
     width = x.shape[-1]
-    if width & (width - 1):
+    if not is_power_of_two(width):
         return f"D = {width} is not a power of two (a Triton block's side)"
     return None
 
@@ -92,7 +92,8 @@ def _kernel(
     *,
     eps: float,
 ):
-    # Each product and sum in float32, rounded once to its output's dtype: what XLA's fusions do with bf16 on a GPU.
+    # Each op in float32, its result rounded to its output's dtype: HF's eager ops, and `rms_norm` op by op. (XLA may
+    # drop an intermediate rounding inside a fusion: on CPU the jitted reference normalises the unrounded sum.)
     f32 = jnp.float32
     residual = (x_ref[...].astype(f32) + delta_ref[...].astype(f32)).astype(residual_ref.dtype)
     residual_ref[...] = residual

@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jpaged.kernels.paged_attention import count_le, pallas_out_struct
-from jpaged.kernels.platform import on_gpu
+from jpaged.kernels.platform import is_power_of_two, on_gpu
 
 IMPLS = ("auto", "xla", "reference", "pallas")
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -60,10 +60,6 @@ _MIN_BLOCK = 16  # Triton's dot needs every dimension >= 16
 # Programs worth launching for a small-M matmul before splitting K: two per SM of an H200 (132 SMs). A guess.
 _TARGET_PROGRAMS = 264
 _MAX_K_SPLITS = 8
-
-
-def _is_power_of_two(x: int) -> bool:
-    return x >= 1 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,11 +77,11 @@ class GroupedMatmulTuning:
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not _is_power_of_two(value) or value < _MIN_BLOCK:
+            if not isinstance(value, int) or not is_power_of_two(value) or value < _MIN_BLOCK:
                 raise ValueError(f"GroupedMatmulTuning.{name} must be a power of two >= {_MIN_BLOCK}, got {value!r}")
         for name in ("k_splits", "num_warps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not _is_power_of_two(value):
+            if not isinstance(value, int) or not is_power_of_two(value):
                 raise ValueError(f"GroupedMatmulTuning.{name} must be a power of two >= 1, got {value!r}")
         if self.num_warps > 32:
             raise ValueError(f"GroupedMatmulTuning.num_warps must be <= 32, got {self.num_warps}")

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jpaged.kernels.paged_attention import pallas_out_struct
-from jpaged.kernels.platform import on_gpu
+from jpaged.kernels.platform import is_power_of_two, on_gpu
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -112,7 +112,7 @@ def pallas_unsupported_reason(k_new: jax.Array) -> str | None:
     block, and Triton's blocks have power-of-two sides (Llama-2-13B's 40 KV heads do not)."""
     _, num_kv_heads, head_dim = k_new.shape
     for name, size in (("K (kv heads)", num_kv_heads), ("H (head dim)", head_dim)):
-        if size & (size - 1):
+        if not is_power_of_two(size):
             return f"{name} = {size} is not a power of two"
     return None
 

@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import ManualAxisType
 
-from jpaged.kernels.platform import on_gpu, on_hopper
+from jpaged.kernels.platform import is_power_of_two, on_gpu, on_hopper
 
 IMPLS = ("auto", "reference", "pallas", "mgpu")
 # Finite, so fully masked rows never compute inf - inf = nan; exp(MASK_VALUE - a real score) underflows to 0.
@@ -66,10 +66,6 @@ def pallas_out_struct(shape, dtype, *inputs: jax.Array) -> jax.ShapeDtypeStruct:
     """
     varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType(varying=varying))
-
-
-def _is_power_of_two(x: int) -> bool:
-    return x >= 1 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,7 +87,7 @@ class AttentionTuning:
     def __post_init__(self) -> None:
         for name in ("block_q", "pages_per_block", "num_warps", "num_splits"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not _is_power_of_two(value):
+            if not isinstance(value, int) or not is_power_of_two(value):
                 raise ValueError(f"AttentionTuning.{name} must be a power of two >= 1, got {value!r}")
         if self.num_warps > 32:
             raise ValueError(f"AttentionTuning.num_warps must be <= 32, got {self.num_warps}")
@@ -507,9 +503,9 @@ def pallas_gpu_unsupported_reason(q: jax.Array, k_pages: jax.Array, tuning: Atte
     """Why the Triton lowering cannot run these shapes on a GPU, or None if it can."""
     head_dim = q.shape[-1]
     page_size = k_pages.shape[2]
-    if not _is_power_of_two(head_dim) or head_dim < 16:
+    if not is_power_of_two(head_dim) or head_dim < 16:
         return f"head_dim {head_dim} is not a power of two >= 16"
-    if not _is_power_of_two(page_size):
+    if not is_power_of_two(page_size):
         return f"page_size {page_size} is not a power of two"
     if tuning.pages_per_block * page_size < 16:
         return f"block_k = pages_per_block * page_size = {tuning.pages_per_block * page_size} < 16"

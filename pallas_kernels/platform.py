@@ -1,4 +1,5 @@
-"""What the default backend can run: the kernels' one place for it."""
+"""What the default backend can run, and the shape rule every Triton-lowered kernel shares: the kernels' one place for
+them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import jax
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def is_power_of_two(n: int) -> bool:
+    """Triton's blocks have power-of-two sides; so do most of the kernels' tuning knobs."""
+    return n >= 1 and (n & (n - 1)) == 0
 
 
 def on_hopper() -> bool:

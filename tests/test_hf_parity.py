@@ -4,6 +4,7 @@ not needed here)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -97,11 +98,14 @@ def test_fused_norm_under_tensor_parallelism_matches_hf():
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize(("name", "tp"), [("llama-gqa4", 1), ("mixtral-e4-top2", 1), ("llama-gqa4", 2)])
+@pytest.mark.parametrize(
+    ("name", "tp"),
+    [("llama-gqa4", 1), ("mixtral-e4-top2", 1), ("mistral-window", 1), ("llama-gqa4", 2), ("llama-mqa", 2)],
+)
 def test_fused_rope_and_kv_write_match_hf(monkeypatch, name, tp):
     """The rope + KV write kernel a GPU takes ("auto" on a GPU; interpreted here), on one device and per device over
-    two, gives HF's prompt logprobs."""
-    from jpaged.kernels import rope_write_kv
+    two (llama-mqa: its one KV head repeated onto both), gives HF's prompt logprobs."""
+    rope_write_kv = importlib.import_module("jpaged.kernels.rope_write_kv")  # the package re-exports the function
 
     calls = []
     kernel = rope_write_kv._rope_write_pallas
