@@ -115,3 +115,12 @@ def one_prompt_metadata(n: int, page_size: int):
         num_seqs=jnp.array([1], jnp.int32),
         logits_indices=jnp.arange(n, dtype=jnp.int32),
     )
+
+
+def lower_for_h200(fn, *args) -> str:
+    """The text of `jax.jit(fn)` lowered for CUDA on an abstract H200, from any machine: a Triton-lowered Pallas kernel
+    asks which GPU it compiles for, and the abstract device answers (the compile to PTX still needs the GPU). args:
+    arrays or jax.ShapeDtypeStructs."""
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

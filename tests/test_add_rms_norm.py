@@ -6,12 +6,14 @@ T tokens, D model width.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_h200
 
 from jpaged.kernels.add_rms_norm import (
     AddRmsNormTuning,
@@ -127,9 +129,6 @@ def test_kernel_lowers_to_triton_for_an_h200():
     answers Triton's question of which GPU; the compile to PTX needs the GPU)."""
     x = jax.ShapeDtypeStruct((8192, 4096), jnp.bfloat16)
     weight = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
-        kernel = jax.jit(lambda x, d, w: module._add_rms_norm_pallas(x, d, w, eps=1e-5, tuning=default_tuning(4096),
-                                                                     interpret=False))  # fmt: skip
-        lowered = kernel.trace(x, x, weight).lower(lowering_platforms=("cuda",))
-    assert "add_rms_norm" in lowered.as_text() and "triton" in lowered.as_text()
+    kernel = functools.partial(module._add_rms_norm_pallas, eps=1e-5, tuning=default_tuning(4096), interpret=False)
+    text = lower_for_h200(kernel, x, x, weight)
+    assert "add_rms_norm" in text and "triton" in text

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_h200
 
 from jpaged.kernels.filter_search import FilterSearchTuning, filter_thresholds, filter_thresholds_reference
 from jpaged.sampler import _order_keys
@@ -136,15 +137,10 @@ def test_kernel_lowers_to_triton_for_an_h200():
     keys = jax.ShapeDtypeStruct((256, 128256), jnp.uint32)
     weights = jax.ShapeDtypeStruct((256, 128256), jnp.float32)
     k, p = jax.ShapeDtypeStruct((256,), jnp.int32), jax.ShapeDtypeStruct((256,), jnp.float32)
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with (
-        jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)),
-        pytest.MonkeyPatch.context() as patch,
-    ):
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(filter_search, "on_gpu", lambda: True)
-        traced = jax.jit(filter_search.filter_thresholds).trace(keys, weights, k, p)
-        lowered = traced.lower(lowering_platforms=("cuda",))
-    assert "filter_search" in lowered.as_text() and "triton" in lowered.as_text()
+        text = lower_for_h200(filter_search.filter_thresholds, keys, weights, k, p)
+    assert "filter_search" in text and "triton" in text
 
 
 @pytest.mark.gpu

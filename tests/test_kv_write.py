@@ -6,12 +6,14 @@ T tokens, K kv-heads, H head dim, P pages, S page size.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_h200
 from jax.sharding import PartitionSpec as PS
 
 from jpaged.kernels.kv_write import write_kv, write_kv_reference
@@ -220,11 +222,8 @@ def test_pallas_kernel_lowers_to_triton_for_an_h200(num_kv_heads, num_pages):
     pages = jax.ShapeDtypeStruct((num_kv_heads, num_pages, 16, 128), jnp.bfloat16)
     new = jax.ShapeDtypeStruct((128, num_kv_heads, 128), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((128,), jnp.int32)
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
-        kernel = jax.jit(lambda *a: kv_write._write_pallas(*a, interpret=False))
-        lowered = kernel.trace(pages, pages, new, new, slots).lower(lowering_platforms=("cuda",))
-    assert "triton" in lowered.as_text()
+    kernel = functools.partial(kv_write._write_pallas, interpret=False)
+    assert "triton" in lower_for_h200(kernel, pages, pages, new, new, slots)
 
 
 def test_pallas_refuses_kv_heads_that_are_no_power_of_two():

@@ -6,6 +6,7 @@ T tokens, K kv-heads, G q-heads per kv-head, H head dim, P pages, S page size.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lower_for_h200
 
 from jpaged.kernels.rope_write_kv import (
     RopeWriteTuning,
@@ -185,12 +187,10 @@ def test_kernel_lowers_to_triton_for_an_h200(num_tokens, num_kv_heads, group):
     ints = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
     freqs = jax.ShapeDtypeStruct((64,), jnp.float32)
     pages = jax.ShapeDtypeStruct((num_kv_heads, 3001, 16, 128), jnp.bfloat16)
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
-        tuning = default_tuning(num_tokens, num_kv_heads)
-        kernel = jax.jit(lambda *a: module._rope_write_pallas(*a, tuning=tuning, interpret=False))
-        lowered = kernel.trace(qkv, ints, freqs, pages, pages, ints).lower(lowering_platforms=("cuda",))
-    assert "rope_write_kv" in lowered.as_text() and "triton" in lowered.as_text()
+    kernel = functools.partial(module._rope_write_pallas, tuning=default_tuning(num_tokens, num_kv_heads),
+                               interpret=False)  # fmt: skip
+    text = lower_for_h200(kernel, qkv, ints, freqs, pages, pages, ints)
+    assert "rope_write_kv" in text and "triton" in text
 
 
 @pytest.mark.parametrize(("attn_impl", "write_impl"), [("reference", "xla"), ("auto", "auto"), ("pallas", "auto")])
