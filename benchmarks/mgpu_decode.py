@@ -3,11 +3,15 @@
     python benchmarks/mgpu_decode.py --json-out mgpu_decode.json        # GPU: anchor shapes x a few tunings
     python benchmarks/mgpu_decode.py --triton                           # ... and the Triton kernel beside it
     python benchmarks/mgpu_decode.py --tunings 'ppb=4,st=2,splits=4;ppb=8,st=2,splits=1,sem=lane'
+    python benchmarks/mgpu_decode.py --cases "B=1" --table-len 2048 --tunings 'splits=1;splits=4;splits=16'
     python benchmarks/mgpu_decode.py                                    # CPU: tiny shapes, Mosaic GPU interpreter
 
 Shapes (bf16, H 128, page size 16, every page table a random permutation of the pool, every sequence at full
 context, one query token each): Llama-3-8B heads (32/8) B=64 ctx 2048; Llama-2-7B (32/32) B=64 ctx 2048;
-Llama-3-8B B=16 ctx 16384; Llama-3-8B B=256 ctx 1024.
+Llama-3-8B B=16 ctx 16384; Llama-3-8B B=256 ctx 1024; and a single stream, Llama-2-7B B=1 ctx 256, where the
+kernel's time is its programs' latency, not bandwidth (9.6 us a layer in the engine's batch-1 step on the H200, for
+~3 MB). --table-len pads every page table with null pages to that many tokens, as the engine sizes its tables by
+max_model_len: a split past a sequence's last page sees nothing.
 
 Each configuration is compiled, run once and checked against `paged_attention_reference` (relative L2 error
 <= 1e-2) before it is timed; a configuration that fails to compile or is wrong is reported (with the first line of
@@ -45,6 +49,7 @@ GPU_CASES = [
     ("llama2-7b B=64 ctx=2048", 32, 32, 64, 2048),
     ("llama3-8b B=16 ctx=16384", 32, 8, 16, 16384),
     ("llama3-8b B=256 ctx=1024", 32, 8, 256, 1024),
+    ("llama2-7b B=1 ctx=256", 32, 32, 1, 256),
 ]
 TINY_CASES = [("tiny gqa4 B=3 ctx=200", 8, 2, 3, 200), ("tiny mha B=2 ctx=70", 2, 2, 2, 70)]
 # --tunings keys -> DecodeTuning fields
@@ -55,9 +60,11 @@ def kv_bytes(kv_heads: int, batch: int, ctx: int, head_dim: int = HEAD_DIM, item
     return 2 * batch * ctx * kv_heads * head_dim * itemsize  # K and V, each read once
 
 
-def make_inputs(heads: int, kv_heads: int, batch: int, ctx: int, *, head_dim: int = HEAD_DIM, seed: int = 0):
+def make_inputs(heads: int, kv_heads: int, batch: int, ctx: int, *, head_dim: int = HEAD_DIM, seed: int = 0,
+                table_len: int = 0):  # fmt: skip
     """q [B, N, H]; k/v pages [K, P, S, H] with page 0 the (unused) null page; page tables a random permutation of
-    the pool; seq_lens = ctx; num_seqs = B. (As benchmarks/kernels.py's make_inputs, for its decode cases.)"""
+    the pool, padded with the null page to table_len tokens' pages; seq_lens = ctx; num_seqs = B. (As
+    benchmarks/kernels.py's make_inputs, for its decode cases.)"""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -66,6 +73,7 @@ def make_inputs(heads: int, kv_heads: int, batch: int, ctx: int, *, head_dim: in
     pages_per_seq = -(-ctx // PAGE_SIZE)
     num_pages = batch * pages_per_seq + 1
     tables = rng.permutation(np.arange(1, num_pages, dtype=np.int32)).reshape(batch, pages_per_seq)
+    tables = np.pad(tables, ((0, 0), (0, max(0, -(-table_len // PAGE_SIZE) - pages_per_seq))))
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     shape = (kv_heads, num_pages, PAGE_SIZE, head_dim)
     return (
@@ -151,7 +159,7 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
     case: dict[str, Any] = {"case": name, "heads": heads, "kv_heads": kv_heads, "batch": batch, "context": ctx,
             "kv_bytes": kv_bytes(kv_heads, batch, ctx, head_dim)}  # fmt: skip
     common.log(f"{name}: {case['kv_bytes'] / 1e9:.3f} GB of K+V")
-    inputs = make_inputs(heads, kv_heads, batch, ctx, head_dim=head_dim, seed=args.seed)
+    inputs = make_inputs(heads, kv_heads, batch, ctx, head_dim=head_dim, seed=args.seed, table_len=args.table_len)
     sm_scale = 1.0 / math.sqrt(head_dim)
     ref = common.block(paged_decode_reference(*inputs, sm_scale=sm_scale))
     rows = []
@@ -207,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument(
+        "--table-len", type=int, default=0, help="pad page tables with null pages to this many tokens (max_model_len)"
+    )
     parser.add_argument("--goal-tbps", type=float, default=3.6, help="the decode goal (85%% of 4.28 TB/s)")
     parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
     common.add_output_arguments(parser)

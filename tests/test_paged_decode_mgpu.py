@@ -305,11 +305,13 @@ def test_gpu_tunings(tuning):
     check(args, tuning=tuning, interpret=False)
 
 
-def test_benchmark_runs_interpreted(tmp_path):
+@pytest.mark.parametrize("table_len", [0, 200])  # 200: tables padded past the 70-token context, as the engine's are
+def test_benchmark_runs_interpreted(tmp_path, table_len):
     from benchmarks import mgpu_decode
 
     out = tmp_path / "mgpu.json"
-    record = mgpu_decode.main(["--cases", "mha", "--tunings", "ppb=4,st=2,splits=2", "--json-out", str(out)])
+    record = mgpu_decode.main(["--cases", "mha", "--tunings", "ppb=4,st=2,splits=2", "--table-len", str(table_len),
+                               "--json-out", str(out)])  # fmt: skip
     assert record["interpret"] and out.exists()
     [row] = record["rows"]
     assert row["ok"], row.get("error")
