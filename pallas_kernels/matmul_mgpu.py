@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jpaged.kernels.platform import H200_SMS
+
 ROW_TILE = 64  # wgmma's M
 MAX_ROWS = 256
 _ACC_ELEMS = 128 * 128  # float32 accumulator elements a warpgroup holds in registers (128 a thread)
@@ -71,7 +73,7 @@ class MatmulTuning:
         return f"bn{self.block_n}_bk{self.block_k}_st{self.num_stages}_ks{self.k_splits}"
 
 
-_MIN_PROGRAMS = 132  # one per SM of an H100/H200; fewer leave SMs without a weight stream
+_MIN_PROGRAMS = H200_SMS  # fewer leave SMs without a weight stream
 
 
 def padded_rows(m: int) -> int:

@@ -10,6 +10,10 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+# Streaming multiprocessors of an H200 (and an H100 SXM): a grid of fewer programs leaves some idle.
+H200_SMS = 132
+
+
 def is_power_of_two(n: int) -> bool:
     """Triton's blocks have power-of-two sides; so do most of the kernels' tuning knobs."""
     return n >= 1 and (n & (n - 1)) == 0

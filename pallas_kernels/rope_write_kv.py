@@ -37,10 +37,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from jpaged.kernels.kv_write import validate_write_args, write_kv, write_kv_reference
 from jpaged.kernels.paged_attention import pallas_out_struct
-from jpaged.kernels.platform import is_power_of_two, on_gpu
+from jpaged.kernels.platform import H200_SMS, is_power_of_two, on_gpu
 
 IMPLS = ("auto", "xla", "pallas")
-_MIN_PROGRAMS = 132  # an H200's (and H100 SXM's) SMs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,11 +50,14 @@ class RopeWriteTuning:
     num_warps: int = 4
 
     def __post_init__(self) -> None:
-        for name, most in (("kv_heads_per_program", None), ("num_warps", 32)):
-            n = getattr(self, name)
-            if not isinstance(n, int) or isinstance(n, bool) or not is_power_of_two(n) or (most and n > most):
-                bound = f" in [1, {most}]" if most else ""
-                raise ValueError(f"RopeWriteTuning.{name} must be a power of two{bound}, got {n!r}")
+        def ok(n: object) -> bool:
+            return isinstance(n, int) and not isinstance(n, bool) and is_power_of_two(n)
+
+        if not ok(self.kv_heads_per_program):
+            raise ValueError(f"RopeWriteTuning.kv_heads_per_program must be a power of two, got "
+                             f"{self.kv_heads_per_program!r}")  # fmt: skip
+        if not ok(self.num_warps) or self.num_warps > 32:
+            raise ValueError(f"RopeWriteTuning.num_warps must be a power of two in [1, 32], got {self.num_warps!r}")
 
 
 def default_tuning(num_tokens: int, num_kv_heads: int) -> RopeWriteTuning:
@@ -63,7 +65,7 @@ def default_tuning(num_tokens: int, num_kv_heads: int) -> RopeWriteTuning:
     Llama-2-7B: 32 programs of one head; 128 tokens: 256 of 16; 256 tokens: 256 of 32). Measured against one program
     a token on the H200 (module docstring), not swept."""
     heads = num_kv_heads
-    while heads > 1 and num_tokens * (num_kv_heads // heads) < _MIN_PROGRAMS:
+    while heads > 1 and num_tokens * (num_kv_heads // heads) < H200_SMS:
         heads //= 2
     return RopeWriteTuning(kv_heads_per_program=heads)
 
