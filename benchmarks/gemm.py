@@ -119,6 +119,14 @@ SWEEP_GRID: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 6),
     "group_m": (1, 4, 8),
 }
+# The GEMV kernel's (CUDA-core FMAs, no tensor-core tile): smaller K steps, more splits and fewer warps.
+GEMV_SWEEP_GRID: dict[str, tuple[int, ...]] = {
+    "block_n": (32, 64, 128, 256),
+    "block_k": (8, 16, 32, 64),
+    "k_splits": (1, 2, 4, 8, 16, 32),
+    "num_warps": (1, 2, 4, 8),
+    "num_stages": (1, 2, 3, 4, 6),
+}
 
 
 def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[str, Any]]) -> None:
@@ -127,15 +135,23 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
     import jax
 
+    from jpaged.kernels.gemv import default_tuning as gemv_tuning
+    from jpaged.kernels.gemv import gemv, gemv_unsupported_reason
     from jpaged.kernels.grouped_matmul import default_tuning as pallas_tuning
     from jpaged.kernels.grouped_matmul import matmul, matmul_unsupported_reason
     from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
     from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason
 
+    grid = SWEEP_GRID
     if args.sweep_impl == "mgpu":
         default_tuning: Any = mgpu_tuning
         unsupported: Any = matmul_mgpu_unsupported_reason
         kernel: Any = functools.partial(matmul_mgpu, interpret=not common.on_gpu())
+    elif args.sweep_impl == "gemv":
+        default_tuning = lambda m, k, n: gemv_tuning(k, n)  # noqa: E731
+        unsupported = gemv_unsupported_reason
+        kernel = functools.partial(gemv, interpret=not common.on_gpu())
+        grid = GEMV_SWEEP_GRID
     else:
         default_tuning = functools.partial(pallas_tuning, num_groups=1)
         unsupported = matmul_unsupported_reason
@@ -148,6 +164,8 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
     for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
         for proj, w in projections(fused).items():
+            if args.projections and proj not in args.projections:
+                continue
             k, n = w.shape
             x = jax.random.normal(jax.random.PRNGKey(args.seed + m), (m, k), w.dtype)
             byts = k * n * w.dtype.itemsize
@@ -196,7 +214,8 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                         seen[tuning] = run(tuning.name, fn, tuning)
                 return seen[tuning]
 
-            common.tune_coordinatewise(default_tuning(m, k, n), evaluate, SWEEP_GRID)
+            if unsupported(x, w, default_tuning(m, k, n)) is None:
+                common.tune_coordinatewise(default_tuning(m, k, n), evaluate, grid)
 
 
 def best_sweep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -307,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the --cublas child: print JSON rows
     parser.add_argument("--tiny", action="store_true", help="a tiny layer (the default off GPU)")
     parser.add_argument("--sweep", action="store_true", help="also tune the kernel per fused projection and M")
-    parser.add_argument("--sweep-impl", choices=("pallas", "mgpu"), default="pallas", help="the kernel --sweep tunes")
+    parser.add_argument("--sweep-impl", choices=("pallas", "mgpu", "gemv"), default="pallas",
+                        help="the kernel --sweep tunes")  # fmt: skip
+    parser.add_argument("--projections", nargs="+", choices=("qkv", "o", "gate_up", "down"), default=None,
+                        help="--sweep only these projections (default: all four)")  # fmt: skip
     parser.add_argument("--max-configs", type=int, default=14, help="most kernel tunings tried per (M, projection)")
     parser.add_argument(
         "--chain-bytes",
