@@ -148,7 +148,7 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
         unsupported: Any = matmul_mgpu_unsupported_reason
         kernel: Any = functools.partial(matmul_mgpu, interpret=not common.on_gpu())
     elif args.sweep_impl == "gemv":
-        default_tuning = lambda m, k, n: gemv_tuning(k, n)  # noqa: E731
+        default_tuning = lambda m, k, n: gemv_tuning(k, n)
         unsupported = gemv_unsupported_reason
         kernel = functools.partial(gemv, interpret=not common.on_gpu())
         grid = GEMV_SWEEP_GRID
