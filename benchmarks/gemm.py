@@ -119,14 +119,6 @@ SWEEP_GRID: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 6),
     "group_m": (1, 4, 8),
 }
-# The GEMV kernel's (CUDA-core FMAs, no tensor-core tile): smaller K steps, more splits and fewer warps.
-GEMV_SWEEP_GRID: dict[str, tuple[int, ...]] = {
-    "block_n": (32, 64, 128, 256),
-    "block_k": (8, 16, 32, 64),
-    "k_splits": (1, 2, 4, 8, 16, 32),
-    "num_warps": (1, 2, 4, 8),
-    "num_stages": (1, 2, 3, 4, 6),
-}
 
 
 def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[str, Any]]) -> None:
@@ -135,23 +127,15 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
     import jax
 
-    from jpaged.kernels.gemv import default_tuning as gemv_tuning
-    from jpaged.kernels.gemv import gemv, gemv_unsupported_reason
     from jpaged.kernels.grouped_matmul import default_tuning as pallas_tuning
     from jpaged.kernels.grouped_matmul import matmul, matmul_unsupported_reason
     from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
     from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason
 
-    grid = SWEEP_GRID
     if args.sweep_impl == "mgpu":
         default_tuning: Any = mgpu_tuning
         unsupported: Any = matmul_mgpu_unsupported_reason
         kernel: Any = functools.partial(matmul_mgpu, interpret=not common.on_gpu())
-    elif args.sweep_impl == "gemv":
-        default_tuning = lambda m, k, n: gemv_tuning(k, n)
-        unsupported = gemv_unsupported_reason
-        kernel = functools.partial(gemv, interpret=not common.on_gpu())
-        grid = GEMV_SWEEP_GRID
     else:
         default_tuning = functools.partial(pallas_tuning, num_groups=1)
         unsupported = matmul_unsupported_reason
@@ -215,7 +199,7 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                 return seen[tuning]
 
             if unsupported(x, w, default_tuning(m, k, n)) is None:
-                common.tune_coordinatewise(default_tuning(m, k, n), evaluate, grid)
+                common.tune_coordinatewise(default_tuning(m, k, n), evaluate, SWEEP_GRID)
 
 
 def best_sweep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -326,8 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the --cublas child: print JSON rows
     parser.add_argument("--tiny", action="store_true", help="a tiny layer (the default off GPU)")
     parser.add_argument("--sweep", action="store_true", help="also tune the kernel per fused projection and M")
-    parser.add_argument("--sweep-impl", choices=("pallas", "mgpu", "gemv"), default="pallas",
-                        help="the kernel --sweep tunes")  # fmt: skip
+    parser.add_argument("--sweep-impl", choices=("pallas", "mgpu"), default="pallas", help="the kernel --sweep tunes")
     parser.add_argument("--projections", nargs="+", choices=("qkv", "o", "gate_up", "down"), default=None,
                         help="--sweep only these projections (default: all four)")  # fmt: skip
     parser.add_argument("--max-configs", type=int, default=14, help="most kernel tunings tried per (M, projection)")

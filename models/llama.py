@@ -34,7 +34,6 @@ from jpaged import sharding
 from jpaged.kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from jpaged.kernels.add_rms_norm import pallas_unsupported_reason as add_norm_unsupported_reason
 from jpaged.kernels.add_rms_norm import resolve_impl as resolve_norm_impl
-from jpaged.kernels.gemv import gemv, gemv_unsupported_reason, measured_gemv_tuning
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
 from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
 from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason, measured_faster_tuning
@@ -99,15 +98,10 @@ def _kernel_unsupported_reason(x: jax.Array, w: jax.Array, impl: str) -> str | N
 
 
 def _matmul(x: jax.Array, w: jax.Array, impl: str) -> jax.Array:
-    """x [M, K] @ w [K, N]. "xla": XLA's GEMMs. "auto": XLA's, except on GPUs for the shapes where a kernel measured
-    faster on the H200: the GEMV (`measured_gemv_tuning`, 1-4 rows) or on Hopper the Mosaic GPU kernel
-    (`measured_faster_tuning`). "pallas" (the Triton-lowered kernel, slower than XLA for
+    """x [M, K] @ w [K, N]. "xla": XLA's GEMMs. "auto": XLA's, except on Hopper for the shapes where the Mosaic GPU
+    kernel measured faster (`measured_faster_tuning`). "pallas" (the Triton-lowered kernel, slower than XLA for
     Llama-2-7B's decode shapes on the H200) and "mgpu" (the Mosaic GPU one, default tunings) where they can run the
     shapes, XLA elsewhere."""
-    if impl == "auto" and on_gpu():
-        gemv_tuning = measured_gemv_tuning(*x.shape, w.shape[1])
-        if gemv_tuning is not None and gemv_unsupported_reason(x, w, gemv_tuning) is None:
-            return gemv(x, w, tuning=gemv_tuning)
     tuning = measured_faster_tuning(*x.shape, w.shape[1]) if impl == "auto" and on_hopper() else None
     if tuning is not None and matmul_mgpu_unsupported_reason(x, w, tuning) is None:  # (a float32 model is not)
         return matmul_mgpu(x, w, tuning=tuning)
