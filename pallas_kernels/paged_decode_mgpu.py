@@ -19,10 +19,11 @@ num_stages - 1 slots (and, while a CTA waits, all of them) are in flight while o
 Design.
 - Grid (B, K, num_splits): one program (a single warpgroup, 128 threads) per (sequence, kv head, split). The G query
   heads that share a kv head are computed together, so each page is read from HBM once per (sequence, kv head).
-- q tile: the wgmma's M is fixed at 64 rows, so a program TMA-copies the 64 consecutive rows of q viewed as
-  [B * N, H] that start at its own first row b * N + h * G: its G rows come first, the rest are other heads' (or
-  TMA's zero fill past the end) and only waste tensor-core work. They go through an unswizzled staging buffer into
-  a swizzled tile (a TMA into a swizzled tile needs an 8-row aligned start, which b * N + h * G is not for G < 8).
+- q tile: the wgmma's M is fixed at 64 rows; a program TMA-copies its G rows of q viewed as [B * N, H] (from row
+  b * N + h * G) into the first G rows of an unswizzled staging buffer, and from there into a swizzled tile (a TMA
+  into a swizzled tile needs an 8-row aligned start, which b * N + h * G is not for G < 8). The other 64 - G rows
+  hold whatever SMEM held: they only waste tensor-core work and are never stored. (q is not padded to 64 rows: at
+  B * N < 64 that pad was a launch a layer.)
 - Math: both products on the tensor cores (wgmma), as JAX's FlashAttention-3 Mosaic GPU kernel does:
   scores [64, block_kv] = q_tile @ K_block^T, an online softmax in registers (exp2 with log2(e) * sm_scale folded
   in, positions >= seq_len masked), P is stored to a swizzled SMEM tile and acc [64, H] += P @ V_block.
@@ -45,9 +46,10 @@ Design.
   (while the softmax and PV run), V's after the PV wgmma.
 - Split-K (flash-decoding, num_splits > 1): split s of a sequence walks the s-th of num_splits equal contiguous shares
   of its ceil(seq_len / block_kv) blocks (sized from the actual length, so a short sequence leaves later splits
-  empty); each writes its normalised float32 output rows and their log2-sum-exp, and a jnp combine weighs them.
-  An empty split writes zeros and a log2-sum-exp of MASK_VALUE (weight 0). The float32 output staging shares the
-  ring's SMEM (a RefUnion: it is written only after the last block), so splitting costs no occupancy.
+  empty); each writes its normalised float32 output rows and their log2-sum-exp, and a combine weighs them (one
+  Triton-lowered launch, a program per query head). An empty split writes zeros and a log2-sum-exp of MASK_VALUE
+  (weight 0). The float32 output staging shares the ring's SMEM (a RefUnion: it is written only after the last
+  block), so splitting costs no occupancy.
 - SMEM per program (`smem_bytes`), default tuning, H 128, S 16: 2 x 32 KB ring + 16 KB q staging + 16 KB q tile +
   8 KB P tile + the page-table window (4 bytes a page) + ~2 KB = ~111 KB at 1024 pages: two CTAs per SM (228 KB),
   four ring slots and up to 128 KB of K/V loads in flight per SM. num_stages 3 or pages_per_block 8 give one CTA
@@ -60,12 +62,12 @@ dtype; H 64 or 128 (at 256 the two float32 accumulators, 2 x 64 x 256 over 128 t
 of 8; pages_per_block * S a multiple of 64 (the swizzle-128 wgmma K granularity) and <= 256; G <= 64; the SMEM
 ring, q tiles and page-table window within 227 KB.
 
-Verified so far only on CPU (tests/test_paged_decode_mgpu.py): Pallas' Mosaic GPU interpreter (InterpretGPUParams,
-uninitialised memory NaN) runs this kernel's TMA copies, barriers and wgmmas and matches the reference over page
-sizes 8/16/32 x G 1/4/8 x lengths 1, S - 1, S, S + 1, long, padding rows, split-K, 1-4 stages, H 64, float16; and the
-CUDA lowering (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",)): Mosaic GPU's Python passes, layout
-inference included) succeeds for the anchor shapes under both lowerings. Not yet compiled (LLVM, ptxas), run or
-timed on a GPU; the interpreter does not model wgmma's asynchrony or check that an SMEM read waited for its TMA.
+Tests (tests/test_paged_decode_mgpu.py): on CPU, Pallas' Mosaic GPU interpreter (InterpretGPUParams, uninitialised
+memory NaN) runs this kernel's TMA copies, barriers and wgmmas against the reference over page sizes 8/16/32 x
+G 1/4/8 x lengths 1, S - 1, S, S + 1, long, padding rows, split-K, 1-4 stages, H 64, float16, and the CUDA lowering
+succeeds for the anchor shapes under both lowerings; the interpreter does not model wgmma's asynchrony or check that
+an SMEM read waited for its TMA, so the same sweeps run compiled on the H200 (marked gpu), where the kernel's figures
+come from (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton
 
 from jpaged.kernels.paged_attention import MASK_VALUE, paged_attention_reference
 from jpaged.kernels.paged_attention import _validate as validate_ragged
+from jpaged.kernels.platform import is_power_of_two
 
 ROWS = 64  # wgmma's fixed M: the q tile's rows (G of them are this program's heads)
 _SWIZZLE = 128  # bytes: the widest wgmma swizzle; a tile row of 64 16-bit elements
@@ -100,7 +104,7 @@ class DecodeTuning:
     pages_per_block: int = 4  # pages per pipeline step: block_kv = pages_per_block * S positions (a multiple of 64)
     num_stages: int = 2  # SMEM ring slots (K and V of one block each); num_stages - 1 blocks load while one computes
     # Split-K (flash-decoding): programs per (sequence, kv head), each over a contiguous share of the sequence's blocks;
-    # > 1 adds float32 partial outputs and a log-sum-exp combine after the kernel.
+    # > 1 (a power of two) adds float32 partial outputs and a log-sum-exp combine after the kernel.
     num_splits: int = 1
     # Mosaic GPU's lowering: "warpgroup" (jax 0.11's default: MLIR dialect + layout inference) or "lane" (explicit
     # per-thread layouts). Both lower on CPU; one may compile where the other does not.
@@ -111,8 +115,9 @@ class DecodeTuning:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DecodeTuning.{name} must be an int >= 1, got {value!r}")
-        if self.pages_per_block & (self.pages_per_block - 1):
-            raise ValueError(f"DecodeTuning.pages_per_block must be a power of two, got {self.pages_per_block}")
+        for name in ("pages_per_block", "num_splits"):  # num_splits: the combine's Triton block is [num_splits, H]
+            if not is_power_of_two(getattr(self, name)):
+                raise ValueError(f"DecodeTuning.{name} must be a power of two, got {getattr(self, name)}")
         if self.num_stages > 8:
             raise ValueError(f"DecodeTuning.num_stages must be <= 8, got {self.num_stages}")
         if self.semantics not in SEMANTICS:
@@ -126,19 +131,24 @@ class DecodeTuning:
         return name + ("_lane" if self.semantics == "lane" else "")
 
 
-# Programs that fill an H200 (132 SMs) at two CTAs per SM. Measured (benchmarks/mgpu_decode.py, 2026-11-29): at
-# B 16 x K 8 = 128 programs this picks 4 splits, 3.92 TB/s (2 splits 3.98, 8 splits 3.90, none 3.22); at 512 programs
-# none, 3.88 TB/s (2 splits 3.59).
-_TARGET_PROGRAMS = 264
+# Programs an H200 (132 SMs) runs at once at two CTAs per SM: one wave.
+_WAVE_PROGRAMS = 264
 _MAX_SPLITS = 16
 
 
 def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
-    """The tuning when none is given: split-K only when B * K programs would leave SMs idle, with the fewest
-    splits (a power of two, <= 16) that reach ~264 programs."""
+    """The tuning when none is given: split-K only when B * K programs would leave SMs idle, with the most splits (a
+    power of two, <= 16) that keep B * K * splits within one wave of ~264 programs.
+
+    One wave, not more: programs are launched for the page table's width (max_model_len), not for the batch's actual
+    lengths, so at short contexts most splits are empty, and a second wave of them costs its launch latency. Measured
+    on the H200 (docs/benchmarks.md, tenth session): Llama-2-7B single stream (B 1 x K 32) at a 128-token prompt,
+    254.4 tok/s with 8 splits (256 programs) and 256.6 with 4, against 245.7-247.2 with 16 (512, two waves); at
+    B 16 x K 8 = 128 programs 2 splits 3.97-4.00 TB/s, 4 splits 3.97-4.03, 16 splits 3.78-3.80 (two calls).
+    """
     programs = num_seqs * num_kv_heads
     splits = 1
-    while programs * splits < _TARGET_PROGRAMS and splits < _MAX_SPLITS:
+    while programs * splits * 2 <= _WAVE_PROGRAMS and splits < _MAX_SPLITS:
         splits *= 2
     return DecodeTuning(num_splits=splits)
 
@@ -242,7 +252,7 @@ def _decode_kernel(
     seq_lens_ref,  # [B] int32 GMEM
     num_seqs_ref,  # [1] int32 GMEM
     page_tables_ref,  # [B, W_table] int32 GMEM, W_table a multiple of 32 and of pages_per_block
-    q_ref,  # [max(B * N, 64), H] GMEM: q rows (sequence-major, then head)
+    q_ref,  # [B * N, H] GMEM: q rows (sequence-major, then head)
     k_ref,  # [K * P * S, H] GMEM: k_pages viewed as rows; page p of kv head h is rows (h * P + p) * S + [0, S)
     v_ref,  # [K * P * S, H] GMEM
     *refs,
@@ -277,7 +287,9 @@ def _decode_kernel(
     split = lax.axis_index("s") if splits > 1 else 0
 
     first_row = b * num_heads + h * group  # this program's first q (and output) row in the [B * N, H] views
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, ROWS)], q_stage, q_bar)
+    # Only its G rows: q_stage's other rows hold whatever SMEM held, and so do the q tile's, the scores' and the
+    # output's rows past G, which are never stored (each wgmma output row depends on its own A row alone).
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, group)], q_stage.at[pl.ds(0, group)], q_bar)
 
     live = b < num_seqs_ref[0]
     kv_len = jnp.where(live, jnp.minimum(seq_lens_ref[b], max_len), 0)
@@ -382,16 +394,43 @@ def _decode_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-def _combine_splits(o_part, lse_part, group: int):
-    """Merges split-K partials: o_part [splits, B, K, G, H] float32 (each normalised over its split), lse_part
-    [splits, B, K, G] float32 (log2-sum-exp of the split's scores; MASK_VALUE: the split saw nothing)
-    -> [B, K, G, H] float32."""
+def _merge(o_part, lse_part):
+    """o_part [splits, ..., H] float32 (each normalised over its split), lse_part [splits, ...] float32 (log2-sum-exp
+    of the split's scores; MASK_VALUE: the split saw nothing) -> [..., H] float32 over every split's positions."""
     seen = lse_part > 0.5 * MASK_VALUE
-    top = jnp.max(lse_part, axis=0)  # [B, K, G]
-    weight = jnp.where(seen, jnp.exp2(lse_part - top), 0.0)  # [splits, B, K, G]
+    top = jnp.max(lse_part, axis=0)
+    weight = jnp.where(seen, jnp.exp2(lse_part - top), 0.0)
     total = jnp.sum(weight, axis=0)
     out = jnp.sum(weight[..., None] * o_part, axis=0)
     return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def _combine_kernel(
+    o_part_ref,  # [splits, H] float32: one query head's output from each split
+    lse_ref,  # [splits] float32: their log2-sum-exps
+    out_ref,  # [H] q's dtype
+):
+    out_ref[...] = _merge(o_part_ref[...], lse_ref[...]).astype(out_ref.dtype)
+
+
+def _combine_splits(o_part, lse_part, *, num_heads: int, group: int, dtype, interpret: bool):
+    """The split-K merge as one Triton-style launch, a program per (sequence, query head): o_part [splits, B * N, H]
+    and lse_part [splits, B, K, 64] float32 (the decode kernel's outputs) -> [B * N, H] in dtype. (XLA made three
+    launches of it, ~1.3 us each at batch 1.)"""
+    splits, rows, head_dim = o_part.shape
+    return pl.pallas_call(
+        _combine_kernel,
+        grid=(rows // num_heads, num_heads),
+        in_specs=[
+            pl.BlockSpec((splits, None, head_dim), lambda b, n: (0, b * num_heads + n, 0)),
+            pl.BlockSpec((splits, None, None, None), lambda b, n: (0, b, n // group, n % group)),
+        ],
+        out_specs=pl.BlockSpec((None, head_dim), lambda b, n: (b * num_heads + n, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, head_dim), dtype),
+        compiler_params=triton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name="paged_decode_combine",
+    )(o_part, lse_part)
 
 
 def _swizzled(shape, dtype):
@@ -414,8 +453,6 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
         page_tables = jnp.pad(page_tables, ((0, 0), (0, width - page_tables.shape[1])))  # null page 0
     window = _window(page_tables.shape[1], ppb, splits)
     q_rows = q.reshape(num_seqs_max * num_heads, head_dim)
-    if q_rows.shape[0] < ROWS:  # the q tile copy reads 64 rows
-        q_rows = jnp.pad(q_rows, ((0, ROWS - q_rows.shape[0]), (0, 0)))
     k_rows = k_pages.reshape(num_kv_heads * num_pages * page_size, head_dim)
     v_rows = v_pages.reshape(num_kv_heads * num_pages * page_size, head_dim)
 
@@ -472,10 +509,8 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
     )(seq_lens, num_seqs, page_tables, q_rows, k_rows, v_rows)
     if splits == 1:
         return outs.reshape(num_seqs_max, num_heads, head_dim)
-    o_part, lse_part = outs
-    o_part = o_part.reshape(splits, num_seqs_max, num_kv_heads, group, head_dim)
-    out = _combine_splits(o_part, lse_part[..., :group], group)
-    return out.reshape(num_seqs_max, num_heads, head_dim).astype(dtype)
+    out = _combine_splits(*outs, num_heads=num_heads, group=group, dtype=dtype, interpret=interpret is not None)
+    return out.reshape(num_seqs_max, num_heads, head_dim)
 
 
 def interpret_params() -> plgpu.InterpretGPUParams:
