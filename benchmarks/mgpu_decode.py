@@ -11,7 +11,9 @@ context, one query token each): Llama-3-8B heads (32/8) B=64 ctx 2048; Llama-2-7
 Llama-3-8B B=16 ctx 16384; Llama-3-8B B=256 ctx 1024; and a single stream, Llama-2-7B B=1 ctx 256, where the
 kernel's time is its programs' latency, not bandwidth (9.6 us a layer in the engine's batch-1 step on the H200, for
 ~3 MB). --table-len pads every page table with null pages to that many tokens, as the engine sizes its tables by
-max_model_len: a split past a sequence's last page sees nothing.
+max_model_len: a split past a sequence's last page sees nothing. At B=1 a call (0.05-0.09 ms on the H200) is the
+host's dispatch, not the kernel, so split counts there are compared in the engine (latency.py; docs/benchmarks.md,
+tenth session).
 
 Each configuration is compiled, run once and checked against `paged_attention_reference` (relative L2 error
 <= 1e-2) before it is timed; a configuration that fails to compile or is wrong is reported (with the first line of
