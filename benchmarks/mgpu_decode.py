@@ -1,4 +1,4 @@
-"""The Mosaic GPU decode kernel (pallas_kernels/paged_decode_mgpu.py) on the four anchor decode shapes.
+"""The Mosaic GPU decode kernel (pallas_kernels/paged_decode_mgpu.py) on the four anchor decode shapes and a few more.
 
     python benchmarks/mgpu_decode.py --json-out mgpu_decode.json        # GPU: anchor shapes x a few tunings
     python benchmarks/mgpu_decode.py --triton                           # ... and the Triton kernel beside it
@@ -8,7 +8,8 @@
 
 Shapes (bf16, H 128, page size 16, every page table a random permutation of the pool, every sequence at full
 context, one query token each): Llama-3-8B heads (32/8) B=64 ctx 2048; Llama-2-7B (32/32) B=64 ctx 2048;
-Llama-3-8B B=16 ctx 16384; Llama-3-8B B=256 ctx 1024; and a single stream, Llama-2-7B B=1 ctx 256, where the
+Llama-3-8B B=16 ctx 16384; Llama-3-8B B=256 ctx 1024; two batches of 133-264 programs (Llama-2-7B B=8 ctx 4096,
+Llama-3-8B B=24 ctx 8192: one wave without split-K); and a single stream, Llama-2-7B B=1 ctx 256, where the
 kernel's time is its programs' latency, not bandwidth (9.6 us a layer in the engine's batch-1 step on the H200, for
 ~3 MB). --table-len pads every page table with null pages to that many tokens, as the engine sizes its tables by
 max_model_len: a split past a sequence's last page sees nothing. At B=1 a call (0.05-0.09 ms on the H200) is the
@@ -52,6 +53,9 @@ GPU_CASES = [
     ("llama3-8b B=16 ctx=16384", 32, 8, 16, 16384),
     ("llama3-8b B=256 ctx=1024", 32, 8, 256, 1024),
     ("llama2-7b B=1 ctx=256", 32, 32, 1, 256),
+    # 133-264 programs: where default_tuning's one-wave rule runs no split (B * K * 2 > 264), one CTA on some SMs
+    ("llama2-7b B=8 ctx=4096", 32, 32, 8, 4096),
+    ("llama3-8b B=24 ctx=8192", 32, 8, 24, 8192),
 ]
 TINY_CASES = [("tiny gqa4 B=3 ctx=200", 8, 2, 3, 200), ("tiny mha B=2 ctx=70", 2, 2, 2, 70)]
 # --tunings keys -> DecodeTuning fields

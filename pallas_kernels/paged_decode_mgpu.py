@@ -22,7 +22,8 @@ Design.
 - q tile: the wgmma's M is fixed at 64 rows; a program TMA-copies its G rows of q viewed as [B * N, H] (from row
   b * N + h * G) into the first G rows of an unswizzled staging buffer, and from there into a swizzled tile (a TMA
   into a swizzled tile needs an 8-row aligned start, which b * N + h * G is not for G < 8). The other 64 - G rows
-  hold whatever SMEM held: they only waste tensor-core work and are never stored. (q is not padded to 64 rows: at
+  hold whatever SMEM held: they only waste tensor-core work and never reach the output (their log2-sum-exps are
+  stored with the 64-entry row, and the combine reads only the first G). (q is not padded to 64 rows: at
   B * N < 64 that pad was a launch a layer.)
 - Math: both products on the tensor cores (wgmma), as JAX's FlashAttention-3 Mosaic GPU kernel does:
   scores [64, block_kv] = q_tile @ K_block^T, an online softmax in registers (exp2 with log2(e) * sm_scale folded
@@ -84,7 +85,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton
 
-from jpaged.kernels.paged_attention import MASK_VALUE, paged_attention_reference
+from jpaged.kernels.paged_attention import MASK_VALUE, paged_attention_reference, pallas_out_struct
 from jpaged.kernels.paged_attention import _validate as validate_ragged
 from jpaged.kernels.platform import is_power_of_two
 
@@ -269,9 +270,10 @@ def _decode_kernel(
     if splits == 1:
         o_ref, *scratch = refs  # o_ref [B * N, H] q.dtype
     else:
-        o_ref, lse_ref, *scratch = refs  # o_ref [splits, B * N, H] f32; lse_ref [splits, B, K, 64] f32
+        # o_ref [splits, B * N, H] f32; lse_ref [splits, B, K, 64] f32 (entries >= G: the garbage rows')
+        o_ref, lse_ref, *scratch = refs
     (q_stage, q_tile, kv_smem, p_tile, table, q_bar, table_bar, k_bars, v_bars) = scratch
-    # q_stage [64, H] q.dtype unswizzled: q rows as TMA brings them, and the bf16 output rows on the way out
+    # q_stage [64, H] q.dtype unswizzled: q rows as TMA brings them, and the output rows (q.dtype) on the way out
     # q_tile [64, H] swizzled (wgmma A); p_tile [64, block_kv] swizzled; table [window] int32: page ids
     # kv_smem: (k_ring, v_ring), each [num_stages, block_kv, H] swizzled; for split-K a union of that with
     # (o32 [64, H] f32, lse [64] f32), the output staging, which is used only once the ring is idle
@@ -288,7 +290,8 @@ def _decode_kernel(
 
     first_row = b * num_heads + h * group  # this program's first q (and output) row in the [B * N, H] views
     # Only its G rows: q_stage's other rows hold whatever SMEM held, and so do the q tile's, the scores' and the
-    # output's rows past G, which are never stored (each wgmma output row depends on its own A row alone).
+    # output's rows past G, which are never stored but in the lse row (each wgmma output row depends on its own A row
+    # alone; the combine reads lse entries < G).
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, group)], q_stage.at[pl.ds(0, group)], q_bar)
 
     live = b < num_seqs_ref[0]
@@ -426,7 +429,7 @@ def _combine_splits(o_part, lse_part, *, num_heads: int, group: int, dtype, inte
             pl.BlockSpec((splits, None, None, None), lambda b, n: (0, b, n // group, n % group)),
         ],
         out_specs=pl.BlockSpec((None, head_dim), lambda b, n: (b * num_heads + n, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows, head_dim), dtype),
+        out_shape=pallas_out_struct((rows, head_dim), dtype, o_part, lse_part),
         compiler_params=triton.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret,
         name="paged_decode_combine",

@@ -52,8 +52,9 @@ def make_step(rng, *, num_kv_heads, group, head_dim, page_size, num_tokens, num_
             jnp.asarray(pages[1], dtype), jnp.asarray(slots))  # fmt: skip
 
 
-def check(got, want, num_real, page_size) -> None:
-    """q of the real tokens equal; pages equal outside page 0, which holds whatever a padding token wrote."""
+def check(got, want, num_real, page_size, *, mismatched: float = 0.01) -> None:
+    """q of the real tokens equal; pages equal outside page 0, which holds whatever a padding token wrote. On a GPU,
+    at most one ulp apart in at most a `mismatched` fraction of elements."""
     (q, k_pages, v_pages), (q_want, k_want, v_want) = got, want
     assert q.shape == q_want.shape and q.dtype == q_want.dtype
     pairs = [(q[:num_real], q_want[:num_real]), (k_pages[:, 1:], k_want[:, 1:]), (v_pages[:, 1:], v_want[:, 1:])]
@@ -69,7 +70,7 @@ def check(got, want, num_real, page_size) -> None:
         # agree but for a rare tie, which moves an element by one ulp (of bf16: 2^-7 relative; the difference of two
         # such products is as far off in absolute terms).
         np.testing.assert_allclose(got_part, want_part, rtol=2**-7, atol=2**-7 * np.abs(want_part).max())
-        assert np.mean(got_part != want_part) <= 0.01
+        assert np.mean(got_part != want_part) <= mismatched
 
 
 @pytest.mark.parametrize("page_size", [8, 16])
@@ -144,8 +145,8 @@ def test_auto_is_the_kernel_only_on_gpus_and_shapes_it_can_take(monkeypatch):
     calls.clear()
     got = rope_write_kv(*step, interpret=True)
     assert calls == [{"interpret": True, "tuning": default_tuning(5, 2)}]
-    if not ON_GPU:  # interpreted on a GPU, XLA fuses the kernel's ops its own way: 1 ulp off in ~40% (H200, measured)
-        check(got, rope_write_kv_reference(*step), 3, 8)
+    # Interpreted on a GPU, XLA fuses the kernel's ops its own way: one ulp off in 42% of elements (H200, measured).
+    check(got, rope_write_kv_reference(*step), 3, 8, mismatched=1.0)
     qkv = jax.ShapeDtypeStruct((4, 40, 3, 128), jnp.bfloat16)  # Llama-2-13B: 40 KV heads
     assert pallas_unsupported_reason(qkv) == "K (kv heads) = 40 is not a power of two"
     assert pallas_unsupported_reason(jax.ShapeDtypeStruct((4, 8, 5, 128), jnp.bfloat16)) == (
