@@ -18,10 +18,11 @@ one GEMM XLA gave to cuBLAS (the down projection) at 3.15 TB/s. This measures, p
 - "mgpu" (M <= 256): the fused four through `jpaged.kernels.matmul_mgpu` (Mosaic GPU, weights streamed by TMA;
   Hopper only, its interpreter off GPU), as the model runs them with matmul_impl="mgpu";
 and, with --cublas, the first two again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. --sweep then times each
-fused projection alone (qkv, o, gate_up, down) under XLA and under a coordinate descent of kernel tunings (of the
-Triton-lowered kernel, or with --sweep-impl mgpu of the Mosaic GPU one). Each
-variant is checked against the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read
-once; floor = bytes / 4.28 TB/s (at these M every GEMM is bandwidth-bound).
+fused projection alone (qkv, o, gate_up, down) under XLA, with the weight as the model stores it ([K, N]) and
+N-major ("xla-nk", [N, K] as HF stores it), and under a coordinate descent of kernel tunings (of the Triton-lowered
+kernel, or with --sweep-impl mgpu of the Mosaic GPU one; --max-configs 0: none). Each variant is checked against
+the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read once; floor = bytes /
+4.28 TB/s (at these M every GEMM is bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -188,6 +189,11 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                 return row["time_us"] if row.get("time_us") else math.inf
 
             run("xla", chained(functools.partial(matmul, impl="xla"), x, ws))
+            # The same product with the weight stored N-major ([N, K], HF's nn.Linear layout: each output's K weights
+            # contiguous), as a GEMV kernel (cuBLAS's "T" case) would read it.
+            ws_nk = [jax.jit(lambda w: w.T.copy())(w) for w in ws]
+            run("xla-nk", chained(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))), x, ws_nk))
+            del ws_nk
 
             def evaluate(tuning: Any, x: Any = x, w: Any = w, ws: Any = ws, seen: dict[Any, float] = seen) -> float:
                 if tuning not in seen:
@@ -203,11 +209,11 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
 
 def best_sweep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (M, projection): XLA's row and the fastest correct kernel tuning."""
+    """Per (M, projection): XLA's rows (both layouts) and the fastest correct kernel tuning."""
     best: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
         if row.get("time_us"):
-            key = (row["rows"], row["projection"], row["config"] == "xla")
+            key = (row["rows"], row["projection"], row["config"] if row["config"].startswith("xla") else "kernel")
             if key not in best or row["time_us"] < best[key]["time_us"]:
                 best[key] = row
     return [best[key] for key in sorted(best)]
@@ -313,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-impl", choices=("pallas", "mgpu"), default="pallas", help="the kernel --sweep tunes")
     parser.add_argument("--projections", nargs="+", choices=("qkv", "o", "gate_up", "down"), default=None,
                         help="--sweep only these projections (default: all four)")  # fmt: skip
-    parser.add_argument("--max-configs", type=int, default=14, help="most kernel tunings tried per (M, projection)")
+    parser.add_argument("--max-configs", type=int, default=14,
+                        help="most kernel tunings tried per (M, projection); 0: XLA's two layouts only")  # fmt: skip
     parser.add_argument(
         "--chain-bytes",
         type=int,
