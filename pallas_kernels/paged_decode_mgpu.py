@@ -144,8 +144,8 @@ def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
     One wave, not more: programs are launched for the page table's width (max_model_len), not for the batch's actual
     lengths, so at short contexts most splits are empty, and a second wave of them costs its launch latency. Measured
     on the H200 (docs/benchmarks.md, tenth session): Llama-2-7B single stream (B 1 x K 32) at a 128-token prompt,
-    254.4 tok/s with 8 splits (256 programs) and 256.6 with 4, against 245.7-247.2 with 16 (512, two waves); at
-    B 16 x K 8 = 128 programs 2 splits 3.97-4.00 TB/s, 4 splits 3.97-4.03, 16 splits 3.78-3.80 (two calls). Between
+    254.4 tok/s with 8 splits (256 programs) and 256.6 with 4, against 235.0-247.2 with 16 (512, two waves); at
+    B 16 x K 8 = 128 programs 2 splits 3.97-4.00 TB/s, 4 splits 3.97-4.03, 16 splits 3.78-3.80 (two runs). Between
     133 and 264 programs it runs no split: B 8 x K 32 at 4096 tokens 3.77 TB/s (2 splits 3.75-3.77, 4 splits 3.66);
     B 24 x K 8 at 8192, 3.64-3.72 against 3.33 with the 2 splits the previous rule took, but 3.94 with 4 (768
     programs, ~3 waves, which balance the SMs where 192 programs leave 72 of them one CTA): what "one wave" misses.
