@@ -13,8 +13,8 @@ Llama-3-8B B=24 ctx 8192: one wave without split-K); and a single stream, Llama-
 kernel's time is its programs' latency, not bandwidth (9.6 us a layer in the engine's batch-1 step on the H200, for
 ~3 MB). --table-len pads every page table with null pages to that many tokens, as the engine sizes its tables by
 max_model_len: a split past a sequence's last page sees nothing. At B=1 a call (0.05-0.09 ms on the H200) is the
-host's dispatch, not the kernel, so split counts there are compared in the engine (latency.py; docs/benchmarks.md,
-tenth session).
+host's dispatch, not the kernel: --chain N times N calls in one jitted function (over N copies of the pages), as
+split counts there were otherwise only comparable in the engine (latency.py; docs/benchmarks.md, tenth session).
 
 Each configuration is compiled, run once and checked against `paged_attention_reference` (relative L2 error
 <= 1e-2) before it is timed; a configuration that fails to compile or is wrong is reported (with the first line of
@@ -28,6 +28,7 @@ Mosaic lowerings), or --tunings. Off GPU the same code runs tiny shapes through 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import warnings
@@ -126,21 +127,24 @@ def rel_err(out: Any, ref: Any) -> float:
     return float(jnp.linalg.norm(out - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
 
 
-def run_config(case: dict[str, Any], kernel: str, config: str, fn: Callable[[], Any], ref: Any, args) -> dict:
+def run_config(case: dict[str, Any], kernel: str, config: str, fn: Callable[[], Any], ref: Any, args,
+               calls: int = 1) -> dict:  # fmt: skip
+    """Checks and times fn; with calls > 1, fn makes that many kernel calls (a list of outputs, the first checked)."""
     row: dict[str, Any] = {"case": case["case"], "kernel": kernel, "config": config}
     try:
         out = common.block(fn())
-        row["rel_err"] = rel_err(out, ref)
+        row["rel_err"] = rel_err(out[0] if calls > 1 else out, ref)
         row["ok"] = row["rel_err"] <= MAX_REL_ERR
         if not row["ok"]:
             row["error"] = f"relative error {row['rel_err']:.3g} > {MAX_REL_ERR}"
         else:
             t = common.time_calls(fn, warmup=1, iters=args.iters)
+            seconds = t["pipelined_s"] / calls
             row |= {
-                "time_ms": t["pipelined_s"] * 1e3,
-                "per_call_median_ms": t["median_s"] * 1e3,
-                "kv_TBps": case["kv_bytes"] / t["pipelined_s"] / 1e12,
-                "of_hbm": case["kv_bytes"] / t["pipelined_s"] / args.bandwidth,
+                "time_ms": seconds * 1e3,
+                "per_call_median_ms": t["median_s"] / calls * 1e3,
+                "kv_TBps": case["kv_bytes"] / seconds / 1e12,
+                "of_hbm": case["kv_bytes"] / seconds / args.bandwidth,
             }
     except Exception as e:  # a configuration that fails to lower, compile or run is a result, not a crash
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
@@ -151,6 +155,7 @@ def run_config(case: dict[str, Any], kernel: str, config: str, fn: Callable[[], 
 
 
 def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -> list[dict[str, Any]]:
+    import jax
     import jax.numpy as jnp
 
     from jpaged.kernels.paged_decode_mgpu import (
@@ -168,6 +173,8 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
     inputs = make_inputs(heads, kv_heads, batch, ctx, head_dim=head_dim, seed=args.seed, table_len=args.table_len)
     sm_scale = 1.0 / math.sqrt(head_dim)
     ref = common.block(paged_decode_reference(*inputs, sm_scale=sm_scale))
+    # --chain: distinct copies of the pages, so that each call reads its K/V from HBM, not from the L2
+    kv_copies = [(inputs[1], inputs[2])] + [(inputs[1] + 0, inputs[2] + 0) for _ in range(args.chain - 1)]
     rows = []
     for tuning in args.tuning_list or default_tunings(kv_heads, batch):
         reason = paged_decode_mgpu_unsupported_reason(inputs[0], inputs[1], inputs[3], tuning)
@@ -175,9 +182,14 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
             rows.append({"case": name, "kernel": "mgpu", "config": tuning.name, "ok": False, "error": reason})
             common.log(f"  mgpu     {tuning.name:<28} unsupported: {reason}")
             continue
-        fn = (lambda t: lambda: paged_decode_attention_mgpu(*inputs, sm_scale=sm_scale, tuning=t,
-                                                            interpret=args.interpret))(tuning)  # fmt: skip
-        row = run_config(case, "mgpu", tuning.name, fn, ref, args)
+        kernel = functools.partial(paged_decode_attention_mgpu, sm_scale=sm_scale, tuning=tuning,
+                                   interpret=args.interpret)  # fmt: skip
+        if args.chain > 1:  # one jitted call over every copy of the pages: the host's dispatch paid once
+            chained = jax.jit(lambda q, kvs, rest, kernel=kernel: [kernel(q, k, v, *rest) for k, v in kvs])
+            fn = functools.partial(chained, inputs[0], kv_copies, inputs[3:])
+        else:
+            fn = functools.partial(kernel, *inputs)
+        row = run_config(case, "mgpu", tuning.name, fn, ref, args, calls=args.chain)
         row["tuning"] = {"pages_per_block": tuning.pages_per_block, "num_stages": tuning.num_stages,
                          "num_splits": tuning.num_splits, "semantics": tuning.semantics}  # fmt: skip
         row["smem_bytes"] = smem_bytes(jnp.bfloat16, head_dim, PAGE_SIZE, inputs[3].shape[1], tuning)
@@ -219,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--triton", action="store_true", help="also time jpaged's Triton kernel (default tuning)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes in interpret mode (the default off GPU)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--chain", type=int, default=1,
+                        help="kernel calls per timed jitted call, over copies of the pages (for cases shorter than a "
+                        "call's dispatch, e.g. B=1; each copy costs the case's K/V memory)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument(

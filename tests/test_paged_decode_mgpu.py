@@ -334,13 +334,14 @@ def test_gpu_tunings(tuning):
     check(args, tuning=tuning, interpret=False)
 
 
-@pytest.mark.parametrize("table_len", [0, 200])  # 200: tables padded past the 70-token context, as the engine's are
-def test_benchmark_runs_interpreted(tmp_path, table_len):
+# 200: tables padded past the 70-token context, as the engine's are; chain 2: two calls a timing, the first checked
+@pytest.mark.parametrize(("table_len", "chain"), [(0, 1), (200, 2)])
+def test_benchmark_runs_interpreted(tmp_path, table_len, chain):
     from benchmarks import mgpu_decode
 
     out = tmp_path / "mgpu.json"
     record = mgpu_decode.main(["--cases", "mha", "--tunings", "ppb=4,st=2,splits=2", "--table-len", str(table_len),
-                               "--json-out", str(out)])  # fmt: skip
+                               "--chain", str(chain), "--json-out", str(out)])  # fmt: skip
     assert record["interpret"] and out.exists()
     [row] = record["rows"]
     assert row["ok"], row.get("error")
