@@ -227,8 +227,8 @@ def rope_write_kv(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if resolve_impl(impl, qkv) == "xla":
         q, k, v = _split_and_rotate(qkv, positions, inv_freq)
-        # Asked for "xla", all XLA; fallen back from "auto", the write may still take its own kernel.
-        return (q, *write_kv(k_pages, v_pages, k, v, slot_mapping, impl="xla" if impl == "xla" else "auto"))
+        # impl is "xla" (all XLA) or "auto" (fallen back: the write may still take its own kernel).
+        return (q, *write_kv(k_pages, v_pages, k, v, slot_mapping, impl=impl))
     if not interpret and not on_gpu():
         raise ValueError(f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}) or interpret=True")
     if not interpret and (reason := pallas_unsupported_reason(qkv)) is not None:
