@@ -57,10 +57,13 @@ GPU_CASES = [
     # 133-264 programs: where default_tuning's one-wave rule runs no split (B * K * 2 > 264), one CTA on some SMs
     ("llama2-7b B=8 ctx=4096", 32, 32, 8, 4096),
     ("llama3-8b B=24 ctx=8192", 32, 8, 24, 8192),
+    # throughput.py's fixed:128 run mid-decode (512-token prompts, 128 of 256 tokens out): the engine's batch-128 step
+    ("llama2-7b B=128 ctx=640", 32, 32, 128, 640),
 ]
 TINY_CASES = [("tiny gqa4 B=3 ctx=200", 8, 2, 3, 200), ("tiny mha B=2 ctx=70", 2, 2, 2, 70)]
 # --tunings keys -> DecodeTuning fields
-_KEYS = {"ppb": "pages_per_block", "st": "num_stages", "splits": "num_splits", "sem": "semantics"}
+_KEYS = {"ppb": "pages_per_block", "st": "num_stages", "splits": "num_splits", "sem": "semantics",
+         "preg": "p_in_registers"}  # fmt: skip
 
 
 def kv_bytes(kv_heads: int, batch: int, ctx: int, head_dim: int = HEAD_DIM, itemsize: int = 2) -> int:
@@ -106,7 +109,7 @@ def default_tunings(kv_heads: int, batch: int) -> list[Any]:
 
 
 def parse_tunings(text: str) -> list[Any]:
-    """'ppb=4,st=2,splits=4;ppb=8,sem=lane' -> DecodeTunings (unnamed fields keep their defaults)."""
+    """'ppb=4,st=2,splits=4;ppb=8,sem=lane;preg=1' -> DecodeTunings (unnamed fields keep their defaults)."""
     from jpaged.kernels.paged_decode_mgpu import DecodeTuning
 
     out = []
@@ -115,7 +118,12 @@ def parse_tunings(text: str) -> list[Any]:
         for item in part.split(","):
             key, _, value = item.partition("=")
             name = _KEYS.get(key.strip(), key.strip())
-            fields[name] = value.strip() if name == "semantics" else int(value)
+            if name == "semantics":
+                fields[name] = value.strip()
+            elif name == "p_in_registers":
+                fields[name] = bool(int(value))
+            else:
+                fields[name] = int(value)
         out.append(DecodeTuning(**fields))
     return out
 

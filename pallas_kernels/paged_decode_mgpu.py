@@ -110,6 +110,9 @@ class DecodeTuning:
     # Mosaic GPU's lowering: "warpgroup" (jax 0.11's default: MLIR dialect + layout inference) or "lane" (explicit
     # per-thread layouts). Both lower on CPU; one may compile where the other does not.
     semantics: str = "warpgroup"
+    # The PV wgmma takes P from registers (wgmma's register A operand, as JAX's FlashAttention-3 kernel does) instead
+    # of a swizzled SMEM tile: no P store and proxy fence a block, 8 KB less SMEM a program.
+    p_in_registers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("pages_per_block", "num_stages", "num_splits"):
@@ -121,6 +124,8 @@ class DecodeTuning:
                 raise ValueError(f"DecodeTuning.{name} must be a power of two, got {getattr(self, name)}")
         if self.num_stages > 8:
             raise ValueError(f"DecodeTuning.num_stages must be <= 8, got {self.num_stages}")
+        if not isinstance(self.p_in_registers, bool):
+            raise ValueError(f"DecodeTuning.p_in_registers must be a bool, got {self.p_in_registers!r}")
         if self.semantics not in SEMANTICS:
             raise ValueError(f"DecodeTuning.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
 
@@ -129,6 +134,8 @@ class DecodeTuning:
         name = f"ppb{self.pages_per_block}_st{self.num_stages}"
         if self.num_splits > 1:
             name += f"_split{self.num_splits}"
+        if self.p_in_registers:
+            name += "_preg"
         return name + ("_lane" if self.semantics == "lane" else "")
 
 
@@ -191,7 +198,7 @@ def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: D
         ROWS * head_dim * itemsize,  # q staging
         ROWS * head_dim * itemsize,  # q tile
         max(ring, split_out),  # K and V ring slots; split-K's output staging shares their SMEM
-        ROWS * block_kv * itemsize,  # P tile
+        0 if tuning.p_in_registers else ROWS * block_kv * itemsize,  # P tile
         4 * _window(max_pages, tuning.pages_per_block, tuning.num_splits),  # page-table window
     ]
     return sum(_round_up(b, 1024) for b in buffers) + 3 * 1024
@@ -275,9 +282,14 @@ def _decode_kernel(
     else:
         # o_ref [splits, B * N, H] f32; lse_ref [splits, B, K, 64] f32 (entries >= G: the garbage rows')
         o_ref, lse_ref, *scratch = refs
-    (q_stage, q_tile, kv_smem, p_tile, table, q_bar, table_bar, k_bars, v_bars) = scratch
+    if tuning.p_in_registers:
+        (q_stage, q_tile, kv_smem, table, q_bar, table_bar, k_bars, v_bars) = scratch
+        p_tile = None
+    else:
+        (q_stage, q_tile, kv_smem, p_tile, table, q_bar, table_bar, k_bars, v_bars) = scratch
     # q_stage [64, H] q.dtype unswizzled: q rows as TMA brings them, and the output rows (q.dtype) on the way out
-    # q_tile [64, H] swizzled (wgmma A); p_tile [64, block_kv] swizzled; table [window] int32: page ids
+    # q_tile [64, H] swizzled (wgmma A); p_tile [64, block_kv] swizzled (absent with P in registers); table [window]
+    # int32: page ids
     # kv_smem: (k_ring, v_ring), each [num_stages, block_kv, H] swizzled; for split-K a union of that with
     # (o32 [64, H] f32, lse [64] f32), the output staging, which is used only once the ring is idle
     if splits == 1:
@@ -365,12 +377,16 @@ def _decode_kernel(
         alpha = jnp.exp2(m_i - m_next)  # 0 on the first block (m_i = MASK_VALUE)
         probs = jnp.exp2(scores - lax.broadcast_in_dim(m_next, scores.shape, [0]))
         l_next = l_i * alpha + probs.sum(axis=1)
-        p_tile[...] = probs.astype(p_tile.dtype)
-        plgpu.commit_smem()
+        if p_tile is None:
+            p_operand: Any = probs.astype(q_tile.dtype)
+        else:
+            p_tile[...] = probs.astype(p_tile.dtype)
+            plgpu.commit_smem()
+            p_operand = p_tile
         plgpu.barrier_wait(v_bars.at[slot])
 
         def compute_pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_tile, v_ring.at[slot])
+            plgpu.wgmma(acc_ref, p_operand, v_ring.at[slot])
             return acc_ref[...]
 
         # A fresh accumulator, added to the rescaled running one: the interpreter has no rule for a pre-initialised
@@ -483,7 +499,7 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
         plgpu.SMEM((ROWS, head_dim), dtype),  # q_stage
         _swizzled((ROWS, head_dim), dtype),  # q_tile
         kv_smem,
-        _swizzled((ROWS, block_kv), dtype),  # p_tile
+        *(() if tuning.p_in_registers else (_swizzled((ROWS, block_kv), dtype),)),  # p_tile
         plgpu.SMEM((window,), jnp.int32),  # table
         plgpu.Barrier(),  # q
         plgpu.Barrier(),  # table
@@ -552,6 +568,8 @@ def paged_decode_attention_mgpu(
     reason = paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
     if reason is not None:
         raise ValueError(f"paged_decode_attention_mgpu cannot run these shapes: {reason}")
+    if interpret and tuning.p_in_registers:
+        raise ValueError("the Mosaic GPU interpreter takes wgmma operands from SMEM only: p_in_registers=False")
     return _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sm_scale=sm_scale, tuning=tuning,
                         interpret=interpret_params() if interpret else None)  # fmt: skip
 

@@ -171,6 +171,19 @@ def test_lowers_for_cuda_page_sizes(page_size, semantics):
 
 
 @pytest.mark.parametrize("semantics", mgpu.SEMANTICS)
+@pytest.mark.parametrize("splits", [1, 4])
+def test_lowers_for_cuda_p_in_registers(splits, semantics):
+    tuning = DecodeTuning(p_in_registers=True, num_splits=splits, semantics=semantics)
+    assert "mosaic_gpu" in lower_for_cuda(64, 32, 32, 2048, tuning)
+
+
+def test_interpreter_refuses_p_in_registers():
+    args = make_inputs(page_size=16, group=1, lens=(20,))
+    with pytest.raises(ValueError, match="SMEM only"):
+        paged_decode_attention_mgpu(*args, sm_scale=0.1, tuning=DecodeTuning(p_in_registers=True), interpret=True)
+
+
+@pytest.mark.parametrize("semantics", mgpu.SEMANTICS)
 def test_lowers_for_cuda_head_dim_64_one_stage(semantics):
     tuning = DecodeTuning(num_stages=1, num_splits=4, semantics=semantics)
     assert "mosaic_gpu" in lower_for_cuda(4, 16, 2, 1000, tuning, head_dim=64)
@@ -179,7 +192,8 @@ def test_lowers_for_cuda_head_dim_64_one_stage(semantics):
 # -- validation -------------------------------------------------------------------------------------------------------
 def test_tuning_rejects_bad_values():
     for bad in (dict(pages_per_block=3), dict(pages_per_block=0), dict(num_stages=0), dict(num_stages=9),
-                dict(num_splits=0), dict(num_splits=3), dict(num_splits=True), dict(semantics="thread")):  # fmt: skip
+                dict(num_splits=0), dict(num_splits=3), dict(num_splits=True), dict(semantics="thread"),
+                dict(p_in_registers=1)):  # fmt: skip
         with pytest.raises(ValueError):
             DecodeTuning(**bad)
     assert DecodeTuning(num_splits=4).name == "ppb4_st2_split4"
@@ -326,9 +340,18 @@ def test_gpu_sweep(page_size, group):
         check(args, tuning=tuning, interpret=False)
 
 
+# P in registers: the interpreter has no register wgmma operand, so these run compiled only.
+GPU_TUNINGS = {
+    **TUNINGS,
+    "lane": DecodeTuning(semantics="lane"),
+    "p-registers": DecodeTuning(p_in_registers=True),
+    "p-registers-lane": DecodeTuning(p_in_registers=True, semantics="lane"),
+    "p-registers-split-4-stages-3": DecodeTuning(p_in_registers=True, num_splits=4, num_stages=3),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("tuning", [*TUNINGS.values(), DecodeTuning(semantics="lane")],
-                         ids=[*TUNINGS, "lane"])  # fmt: skip
+@pytest.mark.parametrize("tuning", list(GPU_TUNINGS.values()), ids=list(GPU_TUNINGS))
 def test_gpu_tunings(tuning):
     args = make_inputs(page_size=16, group=4, lens=(1, 15, 16, 17, 7 * 64 + 5, 3000), num_kv_heads=8, seed=1)
     check(args, tuning=tuning, interpret=False)
