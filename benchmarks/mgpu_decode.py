@@ -128,6 +128,18 @@ def parse_tunings(text: str) -> list[Any]:
     return out
 
 
+def parse_shapes(text: str) -> list[tuple[str, int, int, int, int]]:
+    """'32/8/24/640,32/32/3/4096' -> cases (name, N, K, B, context)."""
+    cases = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            heads, kv_heads, batch, ctx = (int(v) for v in part.split("/"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a shape is 'N/K/B/context' (four ints), got {part!r}") from None
+        cases.append((f"N{heads}/K{kv_heads} B={batch} ctx={ctx}", heads, kv_heads, batch, ctx))
+    return cases
+
+
 def rel_err(out: Any, ref: Any) -> float:
     import jax.numpy as jnp
 
@@ -236,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tunings", type=parse_tunings, default=None, dest="tuning_list",
                         help="';'-separated tunings, each 'ppb=4,st=2,splits=1,sem=warpgroup|lane'")  # fmt: skip
     parser.add_argument("--cases", default=None, help="only cases whose name contains one of these (comma-separated)")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="these cases instead, each 'N/K/B/context' (q heads, kv heads, batch, tokens), "
+                        "comma-separated")  # fmt: skip
     parser.add_argument("--triton", action="store_true", help="also time jpaged's Triton kernel (default tuning)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes in interpret mode (the default off GPU)")
     parser.add_argument("--iters", type=int, default=20)
@@ -263,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not gpu:
         common.log("no GPU: tiny shapes through Pallas' Mosaic GPU interpreter (correctness only; times meaningless)")
         args.iters = min(args.iters, 2)
-    cases = TINY_CASES if args.tiny else GPU_CASES
+    cases = args.shapes or (TINY_CASES if args.tiny else GPU_CASES)
     if args.cases:
         words = [w.strip() for w in args.cases.split(",")]
         cases = [c for c in cases if any(w in c[0] for w in words)]
