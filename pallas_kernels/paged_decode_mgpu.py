@@ -111,7 +111,10 @@ class DecodeTuning:
     # per-thread layouts). Both lower on CPU; one may compile where the other does not.
     semantics: str = "warpgroup"
     # The PV wgmma takes P from registers (wgmma's register A operand, as JAX's FlashAttention-3 kernel does) instead
-    # of a swizzled SMEM tile: no P store and proxy fence a block, 8 KB less SMEM a program.
+    # of a swizzled SMEM tile: no P store and proxy fence a block, 8 KB less SMEM a program. Off by default: on the
+    # H200 it gained 1-3.5% at G = 1 and 7% for long unsplit sequences but lost 2.6% at Llama-3-8B B 64, and 1% of
+    # the attention's time in the engine's batch-128 step (docs/benchmarks.md, eleventh session); the interpreter
+    # cannot run it.
     p_in_registers: bool = False
 
     def __post_init__(self) -> None:
@@ -155,7 +158,10 @@ def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
     B 16 x K 8 = 128 programs 2 splits 3.97-4.00 TB/s, 4 splits 3.97-4.03, 16 splits 3.78-3.80 (two runs). Between
     133 and 264 programs it runs no split: B 8 x K 32 at 4096 tokens 3.77 TB/s (2 splits 3.75-3.77, 4 splits 3.66);
     B 24 x K 8 at 8192, 3.64-3.72 against 3.33 with the 2 splits the previous rule took, but 3.94 with 4 (768
-    programs, ~3 waves, which balance the SMs where 192 programs leave 72 of them one CTA): what "one wave" misses.
+    programs, ~3 waves, which balance the SMs where 192 programs leave 72 of them one CTA). That gain is a long
+    context's alone (eleventh session, tables 2048 tokens wide): B 24 x K 8 at 2048 tokens 3.43 TB/s unsplit
+    against 3.22 with 4 splits, at 640 tokens 2.77 against 2.20; B 6 x K 32 within 5% for 1, 2 and 4 splits. The
+    split count is static and the context is not, so the rule stays one wave.
     """
     programs = num_seqs * num_kv_heads
     splits = 1
