@@ -47,8 +47,8 @@ warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecat
 MAX_REL_ERR = 1e-2
 PAGE_SIZE = 16
 HEAD_DIM = 128
-# (name, N q-heads, K kv-heads, B, context)
-GPU_CASES = [
+Case = tuple[str, int, int, int, int]  # (name, N q-heads, K kv-heads, B, context)
+GPU_CASES: list[Case] = [
     ("llama3-8b B=64 ctx=2048", 32, 8, 64, 2048),
     ("llama2-7b B=64 ctx=2048", 32, 32, 64, 2048),
     ("llama3-8b B=16 ctx=16384", 32, 8, 16, 16384),
@@ -60,7 +60,7 @@ GPU_CASES = [
     # throughput.py's fixed:128 run mid-decode (512-token prompts, 128 of 256 tokens out): the engine's batch-128 step
     ("llama2-7b B=128 ctx=640", 32, 32, 128, 640),
 ]
-TINY_CASES = [("tiny gqa4 B=3 ctx=200", 8, 2, 3, 200), ("tiny mha B=2 ctx=70", 2, 2, 2, 70)]
+TINY_CASES: list[Case] = [("tiny gqa4 B=3 ctx=200", 8, 2, 3, 200), ("tiny mha B=2 ctx=70", 2, 2, 2, 70)]
 # --tunings keys -> DecodeTuning fields
 _KEYS = {"ppb": "pages_per_block", "st": "num_stages", "splits": "num_splits", "sem": "semantics",
          "preg": "p_in_registers"}  # fmt: skip
@@ -71,18 +71,25 @@ def kv_bytes(kv_heads: int, batch: int, ctx: int, head_dim: int = HEAD_DIM, item
 
 
 def make_inputs(heads: int, kv_heads: int, batch: int, ctx: int, *, head_dim: int = HEAD_DIM, seed: int = 0,
-                table_len: int = 0):  # fmt: skip
-    """q [B, N, H]; k/v pages [K, P, S, H] with page 0 the (unused) null page; page tables a random permutation of
-    the pool, padded with the null page to table_len tokens' pages; seq_lens = ctx; num_seqs = B. (As
-    benchmarks/kernels.py's make_inputs, for its decode cases.)"""
+                table_len: int = 0, pool_pages: int = 0, page_order: str = "random"):  # fmt: skip
+    """q [B, N, H]; k/v pages [K, P, S, H] with page 0 the (unused) null page; page tables drawn from the pool
+    (P = max(the pages the batch needs + 1, pool_pages)): distinct pages in random order, or with page_order
+    "sequential" each sequence's pages consecutive, sequences spread evenly over the pool (as a fresh engine's
+    allocator hands them out); tables padded with the null page to table_len tokens' pages; seq_lens = ctx;
+    num_seqs = B. (As benchmarks/kernels.py's make_inputs, for its decode cases.)"""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     rng = np.random.default_rng(seed)
     pages_per_seq = -(-ctx // PAGE_SIZE)
-    num_pages = batch * pages_per_seq + 1
-    tables = rng.permutation(np.arange(1, num_pages, dtype=np.int32)).reshape(batch, pages_per_seq)
+    num_pages = max(batch * pages_per_seq + 1, pool_pages)
+    if page_order == "sequential":
+        stride = (num_pages - 1) // batch
+        tables = 1 + stride * np.arange(batch, dtype=np.int32)[:, None] + np.arange(pages_per_seq, dtype=np.int32)
+    else:
+        tables = rng.permutation(np.arange(1, num_pages, dtype=np.int32))[: batch * pages_per_seq]
+        tables = tables.reshape(batch, pages_per_seq)
     tables = np.pad(tables, ((0, 0), (0, max(0, -(-table_len // PAGE_SIZE) - pages_per_seq))))
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     shape = (kv_heads, num_pages, PAGE_SIZE, head_dim)
@@ -128,7 +135,7 @@ def parse_tunings(text: str) -> list[Any]:
     return out
 
 
-def parse_shapes(text: str) -> list[tuple[str, int, int, int, int]]:
+def parse_shapes(text: str) -> list[Case]:
     """'32/8/24/640,32/32/3/4096' -> cases (name, N, K, B, context)."""
     cases = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -190,7 +197,8 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
     case: dict[str, Any] = {"case": name, "heads": heads, "kv_heads": kv_heads, "batch": batch, "context": ctx,
             "kv_bytes": kv_bytes(kv_heads, batch, ctx, head_dim)}  # fmt: skip
     common.log(f"{name}: {case['kv_bytes'] / 1e9:.3f} GB of K+V")
-    inputs = make_inputs(heads, kv_heads, batch, ctx, head_dim=head_dim, seed=args.seed, table_len=args.table_len)
+    inputs = make_inputs(heads, kv_heads, batch, ctx, head_dim=head_dim, seed=args.seed, table_len=args.table_len,
+                         pool_pages=args.pool_pages, page_order=args.page_order)  # fmt: skip
     sm_scale = 1.0 / math.sqrt(head_dim)
     ref = common.block(paged_decode_reference(*inputs, sm_scale=sm_scale))
     # --chain: distinct copies of the pages, so that each call reads its K/V from HBM, not from the L2
@@ -204,6 +212,7 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
             continue
         kernel = functools.partial(paged_decode_attention_mgpu, sm_scale=sm_scale, tuning=tuning,
                                    interpret=args.interpret)  # fmt: skip
+        fn: Callable[[], Any]
         if args.chain > 1:  # one jitted call over every copy of the pages: the host's dispatch paid once
             chained = jax.jit(lambda q, kvs, rest, kernel=kernel: [kernel(q, k, v, *rest) for k, v in kvs])
             fn = functools.partial(chained, inputs[0], kv_copies, inputs[3:])
@@ -262,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--table-len", type=int, default=0, help="pad page tables with null pages to this many tokens (max_model_len)"
     )
+    parser.add_argument("--pool-pages", type=int, default=0,
+                        help="pages in the pool (at least what the case needs): an engine's pool is ~2.5x the "
+                        "fixed:128 step's (Llama-2-7B, 0.9 of an H200: ~12,500 a layer)")  # fmt: skip
+    parser.add_argument(
+        "--page-order",
+        choices=("random", "sequential"),
+        default="random",
+        help="each sequence's pages: distinct random pool pages, or consecutive ones",
+    )
     parser.add_argument("--goal-tbps", type=float, default=3.6, help="the decode goal (85%% of 4.28 TB/s)")
     parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
     common.add_output_arguments(parser)
@@ -278,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not gpu:
         common.log("no GPU: tiny shapes through Pallas' Mosaic GPU interpreter (correctness only; times meaningless)")
         args.iters = min(args.iters, 2)
-    cases = args.shapes or (TINY_CASES if args.tiny else GPU_CASES)
+    cases: list[Case] = args.shapes or (TINY_CASES if args.tiny else GPU_CASES)
     if args.cases:
         words = [w.strip() for w in args.cases.split(",")]
         cases = [c for c in cases if any(w in c[0] for w in words)]

@@ -369,3 +369,28 @@ def test_benchmark_runs_interpreted(tmp_path, table_len, chain):
     [row] = record["rows"]
     assert row["ok"], row.get("error")
     assert row["rel_err"] <= MAX_REL_ERR and row["ctas_per_sm"] == 2
+
+
+@pytest.mark.parametrize("page_order", ["random", "sequential"])
+def test_benchmark_pages_come_from_an_engine_sized_pool(page_order):
+    from benchmarks import mgpu_decode
+
+    _, k, _, tables, seq_lens, _ = mgpu_decode.make_inputs(4, 2, 3, 40, head_dim=16, table_len=96, pool_pages=50,
+                                                          page_order=page_order)  # fmt: skip
+    assert k.shape[1] == 50 and tables.shape == (3, 6) and list(seq_lens) == [40] * 3
+    used = np.asarray(tables[:, :3])  # 40 tokens: 3 pages a sequence, then null-page padding
+    assert np.all(np.asarray(tables[:, 3:]) == 0)
+    assert len(set(used.ravel())) == 9 and used.min() >= 1 and used.max() < 50
+    if page_order == "sequential":
+        assert np.all(np.diff(used, axis=1) == 1) and used[-1, 0] > 30  # consecutive, spread over the pool
+
+
+def test_benchmark_shapes_flag():
+    from benchmarks import mgpu_decode
+
+    assert mgpu_decode.parse_shapes("32/8/24/640, 32/32/3/4096") == [
+        ("N32/K8 B=24 ctx=640", 32, 8, 24, 640),
+        ("N32/K32 B=3 ctx=4096", 32, 32, 3, 4096),
+    ]
+    with pytest.raises(Exception, match="N/K/B/context"):
+        mgpu_decode.parse_shapes("32/8/24")
