@@ -63,7 +63,7 @@ GPU_CASES: list[Case] = [
 TINY_CASES: list[Case] = [("tiny gqa4 B=3 ctx=200", 8, 2, 3, 200), ("tiny mha B=2 ctx=70", 2, 2, 2, 70)]
 # --tunings keys -> DecodeTuning fields
 _KEYS = {"ppb": "pages_per_block", "st": "num_stages", "splits": "num_splits", "sem": "semantics",
-         "preg": "p_in_registers"}  # fmt: skip
+         "preg": "p_in_registers", "posm": "positions_on_m"}  # fmt: skip
 
 
 def kv_bytes(kv_heads: int, batch: int, ctx: int, head_dim: int = HEAD_DIM, itemsize: int = 2) -> int:
@@ -116,7 +116,8 @@ def default_tunings(kv_heads: int, batch: int) -> list[Any]:
 
 
 def parse_tunings(text: str) -> list[Any]:
-    """'ppb=4,st=2,splits=4;ppb=8,sem=lane;preg=1' -> DecodeTunings (unnamed fields keep their defaults)."""
+    """'ppb=4,st=2,splits=4;ppb=8,sem=lane;preg=1;posm=1,sem=lane' -> DecodeTunings (unnamed fields keep their
+    defaults)."""
     from jpaged.kernels.paged_decode_mgpu import DecodeTuning
 
     out = []
@@ -127,7 +128,7 @@ def parse_tunings(text: str) -> list[Any]:
             name = _KEYS.get(key.strip(), key.strip())
             if name == "semantics":
                 fields[name] = value.strip()
-            elif name == "p_in_registers":
+            elif name in ("p_in_registers", "positions_on_m"):
                 fields[name] = bool(int(value))
             else:
                 fields[name] = int(value)
@@ -221,8 +222,8 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
         row = run_config(case, "mgpu", tuning.name, fn, ref, args, calls=args.chain)
         row["tuning"] = {"pages_per_block": tuning.pages_per_block, "num_stages": tuning.num_stages,
                          "num_splits": tuning.num_splits, "semantics": tuning.semantics}  # fmt: skip
-        row["smem_bytes"] = smem_bytes(jnp.bfloat16, head_dim, PAGE_SIZE, inputs[3].shape[1], tuning)
-        row["ctas_per_sm"] = ctas_per_sm(row["smem_bytes"])  # estimated from SMEM
+        row["smem_bytes"] = smem_bytes(jnp.bfloat16, head_dim, PAGE_SIZE, inputs[3].shape[1], tuning, heads // kv_heads)
+        row["ctas_per_sm"] = ctas_per_sm(row["smem_bytes"], tuning)  # estimated
         rows.append(row)
     if args.triton:
         from jpaged.kernels import paged_attention

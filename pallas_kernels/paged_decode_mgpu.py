@@ -39,6 +39,16 @@ Design.
   reductions: no better at G = 8 and far more code. A transposed formulation (K_block @ q^T with N = 8) would cut
   the MMA work 8x but puts the softmax reduction across warps and needs P transposed in SMEM: a later optimisation
   if measurements show the tensor cores or the softmax, not HBM, to be the limit.
+- Positions on M (`DecodeTuning.positions_on_m`, off by default, unmeasured on a GPU): the same math transposed,
+  scores^T [block_kv, Q] = K_block @ q^T and acc^T [H, Q] += V_block^T @ P^T with Q = G rounded up to 8 (wgmma's
+  smallest N), so at G <= 8 the tensor cores do 1/8 of the padded work above, the softmax handles block_kv x Q
+  scores (its per-query max and sum reduce across the warpgroup's four warps, through Mosaic's SMEM scratch) and
+  the accumulator is [H, Q]. q's Q rows from the program's first are TMA-copied straight into the swizzled tile
+  (whole tiles, so no staging), pulled back to end at q's last row for the last programs, whose queries then sit
+  at tile columns > 0; P^T is stored through a transposed view of a [Q, block_kv] tile; the output is stored
+  transposed into a [Q, H] staging buffer and its G rows copied out (split-K: the float32 [H, Q] tile goes out as
+  it is, Mosaic GPU not storing float32 transposed, and the combine picks the program's columns). It lowers with the
+  lane semantics only: the warpgroup lowering's layout inference rejects the q copy from an unaligned row.
 - Paging: the program first TMA-copies its window of the page table (the pages its split can touch) into SMEM with
   one contiguous bulk copy, then issues, per ring slot, one [S, H] TMA per page for K and one for V into the slot's
   tile rows; K and V of a slot have one barrier each (pages_per_block copies arrive on it). K/V pages are addressed
@@ -116,6 +126,13 @@ class DecodeTuning:
     # the attention's time in the engine's batch-128 step (docs/benchmarks.md, eleventh session); the interpreter
     # cannot run it.
     p_in_registers: bool = False
+    # The transposed formulation: scores^T [block_kv, Q] = K_block q^T and acc^T [H, Q] += V_block^T P^T, the kv
+    # positions on wgmma's M and the G queries on its N, Q = `q_columns(G)` (8 for G <= 8), so the tensor cores do
+    # Q / 64 of the q-rows-on-M formulation's padded work (1/8 at G <= 8), the softmax runs on block_kv x Q scores
+    # (its reductions across the warpgroup's warps, through SMEM) and a program holds ~20 KB less SMEM and a tenth of
+    # the accumulator registers. Needs B * N a multiple of 8 (q's rows are copied Q at a time) and semantics="lane".
+    # Unmeasured on a GPU.
+    positions_on_m: bool = False
 
     def __post_init__(self) -> None:
         for name in ("pages_per_block", "num_stages", "num_splits"):
@@ -127,8 +144,15 @@ class DecodeTuning:
                 raise ValueError(f"DecodeTuning.{name} must be a power of two, got {getattr(self, name)}")
         if self.num_stages > 8:
             raise ValueError(f"DecodeTuning.num_stages must be <= 8, got {self.num_stages}")
-        if not isinstance(self.p_in_registers, bool):
-            raise ValueError(f"DecodeTuning.p_in_registers must be a bool, got {self.p_in_registers!r}")
+        for name in ("p_in_registers", "positions_on_m"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DecodeTuning.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.positions_on_m and self.semantics != "lane":
+            raise ValueError("DecodeTuning: positions_on_m lowers with semantics='lane' only (the warpgroup "
+                             "lowering's layout inference rejects its q copy from an unaligned row)")  # fmt: skip
+        if self.p_in_registers and self.positions_on_m:
+            raise ValueError("DecodeTuning: P is wgmma's B operand with positions on M, which must be in SMEM: "
+                             "p_in_registers and positions_on_m exclude one another")  # fmt: skip
         if self.semantics not in SEMANTICS:
             raise ValueError(f"DecodeTuning.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
 
@@ -139,6 +163,8 @@ class DecodeTuning:
             name += f"_split{self.num_splits}"
         if self.p_in_registers:
             name += "_preg"
+        if self.positions_on_m:
+            name += "_posm"
         return name + ("_lane" if self.semantics == "lane" else "")
 
 
@@ -193,26 +219,35 @@ def _window(max_pages: int, pages_per_block: int, num_splits: int) -> int:
     return min(width, _round_up(-(-blocks // num_splits) * pages_per_block + 3, _TABLE_QUANTUM))
 
 
-def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: DecodeTuning) -> int:
+def q_columns(group: int) -> int:
+    """Q: the query tile's rows with positions on M (wgmma's N, a multiple of 8)."""
+    return _round_up(group, 8)
+
+
+def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: DecodeTuning, group: int = 1) -> int:
     """SMEM one program allocates: its buffers, each rounded to 1 KB, and 3 KB for barriers and Mosaic's reduction
     scratch (an upper bound: 112,688 bytes lowered vs 113,664 estimated for the default tuning at 1024 pages)."""
     itemsize = jnp.dtype(q_dtype).itemsize
     block_kv = tuning.pages_per_block * page_size
     ring = 2 * tuning.num_stages * block_kv * head_dim * itemsize
-    split_out = (ROWS * head_dim + 256) * 4 if tuning.num_splits > 1 else 0  # float32 output, log-sum-exp
+    rows = q_columns(group) if tuning.positions_on_m else ROWS  # the q tile's rows
+    split_out = (rows * head_dim + 256) * 4 if tuning.num_splits > 1 else 0  # float32 output, log-sum-exp
     buffers = [
-        ROWS * head_dim * itemsize,  # q staging
-        ROWS * head_dim * itemsize,  # q tile
+        rows * head_dim * itemsize,  # q staging (q rows on M), output staging (positions on M)
+        rows * head_dim * itemsize,  # q tile
         max(ring, split_out),  # K and V ring slots; split-K's output staging shares their SMEM
-        0 if tuning.p_in_registers else ROWS * block_kv * itemsize,  # P tile
+        0 if tuning.p_in_registers else rows * block_kv * itemsize,  # P tile
         4 * _window(max_pages, tuning.pages_per_block, tuning.num_splits),  # page-table window
     ]
     return sum(_round_up(b, 1024) for b in buffers) + 3 * 1024
 
 
-def ctas_per_sm(smem: int) -> int:
-    """Programs that fit an H100/H200 SM by SMEM (228 KB, 1 KB reserved per CTA); registers allow 2 at 128 threads."""
-    return min(2, _SM_SMEM // (smem + 1024))
+def ctas_per_sm(smem: int, tuning: DecodeTuning | None = None) -> int:
+    """Programs that fit an H100/H200 SM by SMEM (228 KB, 1 KB reserved per CTA); with q rows on M, registers
+    allow 2 at 128 threads (two [64, H] float32 accumulators and the scores); with positions on M, an estimate from
+    SMEM alone (the accumulators are a tenth the size)."""
+    by_smem = _SM_SMEM // (smem + 1024)
+    return by_smem if tuning is not None and tuning.positions_on_m else min(2, by_smem)
 
 
 def paged_decode_mgpu_unsupported_reason(
@@ -235,7 +270,11 @@ def paged_decode_mgpu_unsupported_reason(
         return f"block_kv = pages_per_block * page_size = {block_kv} is not a multiple of 64 <= 256"
     if group > ROWS:
         return f"G = {group} q heads per kv head > {ROWS}"
-    smem = smem_bytes(q.dtype, head_dim, page_size, page_tables.shape[1], tuning)
+    if tuning.positions_on_m:
+        q_rows = q.shape[0] * q.shape[1]
+        if q_rows % 8 or q_rows < q_columns(group):
+            return f"positions_on_m copies q {q_columns(group)} rows at a time: B * N = {q_rows}, not a multiple of 8"
+    smem = smem_bytes(q.dtype, head_dim, page_size, page_tables.shape[1], tuning, group)
     if smem > _SMEM_LIMIT:
         return f"needs {smem} bytes of SMEM > {_SMEM_LIMIT} (fewer stages or pages per block, or more splits)"
     return None
@@ -283,21 +322,28 @@ def _decode_kernel(
     tuning: DecodeTuning,
 ):
     splits = tuning.num_splits
+    transposed = tuning.positions_on_m
     if splits == 1:
         o_ref, *scratch = refs  # o_ref [B * N, H] q.dtype
     else:
-        # o_ref [splits, B * N, H] f32; lse_ref [splits, B, K, 64] f32 (entries >= G: the garbage rows')
+        # o_ref [splits, B * N, H] f32 (q rows on M) or [splits, B, K, H, Q] f32 (positions on M: each program's
+        # tile); lse_ref [splits, B, K, L] f32, L = 64 (q rows on M: entries >= G are the garbage rows') or Q
+        # (positions on M: entry c is the tile's column c)
         o_ref, lse_ref, *scratch = refs
-    if tuning.p_in_registers:
+    # Scratch, by formulation (`_scratch_types`); R = 64 rows of q on M, or Q = `q_columns(G)` on N:
+    # q_stage [64, H] q.dtype unswizzled (q rows on M): q rows as TMA brings them, and the output rows on the way out;
+    # o_stage [Q, H] q.dtype unswizzled (positions on M): the output rows on the way out;
+    # q_tile [R or Q, H] swizzled (a wgmma operand); p_tile [64, block_kv] (q rows on M) or [Q, block_kv] (positions
+    # on M) swizzled, absent with P in registers; table [window] int32: page ids;
+    # kv_smem: (k_ring, v_ring), each [num_stages, block_kv, H] swizzled; for split-K a union of that with
+    # (o32 [64, H] or [H, Q] f32, lse [64 or Q] f32), the output staging, used only once the ring is idle
+    if transposed:
+        (q_tile, o_stage, kv_smem, p_tile, table, q_bar, table_bar, k_bars, v_bars) = scratch
+    elif tuning.p_in_registers:
         (q_stage, q_tile, kv_smem, table, q_bar, table_bar, k_bars, v_bars) = scratch
         p_tile = None
     else:
         (q_stage, q_tile, kv_smem, p_tile, table, q_bar, table_bar, k_bars, v_bars) = scratch
-    # q_stage [64, H] q.dtype unswizzled: q rows as TMA brings them, and the output rows (q.dtype) on the way out
-    # q_tile [64, H] swizzled (wgmma A); p_tile [64, block_kv] swizzled (absent with P in registers); table [window]
-    # int32: page ids
-    # kv_smem: (k_ring, v_ring), each [num_stages, block_kv, H] swizzled; for split-K a union of that with
-    # (o32 [64, H] f32, lse [64] f32), the output staging, which is used only once the ring is idle
     if splits == 1:
         k_ring, v_ring = kv_smem
     else:
@@ -310,10 +356,19 @@ def _decode_kernel(
     split = lax.axis_index("s") if splits > 1 else 0
 
     first_row = b * num_heads + h * group  # this program's first q (and output) row in the [B * N, H] views
-    # Only its G rows: q_stage's other rows hold whatever SMEM held, and so do the q tile's, the scores' and the
-    # output's rows past G, which are never stored but in the lse row (each wgmma output row depends on its own A row
-    # alone; the combine reads lse entries < G).
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, group)], q_stage.at[pl.ds(0, group)], q_bar)
+    if transposed:
+        # Q whole rows straight into the swizzled tile (a tile-aligned copy), from a start clamped so they stay
+        # inside q: this program's G queries are the tile's columns `col` .. col + G - 1 (col > 0 only near the
+        # end of q); the other columns are other heads' queries, whose scores and outputs are never stored.
+        q_cols = q_tile.shape[0]
+        q_start = jnp.minimum(first_row, q_ref.shape[0] - q_cols)
+        col = first_row - q_start
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, q_cols)], q_tile, q_bar)
+    else:
+        # Only its G rows: q_stage's other rows hold whatever SMEM held, and so do the q tile's, the scores' and the
+        # output's rows past G, which are never stored but in the lse row (each wgmma output row depends on its own A
+        # row alone; the combine reads lse entries < G).
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row, group)], q_stage.at[pl.ds(0, group)], q_bar)
 
     live = b < num_seqs_ref[0]
     kv_len = jnp.where(live, jnp.minimum(seq_lens_ref[b], max_len), 0)
@@ -353,15 +408,26 @@ def _decode_kernel(
             issue_v(i, i)
 
     plgpu.barrier_wait(q_bar)
-    # Once per program: bank conflicts do not matter (optimized=False lets the lane lowering accept the copy).
-    q_tile[...] = plgpu.load(q_stage, layout=plgpu.Layout.WGMMA, optimized=False)
-    plgpu.commit_smem()  # q_tile's generic-proxy writes before the wgmma reads them
+    if not transposed:
+        # Once per program: bank conflicts do not matter (optimized=False lets the lane lowering accept the copy).
+        q_tile[...] = plgpu.load(q_stage, layout=plgpu.Layout.WGMMA, optimized=False)
+        plgpu.commit_smem()  # q_tile's generic-proxy writes before the wgmma reads them
 
+    # The softmax runs along the kv positions: wgmma's N (axis 1) with q rows on M, its M (axis 0) transposed.
+    # Scores are [64, block_kv] or [block_kv, Q]; acc is [64, H] or [H, Q]; m_i and l_i have one entry per query.
+    pos_axis, q_axis = (0, 1) if transposed else (1, 0)
     scale = sm_scale * _LOG2E  # scores in log2 units: exp2 instead of exp
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    acc = plgpu.layout_cast(jnp.zeros((ROWS, q_tile.shape[1]), jnp.float32), plgpu.Layout.WGMMA)
-    m_i = plgpu.layout_cast(jnp.full((ROWS,), MASK_VALUE, jnp.float32), row_layout)
-    l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+    per_query = plgpu.Layout.WGMMA.reduce(pos_axis)
+    num_queries = q_tile.shape[0]
+    head_dim = q_tile.shape[1]
+    acc_shape = (head_dim, num_queries) if transposed else (num_queries, head_dim)
+    scores_shape = (block_kv, num_queries) if transposed else (num_queries, block_kv)
+    acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
+    m_i = plgpu.layout_cast(jnp.full((num_queries,), MASK_VALUE, jnp.float32), per_query)
+    l_i = plgpu.layout_cast(jnp.zeros((num_queries,), jnp.float32), per_query)
+
+    def per_query_bcast(x, shape):
+        return lax.broadcast_in_dim(x, shape, [q_axis])
 
     def body(j, carry):
         acc, m_i, l_i = carry
@@ -369,55 +435,69 @@ def _decode_kernel(
         plgpu.barrier_wait(k_bars.at[slot])
 
         def compute_qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_tile, k_ring.at[slot].transpose((1, 0)))
+            if transposed:  # K_block [block_kv, H] @ q^T [H, Q]
+                plgpu.wgmma(acc_ref, k_ring.at[slot], q_tile.transpose((1, 0)))
+            else:  # q [64, H] @ K_block^T [H, block_kv]
+                plgpu.wgmma(acc_ref, q_tile, k_ring.at[slot].transpose((1, 0)))
             return acc_ref[...]
 
-        scores = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, block_kv), jnp.float32))  # [64, block_kv]
+        scores = pl.run_scoped(compute_qk, plgpu.ACC(scores_shape, jnp.float32))
         refill = j + stages < num_blocks
         # Reading the scores waited for the wgmma: K's slot is free, refill it while the softmax and PV run.
         pl.when(refill)(lambda: issue_k(j + stages, slot))
-        kv_pos = (lo + j) * block_kv + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
+        kv_pos = (lo + j) * block_kv + plgpu.broadcasted_iota(jnp.int32, scores_shape, pos_axis,
+                                                              layout=plgpu.Layout.WGMMA)  # fmt: skip
         scores = jnp.where(kv_pos < kv_len, scores * scale, MASK_VALUE)
-        # Every block this loop visits holds a visible position, so m_next is a real score in every row.
-        m_next = jnp.maximum(m_i, scores.max(axis=1))
+        # Every block this loop visits holds a visible position, so m_next is a real score for every query.
+        m_next = jnp.maximum(m_i, scores.max(axis=pos_axis))
         alpha = jnp.exp2(m_i - m_next)  # 0 on the first block (m_i = MASK_VALUE)
-        probs = jnp.exp2(scores - lax.broadcast_in_dim(m_next, scores.shape, [0]))
-        l_next = l_i * alpha + probs.sum(axis=1)
+        probs = jnp.exp2(scores - per_query_bcast(m_next, scores_shape))
+        l_next = l_i * alpha + probs.sum(axis=pos_axis)
+        p_operand: Any
         if p_tile is None:
-            p_operand: Any = probs.astype(q_tile.dtype)
+            p_operand = probs.astype(q_tile.dtype)
         else:
-            p_tile[...] = probs.astype(p_tile.dtype)
+            p_view = p_tile.transpose((1, 0)) if transposed else p_tile  # P^T [block_kv, Q] or P [64, block_kv]
+            p_view[...] = probs.astype(p_tile.dtype)
             plgpu.commit_smem()
-            p_operand = p_tile
+            p_operand = p_view
         plgpu.barrier_wait(v_bars.at[slot])
 
         def compute_pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_operand, v_ring.at[slot])
+            if transposed:  # V_block^T [H, block_kv] @ P^T [block_kv, Q]
+                plgpu.wgmma(acc_ref, v_ring.at[slot].transpose((1, 0)), p_operand)
+            else:  # P [64, block_kv] @ V_block [block_kv, H]
+                plgpu.wgmma(acc_ref, p_operand, v_ring.at[slot])
             return acc_ref[...]
 
         # A fresh accumulator, added to the rescaled running one: the interpreter has no rule for a pre-initialised
-        # one (pl.run_state), and the extra 64 x H adds are cheap. Reading it waits for the wgmma, so K and V of
-        # `slot` are free afterwards.
-        pv = pl.run_scoped(compute_pv, plgpu.ACC((ROWS, acc.shape[1]), jnp.float32))
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+        # one (pl.run_state), and the extra adds are cheap. Reading it waits for the wgmma, so K and V of `slot` are
+        # free afterwards.
+        pv = pl.run_scoped(compute_pv, plgpu.ACC(acc_shape, jnp.float32))
+        acc = acc * per_query_bcast(alpha, acc_shape) + pv
 
         pl.when(refill)(lambda: issue_v(j + stages, slot))
         return acc, m_next, l_next
 
     acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
-    seen = l_i > 0  # False only for rows of a program with no blocks (padding, empty split)
-    out = acc / lax.broadcast_in_dim(jnp.where(seen, l_i, 1.0), acc.shape, [0])  # 0 where nothing was seen
-    rows = pl.ds(0, group)
+    seen = l_i > 0  # False only for queries of a program with no blocks (padding, empty split)
+    out = acc / per_query_bcast(jnp.where(seen, l_i, 1.0), acc_shape)  # 0 where nothing was seen
+    # Output rows: the G rows from row 0 (q rows on M) or from column `col`, stored transposed (positions on M).
+    rows = pl.ds(col, group) if transposed else pl.ds(0, group)
     if splits == 1:
-        q_stage[...] = out.astype(q_stage.dtype)
+        stage = o_stage if transposed else q_stage
+        (stage.transpose((1, 0)) if transposed else stage)[...] = out.astype(stage.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_stage.at[rows], o_ref.at[pl.ds(first_row, group)])
+        plgpu.copy_smem_to_gmem(stage.at[rows], o_ref.at[pl.ds(first_row, group)])
     else:
         o32, lse = out_stage
         o32[...] = out
         lse[...] = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), MASK_VALUE)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o32.at[rows], o_ref.at[split, pl.ds(first_row, group)])
+        if transposed:  # o_ref [splits, B, K, H, Q]: the program's whole [H, Q] tile
+            plgpu.copy_smem_to_gmem(o32, o_ref.at[split, b, h])
+        else:
+            plgpu.copy_smem_to_gmem(o32.at[rows], o_ref.at[split, pl.ds(first_row, group)])
         plgpu.copy_smem_to_gmem(lse, lse_ref.at[split, b, h])
     plgpu.wait_smem_to_gmem(0)
 
@@ -442,17 +522,29 @@ def _combine_kernel(
 
 
 def _combine_splits(o_part, lse_part, *, num_heads: int, group: int, dtype, interpret: bool):
-    """The split-K merge as one Triton-style launch, a program per (sequence, query head): o_part [splits, B * N, H]
-    and lse_part [splits, B, K, 64] float32 (the decode kernel's outputs) -> [B * N, H] in dtype. (XLA made three
-    launches of it, ~1.3 us each at batch 1.)"""
-    splits, rows, head_dim = o_part.shape
+    """The split-K merge as one Triton-style launch, a program per (sequence, query head) -> [B * N, H] in dtype.
+    (XLA made three launches of it, ~1.3 us each at batch 1.) The decode kernel's outputs, float32:
+    - q rows on M: o_part [splits, B * N, H] and lse_part [splits, B, K, 64], query g of (b, kv head h) at lse entry g;
+    - positions on M: o_part [splits, B, K, H, Q] and lse_part [splits, B, K, Q], each program's tile columns as they
+      are, query g at column g plus how far that program's q copy was pulled back from q's end."""
+    splits, batch, _, q_cols = lse_part.shape
+    head_dim = o_part.shape[-1] if o_part.ndim == 3 else o_part.shape[-2]
+    rows = batch * num_heads
+
+    def column(b, n):
+        first_row = b * num_heads + (n // group) * group
+        return first_row - jnp.minimum(first_row, rows - q_cols) + n % group
+
+    if o_part.ndim == 3:
+        o_spec = pl.BlockSpec((splits, None, head_dim), lambda b, n: (0, b * num_heads + n, 0))
+        lse_spec = pl.BlockSpec((splits, None, None, None), lambda b, n: (0, b, n // group, n % group))
+    else:
+        o_spec = pl.BlockSpec((splits, None, None, head_dim, None), lambda b, n: (0, b, n // group, 0, column(b, n)))
+        lse_spec = pl.BlockSpec((splits, None, None, None), lambda b, n: (0, b, n // group, column(b, n)))
     return pl.pallas_call(
         _combine_kernel,
-        grid=(rows // num_heads, num_heads),
-        in_specs=[
-            pl.BlockSpec((splits, None, head_dim), lambda b, n: (0, b * num_heads + n, 0)),
-            pl.BlockSpec((splits, None, None, None), lambda b, n: (0, b, n // group, n % group)),
-        ],
+        grid=(batch, num_heads),
+        in_specs=[o_spec, lse_spec],
         out_specs=pl.BlockSpec((None, head_dim), lambda b, n: (b * num_heads + n, 0)),
         out_shape=pallas_out_struct((rows, head_dim), dtype, o_part, lse_part),
         compiler_params=triton.CompilerParams(num_warps=1, num_stages=1),
@@ -490,22 +582,30 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
         _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # V
     )
     kv_smem: Any = ring
+    rows = q_columns(group) if tuning.positions_on_m else ROWS  # the q tile's rows
     out_rows = num_seqs_max * num_heads
     out_type: Any
     if splits == 1:
         out_type = jax.ShapeDtypeStruct((out_rows, head_dim), dtype)
     else:
-        out_stage = (plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32))
+        # Positions on M: the float32 output leaves as the accumulator holds it, [H, Q] a program (Mosaic GPU does
+        # not store it transposed), and the combine picks the program's columns.
+        o_stage_shape = (head_dim, rows) if tuning.positions_on_m else (rows, head_dim)
+        out_stage = (plgpu.SMEM(o_stage_shape, jnp.float32), plgpu.SMEM((rows,), jnp.float32))
         kv_smem = plgpu.RefUnion(ring, out_stage)  # keeps split-K at the SMEM (and CTAs per SM) of no split
+        o_part_shape = (num_seqs_max, num_kv_heads, head_dim, rows) if tuning.positions_on_m else (out_rows, head_dim)
         out_type = (
-            jax.ShapeDtypeStruct((splits, out_rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((splits, num_seqs_max, num_kv_heads, ROWS), jnp.float32),
+            jax.ShapeDtypeStruct((splits, *o_part_shape), jnp.float32),
+            jax.ShapeDtypeStruct((splits, num_seqs_max, num_kv_heads, rows), jnp.float32),
         )
+    if tuning.positions_on_m:  # (q_tile, o_stage); the q tile is copied straight from q
+        q_buffers: tuple[Any, ...] = (_swizzled((rows, head_dim), dtype), plgpu.SMEM((rows, head_dim), dtype))
+    else:  # (q_stage, q_tile)
+        q_buffers = (plgpu.SMEM((rows, head_dim), dtype), _swizzled((rows, head_dim), dtype))
     scratch = (
-        plgpu.SMEM((ROWS, head_dim), dtype),  # q_stage
-        _swizzled((ROWS, head_dim), dtype),  # q_tile
+        *q_buffers,
         kv_smem,
-        *(() if tuning.p_in_registers else (_swizzled((ROWS, block_kv), dtype),)),  # p_tile
+        *(() if tuning.p_in_registers else (_swizzled((rows, block_kv), dtype),)),  # p_tile
         plgpu.SMEM((window,), jnp.int32),  # table
         plgpu.Barrier(),  # q
         plgpu.Barrier(),  # table

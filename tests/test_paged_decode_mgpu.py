@@ -96,6 +96,31 @@ def test_interpret_tunings(tuning):
     check(args, tuning=tuning, interpret=True)
 
 
+# Positions on M (the transposed formulation; lane lowering): Q = 8 or 16 columns, q copies pulled back from q's end
+# (the last programs' queries sit at tile columns > 0), split-K with uneven and empty shares.
+POSITIONS_ON_M = {
+    "S16-G1": (16, 1, DecodeTuning(positions_on_m=True, semantics="lane")),
+    "S8-G8-block-128": (8, 8, DecodeTuning(pages_per_block=16, positions_on_m=True, semantics="lane")),
+    "S16-G12": (16, 12, DecodeTuning(positions_on_m=True, semantics="lane")),
+    "S16-G1-split-2": (16, 1, DecodeTuning(num_splits=2, positions_on_m=True, semantics="lane")),
+    "S32-G4-split-4-stages-3": (
+        32,
+        4,
+        DecodeTuning(pages_per_block=2, num_splits=4, num_stages=3, positions_on_m=True, semantics="lane"),
+    ),
+}
+
+
+@pytest.mark.parametrize(("page_size", "group", "tuning"), list(POSITIONS_ON_M.values()), ids=list(POSITIONS_ON_M))
+def test_interpret_positions_on_m(page_size, group, tuning):
+    args = make_inputs(page_size=page_size, group=group, lens=lengths(page_size, long=4 * 64 + 37),
+                       num_kv_heads=max(2, 8 // group))  # fmt: skip
+    rows = args[0].shape[0] * args[0].shape[1]
+    # The last program's Q-row copy would run past q unless G fills whole tiles: it is pulled back.
+    assert rows % 8 == 0 and (rows - group + mgpu.q_columns(group) > rows) == (group % 8 != 0)
+    check(args, tuning=tuning, interpret=True)
+
+
 def test_interpret_head_dim_64_float16_uneven_table():
     # H 64; float16; a table width (12 columns) that is no multiple of the block (4) and of the copy quantum (32).
     args = make_inputs(page_size=16, group=2, lens=(33, 190), head_dim=64, extra_columns=0, dtype=jnp.float16)
@@ -177,6 +202,12 @@ def test_lowers_for_cuda_p_in_registers(splits, semantics):
     assert "mosaic_gpu" in lower_for_cuda(64, 32, 32, 2048, tuning)
 
 
+@pytest.mark.parametrize("splits", [1, 8])
+def test_lowers_for_cuda_positions_on_m(splits):
+    tuning = DecodeTuning(positions_on_m=True, semantics="lane", num_splits=splits)
+    assert "mosaic_gpu" in lower_for_cuda(64 // splits, 32, 32 if splits == 1 else 8, 2048, tuning)
+
+
 def test_interpreter_refuses_p_in_registers():
     args = make_inputs(page_size=16, group=1, lens=(20,))
     with pytest.raises(ValueError, match="SMEM only"):
@@ -193,10 +224,12 @@ def test_lowers_for_cuda_head_dim_64_one_stage(semantics):
 def test_tuning_rejects_bad_values():
     for bad in (dict(pages_per_block=3), dict(pages_per_block=0), dict(num_stages=0), dict(num_stages=9),
                 dict(num_splits=0), dict(num_splits=3), dict(num_splits=True), dict(semantics="thread"),
-                dict(p_in_registers=1)):  # fmt: skip
+                dict(p_in_registers=1), dict(positions_on_m=True),
+                dict(positions_on_m=True, semantics="lane", p_in_registers=True)):  # fmt: skip
         with pytest.raises(ValueError):
             DecodeTuning(**bad)
     assert DecodeTuning(num_splits=4).name == "ppb4_st2_split4"
+    assert DecodeTuning(positions_on_m=True, semantics="lane").name == "ppb4_st2_posm_lane"
     # The most splits that keep B * K * splits within one wave of 264 programs (2 CTAs on each of 132 SMs).
     assert mgpu.default_tuning(64, 8).num_splits == 1  # 512 programs
     assert mgpu.default_tuning(16, 8).num_splits == 2  # 128 programs -> 256
@@ -218,6 +251,9 @@ def test_unsupported_reason():
     assert "block_kv" in paged_decode_mgpu_unsupported_reason(q, k, tables, DecodeTuning(pages_per_block=2))
     wide = jnp.zeros((q.shape[0], 130 * 8), jnp.int32)
     assert "SMEM" in paged_decode_mgpu_unsupported_reason(q, k, wide, DecodeTuning(pages_per_block=8, num_stages=3))
+    posm = DecodeTuning(positions_on_m=True, semantics="lane")
+    assert paged_decode_mgpu_unsupported_reason(q, k, tables, posm) is None  # B * N = 2 * 8
+    assert "multiple of 8" in paged_decode_mgpu_unsupported_reason(q[:, :6], k[:3], tables, posm)  # 2 * 6 rows
 
 
 def test_wrapper_validates():
@@ -335,9 +371,11 @@ def test_tma_wgmma_smoke(interpret):
 @pytest.mark.parametrize(("page_size", "group"), SWEEP, ids=[f"S{s}-G{g}" for s, g in SWEEP])
 def test_gpu_sweep(page_size, group):
     args = make_inputs(page_size=page_size, group=group, lens=lengths(page_size, long=2048 + 37), num_kv_heads=4)
-    for tuning in (DecodeTuning(pages_per_block=64 // page_size), DecodeTuning(pages_per_block=64 // page_size,
-                                                                               num_splits=4)):  # fmt: skip
-        check(args, tuning=tuning, interpret=False)
+    for splits in (1, 4):
+        for positions_on_m in (False, True):
+            tuning = DecodeTuning(pages_per_block=64 // page_size, num_splits=splits, positions_on_m=positions_on_m,
+                                  semantics="lane" if positions_on_m else "warpgroup")  # fmt: skip
+            check(args, tuning=tuning, interpret=False)
 
 
 # P in registers: the interpreter has no register wgmma operand, so these run compiled only.
@@ -347,6 +385,8 @@ GPU_TUNINGS = {
     "p-registers": DecodeTuning(p_in_registers=True),
     "p-registers-lane": DecodeTuning(p_in_registers=True, semantics="lane"),
     "p-registers-split-4-stages-3": DecodeTuning(p_in_registers=True, num_splits=4, num_stages=3),
+    "positions-on-m": DecodeTuning(positions_on_m=True, semantics="lane"),
+    "positions-on-m-split-4-stages-3": DecodeTuning(positions_on_m=True, semantics="lane", num_splits=4, num_stages=3),
 }
 
 
