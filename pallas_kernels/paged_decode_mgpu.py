@@ -39,7 +39,7 @@ Design.
   reductions: no better at G = 8 and far more code. A transposed formulation (K_block @ q^T with N = 8) would cut
   the MMA work 8x but puts the softmax reduction across warps and needs P transposed in SMEM: a later optimisation
   if measurements show the tensor cores or the softmax, not HBM, to be the limit.
-- Positions on M (`DecodeTuning.positions_on_m`, off by default, unmeasured on a GPU): the same math transposed,
+- Positions on M (`DecodeTuning.positions_on_m`; off by default, see its field): the same math transposed,
   scores^T [block_kv, Q] = K_block @ q^T and acc^T [H, Q] += V_block^T @ P^T with Q = G rounded up to 8 (wgmma's
   smallest N), so at G <= 8 the tensor cores do 1/8 of the padded work above, the softmax handles block_kv x Q
   scores (its per-query max and sum reduce across the warpgroup's four warps, through Mosaic's SMEM scratch) and
@@ -131,7 +131,8 @@ class DecodeTuning:
     # Q / 64 of the q-rows-on-M formulation's padded work (1/8 at G <= 8), the softmax runs on block_kv x Q scores
     # (its reductions across the warpgroup's warps, through SMEM) and a program holds ~20 KB less SMEM and a tenth of
     # the accumulator registers. Needs B * N a multiple of 8 (q's rows are copied Q at a time) and semantics="lane".
-    # Unmeasured on a GPU.
+    # On the H200 alone: Llama-2-7B (G 1) 4.19 / 4.30 TB/s against the default's 4.08 / 4.12 (B 128 at 640 tokens,
+    # B 64 at 2048), Llama-3-8B (G 4) 3.52 against 3.82; off by default until measured in the engine.
     positions_on_m: bool = False
 
     def __post_init__(self) -> None:
