@@ -115,25 +115,27 @@ def default_tunings(kv_heads: int, batch: int) -> list[Any]:
     return tunings
 
 
+def parse_tuning_fields(text: str) -> dict[str, Any]:
+    """'ppb=8,sem=lane' -> {"pages_per_block": 8, "semantics": "lane"}: the DecodeTuning fields one tuning names."""
+    fields: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, _, value = item.partition("=")
+        name = _KEYS.get(key.strip(), key.strip())
+        if name == "semantics":
+            fields[name] = value.strip()
+        elif name in ("p_in_registers", "positions_on_m"):
+            fields[name] = bool(int(value))
+        else:
+            fields[name] = int(value)
+    return fields
+
+
 def parse_tunings(text: str) -> list[Any]:
     """'ppb=4,st=2,splits=4;ppb=8,sem=lane;preg=1;posm=1,sem=lane' -> DecodeTunings (unnamed fields keep their
     defaults)."""
     from jpaged.kernels.paged_decode_mgpu import DecodeTuning
 
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        fields: dict[str, Any] = {}
-        for item in part.split(","):
-            key, _, value = item.partition("=")
-            name = _KEYS.get(key.strip(), key.strip())
-            if name == "semantics":
-                fields[name] = value.strip()
-            elif name in ("p_in_registers", "positions_on_m"):
-                fields[name] = bool(int(value))
-            else:
-                fields[name] = int(value)
-        out.append(DecodeTuning(**fields))
-    return out
+    return [DecodeTuning(**parse_tuning_fields(part)) for part in filter(None, (p.strip() for p in text.split(";")))]
 
 
 def parse_shapes(text: str) -> list[Case]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -434,3 +436,19 @@ def test_benchmark_shapes_flag():
     ]
     with pytest.raises(Exception, match="N/K/B/context"):
         mgpu_decode.parse_shapes("32/8/24")
+
+
+def test_with_decode_tuning_runs_a_script_with_the_default_tuning_changed(tmp_path, monkeypatch):
+    from benchmarks import with_decode_tuning
+
+    monkeypatch.setattr(mgpu, "default_tuning", mgpu.default_tuning)  # restored after the test
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    script, out = tmp_path / "probe.py", tmp_path / "out.json"
+    script.write_text(
+        "import json, sys\nfrom jpaged.kernels import paged_decode_mgpu as m\nt = m.default_tuning(1, 32)\n"
+        "json.dump([t.positions_on_m, t.semantics, t.num_splits], open(sys.argv[1], 'w'))\n"
+    )
+    with_decode_tuning.main(["posm=1,sem=lane", str(script), str(out)])
+    assert json.loads(out.read_text()) == [True, "lane", 8]  # the named fields replaced, the default's split count kept
+    with pytest.raises(ValueError, match="lane"):  # checked before anything runs
+        with_decode_tuning.override_fields("posm=1")

@@ -1,0 +1,66 @@
+"""Runs another benchmark script with the Mosaic GPU decode kernel's default tuning changed, for engine A/Bs of a
+tuning that is not (yet) the default.
+
+    python benchmarks/with_decode_tuning.py 'posm=1,sem=lane' benchmarks/throughput.py --engine jpaged \
+        --model llama2-7b --run fixed:128 --max-model-len 2048
+    python benchmarks/with_decode_tuning.py 'preg=1' benchmarks/latency.py --model llama2-7b --no-warmup
+
+The first argument names DecodeTuning fields as `mgpu_decode.py --tunings` does (one tuning, no ';'); every batch
+the engine runs through the kernel gets `default_tuning(B, K)` with those fields replaced, so the split count stays
+the default's unless `splits=` is given. A field the kernel cannot run for some shape fails there, as the kernel
+would. The rest of the command line is the script and its arguments, run as `python <script> <args>` would run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import runpy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/with_decode_tuning.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import _bootstrap  # noqa: F401  (maps jpaged.models etc. in a bare checkout)
+
+USAGE = "usage: with_decode_tuning.py FIELDS SCRIPT [ARGS...]  (FIELDS as in mgpu_decode.py --tunings: posm=1,sem=lane)"
+
+
+def override_fields(text: str) -> dict[str, Any]:
+    """'posm=1,sem=lane' -> the DecodeTuning fields it names, checked by building a tuning of them."""
+    from benchmarks.mgpu_decode import parse_tuning_fields
+    from jpaged.kernels.paged_decode_mgpu import DecodeTuning
+
+    if ";" in text:
+        raise ValueError(f"one tuning expected (no ';'), got {text!r}")
+    fields = parse_tuning_fields(text)
+    DecodeTuning(**fields)
+    return fields
+
+
+def install(fields: dict[str, Any]) -> None:
+    """Replaces `paged_decode_mgpu.default_tuning` (which the decode entry point calls at trace time)."""
+    from jpaged.kernels import paged_decode_mgpu
+
+    default = paged_decode_mgpu.default_tuning
+
+    def tuned(num_seqs: int, num_kv_heads: int) -> Any:
+        return dataclasses.replace(default(num_seqs, num_kv_heads), **fields)
+
+    paged_decode_mgpu.default_tuning = tuned
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        raise SystemExit(USAGE)
+    fields = override_fields(argv[0])
+    install(fields)
+    print(f"with_decode_tuning: the decode kernel's default tuning with {fields}", flush=True)
+    sys.argv = argv[1:]
+    runpy.run_path(argv[1], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
