@@ -122,15 +122,15 @@ class DecodeTuning:
     semantics: str = "warpgroup"
     # The PV wgmma takes P from registers (wgmma's register A operand, as JAX's FlashAttention-3 kernel does) instead
     # of a swizzled SMEM tile: no P store and proxy fence a block, 8 KB less SMEM a program. Off by default: on the
-    # H200 it gained 1-3.5% at G = 1 and 7% for long unsplit sequences but lost 2.6% at Llama-3-8B B 64, and 1% of
-    # the attention's time in the engine's batch-128 step (docs/benchmarks.md, eleventh session); the interpreter
-    # cannot run it.
+    # H200 it gained 1-3.6% alone at G = 1 and 7% for long unsplit sequences but lost 2.6% at Llama-3-8B B 64, and
+    # 0.5% of the attention's time in the engine's batch-128 step (docs/benchmarks.md, eleventh session); the
+    # interpreter cannot run it.
     p_in_registers: bool = False
     # The transposed formulation: scores^T [block_kv, Q] = K_block q^T and acc^T [H, Q] += V_block^T P^T, the kv
     # positions on wgmma's M and the G queries on its N, Q = `q_columns(G)` (8 for G <= 8), so the tensor cores do
     # Q / 64 of the q-rows-on-M formulation's padded work (1/8 at G <= 8), the softmax runs on block_kv x Q scores
-    # (its reductions across the warpgroup's warps, through SMEM) and a program holds ~20 KB less SMEM and a tenth of
-    # the accumulator registers. Needs B * N a multiple of 8 (q's rows are copied Q at a time) and semantics="lane".
+    # (its reductions across the warpgroup's warps, through SMEM) and a program holds ~35 KB less SMEM and an eighth
+    # of the accumulator registers. Needs B * N a multiple of 8 (q's rows are copied Q at a time) and semantics="lane".
     # On the H200 alone: Llama-2-7B (G 1) 4.19 / 4.30 TB/s against the default's 4.08 / 4.12 (B 128 at 640 tokens,
     # B 64 at 2048), Llama-3-8B (G 4) 3.52 against 3.82; off by default until measured in the engine.
     positions_on_m: bool = False
@@ -246,7 +246,7 @@ def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: D
 def ctas_per_sm(smem: int, tuning: DecodeTuning | None = None) -> int:
     """Programs that fit an H100/H200 SM by SMEM (228 KB, 1 KB reserved per CTA); with q rows on M, registers
     allow 2 at 128 threads (two [64, H] float32 accumulators and the scores); with positions on M, an estimate from
-    SMEM alone (the accumulators are a tenth the size)."""
+    SMEM alone (the accumulators are an eighth the size)."""
     by_smem = _SM_SMEM // (smem + 1024)
     return by_smem if tuning is not None and tuning.positions_on_m else min(2, by_smem)
 
