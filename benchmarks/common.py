@@ -83,6 +83,10 @@ def _nvidia_smi() -> str | None:
         return None
 
 
+# with_decode_tuning.py puts its override here, for every record written under it to carry.
+DECODE_TUNING_ENV = "JPAGED_DECODE_TUNING_OVERRIDE"
+
+
 def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[str, Any]:
     """Versions (read from package metadata, so nothing heavy is imported), the GPU, the commit and the date.
 
@@ -109,6 +113,8 @@ def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[s
         },
         "ceilings": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "peak_flops": PEAK_FLOPS},
     }
+    if override := os.environ.get(DECODE_TUNING_ENV):  # set by with_decode_tuning.py: this run is not the default
+        info["decode_tuning_override"] = override
     if jax_devices:
         import jax
 

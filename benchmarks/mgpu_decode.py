@@ -28,6 +28,7 @@ Mosaic lowerings), or --tunings. Off GPU the same code runs tiny shapes through 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import sys
@@ -124,7 +125,9 @@ def parse_tuning_fields(text: str) -> dict[str, Any]:
         if name == "semantics":
             fields[name] = value.strip()
         elif name in ("p_in_registers", "positions_on_m"):
-            fields[name] = bool(int(value))
+            if value.strip() not in ("0", "1"):
+                raise ValueError(f"{key.strip()}= takes 0 or 1, got {value.strip()!r}")
+            fields[name] = value.strip() == "1"
         else:
             fields[name] = int(value)
     return fields
@@ -222,9 +225,9 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
         else:
             fn = functools.partial(kernel, *inputs)
         row = run_config(case, "mgpu", tuning.name, fn, ref, args, calls=args.chain)
-        row["tuning"] = {"pages_per_block": tuning.pages_per_block, "num_stages": tuning.num_stages,
-                         "num_splits": tuning.num_splits, "semantics": tuning.semantics}  # fmt: skip
-        row["smem_bytes"] = smem_bytes(jnp.bfloat16, head_dim, PAGE_SIZE, inputs[3].shape[1], tuning, heads // kv_heads)
+        row["tuning"] = dataclasses.asdict(tuning)
+        row["smem_bytes"] = smem_bytes(jnp.bfloat16, head_dim, PAGE_SIZE, inputs[3].shape[1], tuning,
+                                       group=heads // kv_heads)  # fmt: skip
         row["ctas_per_sm"] = ctas_per_sm(row["smem_bytes"], tuning)  # estimated
         rows.append(row)
     if args.triton:
@@ -258,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tunings", type=parse_tunings, default=None, dest="tuning_list",
-                        help="';'-separated tunings, each 'ppb=4,st=2,splits=1,sem=warpgroup|lane'")  # fmt: skip
+                        help="';'-separated tunings, each 'ppb=4,st=2,splits=1,sem=warpgroup|lane,preg=0|1,posm=0|1' "
+                        "(preg: P in registers; posm: positions on M, with sem=lane)")  # fmt: skip
     parser.add_argument("--cases", default=None, help="only cases whose name contains one of these (comma-separated)")
     parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help="these cases instead, each 'N/K/B/context' (q heads, kv heads, batch, tokens), "

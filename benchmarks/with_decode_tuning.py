@@ -7,13 +7,17 @@ tuning that is not (yet) the default.
 
 The first argument names DecodeTuning fields as `mgpu_decode.py --tunings` does (one tuning, no ';'); every batch
 the engine runs through the kernel gets `default_tuning(B, K)` with those fields replaced, so the split count stays
-the default's unless `splits=` is given. A field the kernel cannot run for some shape fails there, as the kernel
-would. The rest of the command line is the script and its arguments, run as `python <script> <args>` would run it.
+the default's unless `splits=` is given. Where the changed tuning cannot run a batch's shapes, `paged_attention`'s
+"auto" dispatch asks `decode_unsupported_reason` (which calls the replaced function) and runs that batch on the
+Triton kernel, as it would for any unsupported shape. The rest of the command line is the script and its arguments,
+run as `python <script> <args>` would run it; the override is exported (common.DECODE_TUNING_ENV), so every record
+the script writes says it in `env`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import runpy
 import sys
 from collections.abc import Sequence
@@ -22,7 +26,10 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a file: python benchmarks/with_decode_tuning.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import _bootstrap  # noqa: F401  (maps jpaged.models etc. in a bare checkout)
+from benchmarks import (
+    _bootstrap,  # noqa: F401  (maps jpaged.models etc. in a bare checkout)
+    common,
+)
 
 USAGE = "usage: with_decode_tuning.py FIELDS SCRIPT [ARGS...]  (FIELDS as in mgpu_decode.py --tunings: posm=1,sem=lane)"
 
@@ -57,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(USAGE)
     fields = override_fields(argv[0])
     install(fields)
+    os.environ[common.DECODE_TUNING_ENV] = argv[0]
     print(f"with_decode_tuning: the decode kernel's default tuning with {fields}", flush=True)
     sys.argv = argv[1:]
     runpy.run_path(argv[1], run_name="__main__")

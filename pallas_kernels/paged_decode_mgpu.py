@@ -36,9 +36,7 @@ Design.
   and the fences and barrier waits the rest: ~1100 cycles serial in one warpgroup, ~60% of the budget, and two
   CTAs per SM overlap one's softmax with the other's wgmmas. Register math (no MMA) would cost G * 16K FMA per
   block on the CUDA cores (128 FMA/cycle/SM: 1024 cycles at G = 8) plus bf16 conversions and cross-lane
-  reductions: no better at G = 8 and far more code. A transposed formulation (K_block @ q^T with N = 8) would cut
-  the MMA work 8x but puts the softmax reduction across warps and needs P transposed in SMEM: a later optimisation
-  if measurements show the tensor cores or the softmax, not HBM, to be the limit.
+  reductions: no better at G = 8 and far more code. The transposed formulation (next) cuts the MMA work 8x.
 - Positions on M (`DecodeTuning.positions_on_m`; off by default, see its field): the same math transposed,
   scores^T [block_kv, Q] = K_block @ q^T and acc^T [H, Q] += V_block^T @ P^T with Q = G rounded up to 8 (wgmma's
   smallest N), so at G <= 8 the tensor cores do 1/8 of the padded work above, the softmax handles block_kv x Q
@@ -71,14 +69,16 @@ Design.
 Constraints (`paged_decode_mgpu_unsupported_reason`): q/k/v bfloat16 or float16 (the wgmma operand types), one
 dtype; H 64 or 128 (at 256 the two float32 accumulators, 2 x 64 x 256 over 128 threads, would spill); S a multiple
 of 8; pages_per_block * S a multiple of 64 (the swizzle-128 wgmma K granularity) and <= 256; G <= 64; the SMEM
-ring, q tiles and page-table window within 227 KB.
+ring, q tiles and page-table window within 227 KB. With positions on M also B * N a multiple of 8 (the q copy's
+source must tile by the swizzled tile's 8 rows) and the lane lowering (DecodeTuning refuses the other).
 
 Tests (tests/test_paged_decode_mgpu.py): on CPU, Pallas' Mosaic GPU interpreter (InterpretGPUParams, uninitialised
 memory NaN) runs this kernel's TMA copies, barriers and wgmmas against the reference over page sizes 8/16/32 x
-G 1/4/8 x lengths 1, S - 1, S, S + 1, long, padding rows, split-K, 1-4 stages, H 64, float16, and the CUDA lowering
-succeeds for the anchor shapes under both lowerings; the interpreter does not model wgmma's asynchrony or check that
-an SMEM read waited for its TMA, so the same sweeps run compiled on the H200 (marked gpu), where the kernel's figures
-come from (docs/benchmarks.md).
+G 1/4/8 x lengths 1, S - 1, S, S + 1, long, padding rows, split-K, 1-4 stages, H 64, float16, and positions on M
+at G 1/4/8/12 with the last programs' q copies pulled back (live rows), and the CUDA lowering succeeds for the
+anchor shapes under both lowerings (positions on M: the lane one); the interpreter does not model wgmma's
+asynchrony or check that an SMEM read waited for its TMA, and cannot take P from registers, so the same sweeps and
+that tuning run compiled on the H200 (marked gpu), where the kernel's figures come from (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ class DecodeTuning:
     # positions on wgmma's M and the G queries on its N, Q = `q_columns(G)` (8 for G <= 8), so the tensor cores do
     # Q / 64 of the q-rows-on-M formulation's padded work (1/8 at G <= 8), the softmax runs on block_kv x Q scores
     # (its reductions across the warpgroup's warps, through SMEM) and a program holds ~35 KB less SMEM and an eighth
-    # of the accumulator registers. Needs B * N a multiple of 8 (q's rows are copied Q at a time) and semantics="lane".
+    # of the accumulator registers. Needs B * N a multiple of 8 (the q copy's source must tile by the swizzled tile's
+    # 8 rows) and semantics="lane". Split-K writes each program's whole float32 [H, Q] tile (Q / G times the partial
+    # outputs of q rows on M: 8x at G 1) for the combine to pick its columns from.
     # On the H200 alone: Llama-2-7B (G 1) 4.19 / 4.30 TB/s against the default's 4.08 / 4.12 (B 128 at 640 tokens,
     # B 64 at 2048), Llama-3-8B (G 4) 3.52 against 3.82; off by default until measured in the engine.
     positions_on_m: bool = False
@@ -225,7 +227,7 @@ def q_columns(group: int) -> int:
     return _round_up(group, 8)
 
 
-def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: DecodeTuning, group: int = 1) -> int:
+def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: DecodeTuning, *, group: int) -> int:
     """SMEM one program allocates: its buffers, each rounded to 1 KB, and 3 KB for barriers and Mosaic's reduction
     scratch (an upper bound: 112,688 bytes lowered vs 113,664 estimated for the default tuning at 1024 pages)."""
     itemsize = jnp.dtype(q_dtype).itemsize
@@ -271,11 +273,9 @@ def paged_decode_mgpu_unsupported_reason(
         return f"block_kv = pages_per_block * page_size = {block_kv} is not a multiple of 64 <= 256"
     if group > ROWS:
         return f"G = {group} q heads per kv head > {ROWS}"
-    if tuning.positions_on_m:
-        q_rows = q.shape[0] * q.shape[1]
-        if q_rows % 8 or q_rows < q_columns(group):
-            return f"positions_on_m copies q {q_columns(group)} rows at a time: B * N = {q_rows}, not a multiple of 8"
-    smem = smem_bytes(q.dtype, head_dim, page_size, page_tables.shape[1], tuning, group)
+    if tuning.positions_on_m and (q.shape[0] * q.shape[1]) % 8:
+        return f"positions_on_m: B * N = {q.shape[0] * q.shape[1]} q rows, not a multiple of the q tile's 8-row tiling"
+    smem = smem_bytes(q.dtype, head_dim, page_size, page_tables.shape[1], tuning, group=group)
     if smem > _SMEM_LIMIT:
         return f"needs {smem} bytes of SMEM > {_SMEM_LIMIT} (fewer stages or pages per block, or more splits)"
     return None
@@ -331,7 +331,7 @@ def _decode_kernel(
         # tile); lse_ref [splits, B, K, L] f32, L = 64 (q rows on M: entries >= G are the garbage rows') or Q
         # (positions on M: entry c is the tile's column c)
         o_ref, lse_ref, *scratch = refs
-    # Scratch, by formulation (`_scratch_types`); R = 64 rows of q on M, or Q = `q_columns(G)` on N:
+    # Scratch, by formulation (as `_decode_mgpu` builds it); R = 64 rows of q on M, or Q = `q_columns(G)` on N:
     # q_stage [64, H] q.dtype unswizzled (q rows on M): q rows as TMA brings them, and the output rows on the way out;
     # o_stage [Q, H] q.dtype unswizzled (positions on M): the output rows on the way out;
     # q_tile [R or Q, H] swizzled (a wgmma operand); p_tile [64, block_kv] (q rows on M) or [Q, block_kv] (positions
@@ -487,7 +487,8 @@ def _decode_kernel(
     rows = pl.ds(col, group) if transposed else pl.ds(0, group)
     if splits == 1:
         stage = o_stage if transposed else q_stage
-        (stage.transpose((1, 0)) if transposed else stage)[...] = out.astype(stage.dtype)
+        out_view = stage.transpose((1, 0)) if transposed else stage  # out^T [H, Q] into [Q, H], or out [64, H]
+        out_view[...] = out.astype(stage.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(stage.at[rows], o_ref.at[pl.ds(first_row, group)])
     else:
@@ -522,21 +523,21 @@ def _combine_kernel(
     out_ref[...] = _merge(o_part_ref[...], lse_ref[...]).astype(out_ref.dtype)
 
 
-def _combine_splits(o_part, lse_part, *, num_heads: int, group: int, dtype, interpret: bool):
+def _combine_splits(o_part, lse_part, *, num_heads: int, group: int, dtype, interpret: bool, positions_on_m: bool):
     """The split-K merge as one Triton-style launch, a program per (sequence, query head) -> [B * N, H] in dtype.
     (XLA made three launches of it, ~1.3 us each at batch 1.) The decode kernel's outputs, float32:
     - q rows on M: o_part [splits, B * N, H] and lse_part [splits, B, K, 64], query g of (b, kv head h) at lse entry g;
     - positions on M: o_part [splits, B, K, H, Q] and lse_part [splits, B, K, Q], each program's tile columns as they
       are, query g at column g plus how far that program's q copy was pulled back from q's end."""
     splits, batch, _, q_cols = lse_part.shape
-    head_dim = o_part.shape[-1] if o_part.ndim == 3 else o_part.shape[-2]
+    head_dim = o_part.shape[-2] if positions_on_m else o_part.shape[-1]
     rows = batch * num_heads
 
     def column(b, n):
         first_row = b * num_heads + (n // group) * group
         return first_row - jnp.minimum(first_row, rows - q_cols) + n % group
 
-    if o_part.ndim == 3:
+    if not positions_on_m:
         o_spec = pl.BlockSpec((splits, None, head_dim), lambda b, n: (0, b * num_heads + n, 0))
         lse_spec = pl.BlockSpec((splits, None, None, None), lambda b, n: (0, b, n // group, n % group))
     else:
@@ -638,7 +639,8 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
     )(seq_lens, num_seqs, page_tables, q_rows, k_rows, v_rows)
     if splits == 1:
         return outs.reshape(num_seqs_max, num_heads, head_dim)
-    out = _combine_splits(*outs, num_heads=num_heads, group=group, dtype=dtype, interpret=interpret is not None)
+    out = _combine_splits(*outs, num_heads=num_heads, group=group, dtype=dtype, interpret=interpret is not None,
+                          positions_on_m=tuning.positions_on_m)  # fmt: skip
     return out.reshape(num_seqs_max, num_heads, head_dim)
 
 

@@ -115,12 +115,39 @@ POSITIONS_ON_M = {
 
 @pytest.mark.parametrize(("page_size", "group", "tuning"), list(POSITIONS_ON_M.values()), ids=list(POSITIONS_ON_M))
 def test_interpret_positions_on_m(page_size, group, tuning):
+    # No padding rows: the last sequence is live, so the programs whose copies are pulled back write real outputs.
     args = make_inputs(page_size=page_size, group=group, lens=lengths(page_size, long=4 * 64 + 37),
-                       num_kv_heads=max(2, 8 // group))  # fmt: skip
+                       num_kv_heads=max(2, 8 // group), padding_rows=0)  # fmt: skip
     rows = args[0].shape[0] * args[0].shape[1]
-    # The last program's Q-row copy would run past q unless G fills whole tiles: it is pulled back.
-    assert rows % 8 == 0 and (rows - group + mgpu.q_columns(group) > rows) == (group % 8 != 0)
+    last_program_row = rows - group  # the last (sequence, kv head)'s first q row
+    assert int(args[5][0]) == args[0].shape[0]
+    assert (last_program_row > rows - mgpu.q_columns(group)) == (group % 8 != 0)  # pulled back unless G fills tiles
     check(args, tuning=tuning, interpret=True)
+
+
+def test_combine_picks_the_programs_columns_with_positions_on_m():
+    """The combine over positions-on-M partials ([splits, B, K, H, Q] tiles): each query's column, shifted for the
+    programs whose q copy was pulled back from q's end; the other columns hold garbage (NaN, inf) it must not read."""
+    rng = np.random.default_rng(0)
+    splits, batch, kv_heads, group, head_dim = 2, 2, 3, 3, 16
+    heads, q_cols = kv_heads * group, mgpu.q_columns(group)  # 9 heads, Q 8; B * N = 18 rows
+    rows = batch * heads
+    o_part = rng.choice([np.nan, np.inf], size=(splits, batch, kv_heads, head_dim, q_cols)).astype(np.float32)
+    lse = rng.choice([np.nan, np.inf], size=(splits, batch, kv_heads, q_cols)).astype(np.float32)
+    want = np.zeros((rows, head_dim), np.float32)
+    for b in range(batch):
+        for h in range(kv_heads):
+            first_row = b * heads + h * group
+            col = first_row - min(first_row, rows - q_cols)  # > 0 for (1, 1) and (1, 2): rows 12 and 15
+            values = rng.standard_normal((splits, head_dim, group)).astype(np.float32)
+            weights = rng.uniform(-3, 3, (splits, group)).astype(np.float32)
+            o_part[:, b, h, :, col : col + group] = values
+            lse[:, b, h, col : col + group] = weights
+            w = np.exp2(weights - weights.max(axis=0))
+            want[first_row : first_row + group] = ((w[:, None, :] * values).sum(axis=0) / w.sum(axis=0)).T
+    got = mgpu._combine_splits(jnp.asarray(o_part), jnp.asarray(lse), num_heads=heads, group=group,
+                               dtype=jnp.float32, interpret=True, positions_on_m=True)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_interpret_head_dim_64_float16_uneven_table():
@@ -151,7 +178,7 @@ def test_combine_reads_only_the_programs_rows(group):
     lse[1, ..., :group] = mgpu.MASK_VALUE  # split 1 saw nothing: weight 0 (and zeros, as the kernel writes them)
     o_part[1] = 0.0
     got = mgpu._combine_splits(jnp.asarray(o_part), jnp.asarray(lse), num_heads=heads, group=group,
-                               dtype=jnp.float32, interpret=True)  # fmt: skip
+                               dtype=jnp.float32, interpret=True, positions_on_m=False)  # fmt: skip
     live = [0, 2, 3]
     weight = np.exp2(lse[live, ..., :group] - lse[live, ..., :group].max(axis=0))  # [3, B, K, G]
     weight = weight.reshape(len(live), batch * heads, 1)
@@ -255,7 +282,7 @@ def test_unsupported_reason():
     assert "SMEM" in paged_decode_mgpu_unsupported_reason(q, k, wide, DecodeTuning(pages_per_block=8, num_stages=3))
     posm = DecodeTuning(positions_on_m=True, semantics="lane")
     assert paged_decode_mgpu_unsupported_reason(q, k, tables, posm) is None  # B * N = 2 * 8
-    assert "multiple of 8" in paged_decode_mgpu_unsupported_reason(q[:, :6], k[:3], tables, posm)  # 2 * 6 rows
+    assert "8-row tiling" in paged_decode_mgpu_unsupported_reason(q[:, :6], k[:3], tables, posm)  # 2 * 6 rows
 
 
 def test_wrapper_validates():
@@ -439,7 +466,7 @@ def test_benchmark_shapes_flag():
 
 
 def test_with_decode_tuning_runs_a_script_with_the_default_tuning_changed(tmp_path, monkeypatch):
-    from benchmarks import with_decode_tuning
+    from benchmarks import common, with_decode_tuning
 
     monkeypatch.setattr(mgpu, "default_tuning", mgpu.default_tuning)  # restored after the test
     monkeypatch.setattr(sys, "argv", list(sys.argv))
@@ -448,7 +475,9 @@ def test_with_decode_tuning_runs_a_script_with_the_default_tuning_changed(tmp_pa
         "import json, sys\nfrom jpaged.kernels import paged_decode_mgpu as m\nt = m.default_tuning(1, 32)\n"
         "json.dump([t.positions_on_m, t.semantics, t.num_splits], open(sys.argv[1], 'w'))\n"
     )
+    monkeypatch.delenv(common.DECODE_TUNING_ENV, raising=False)  # restored (absent) after the test
     with_decode_tuning.main(["posm=1,sem=lane", str(script), str(out)])
     assert json.loads(out.read_text()) == [True, "lane", 8]  # the named fields replaced, the default's split count kept
+    assert common.env_info()["decode_tuning_override"] == "posm=1,sem=lane"  # every record written under it says so
     with pytest.raises(ValueError, match="lane"):  # checked before anything runs
         with_decode_tuning.override_fields("posm=1")
