@@ -189,7 +189,7 @@ def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
     B 24 x K 8 at 8192, 3.64-3.72 against 3.33 with the 2 splits the previous rule took, but 3.94 with 4 (768
     programs, ~3 waves, which balance the SMs where 192 programs leave 72 of them one CTA). That gain is a long
     context's alone (eleventh session, tables 2048 tokens wide): B 24 x K 8 at 2048 tokens 3.43 TB/s unsplit
-    against 3.22 with 4 splits, at 640 tokens 2.77 against 2.20; B 6 x K 32 within 5% for 1, 2 and 4 splits. The
+    against 3.22 with 4 splits, at 640 tokens 2.77 against 2.20; B 6 x K 32 within 7.3% for 1, 2 and 4 splits. The
     split count is static and the context is not, so the rule stays one wave.
     """
     programs = num_seqs * num_kv_heads
