@@ -16,7 +16,8 @@
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
 # Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro",
-# "warmup" and "mixtral"), MODEL (llama2-7b), JPAGED_RUNS
+# "warmup", "mixtral" and "decodeab": the decode kernel's default tuning against DECODE_TUNING ("posm=1,sem=lane")
+# in its GPU tests, alone over an engine-sized pool, and in fixed:128 and single-stream latency), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
@@ -144,6 +145,22 @@ if want micro; then  # the pieces behind the open misses: weight GEMMs (XLA's Tr
   step kv-write 60 "$PY" benchmarks/kv_write.py --json-out "$RESULTS" --json-key kv_write
   step moe-padded 150 "$PY" benchmarks/moe.py --padded --tokens 1,16,128 --impls xla,pallas --sweep \
     --json-out "$RESULTS" --json-key moe_padded
+fi
+
+if want decodeab; then  # the decode kernel's default tuning against DECODE_TUNING in the engine, same call
+  dt=${DECODE_TUNING:-posm=1,sem=lane}
+  step decode-gpu-tests 130 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_decode_mgpu.py \
+    -k "gpu_sweep or gpu_tunings"
+  step decode-kernel 60 "$PY" benchmarks/mgpu_decode.py --cases "B=128 ctx=640" --table-len "$MAX_MODEL_LEN" \
+    --pool-pages 12500 --tunings "ppb=4;$dt" --json-out "$RESULTS" --json-key decode_ab_kernel
+  for tuned in 0 1; do
+    wrap=()
+    ((tuned)) && wrap=(benchmarks/with_decode_tuning.py "$dt")
+    step "decode-ab-throughput-$tuned" 110 "$PY" "${wrap[@]}" benchmarks/throughput.py --engine jpaged --model "$MODEL" \
+      --run fixed:128 --max-model-len "$MAX_MODEL_LEN" --json-out "$RESULTS" --json-key "decode_ab_throughput_$tuned"
+    step "decode-ab-latency-$tuned" 80 "$PY" "${wrap[@]}" benchmarks/latency.py --model "$MODEL" --no-warmup --iters 2 \
+      --prefill-batch 0 --json-out "$RESULTS" --json-key "decode_ab_latency_$tuned"
+  done
 fi
 
 if want mixtral; then  # issue 4: Mixtral-8x7B-shaped decode at fixed batch sizes, HF (grouped_mm experts) first
