@@ -227,13 +227,19 @@ def q_columns(group: int) -> int:
     return _round_up(group, 8)
 
 
+def _q_tile_rows(group: int, tuning: DecodeTuning) -> int:
+    """The q tile's rows: wgmma's 64-row M with q rows on M, Q with positions on M (what both the kernel's scratch
+    and `smem_bytes` size by)."""
+    return q_columns(group) if tuning.positions_on_m else ROWS
+
+
 def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: DecodeTuning, *, group: int) -> int:
     """SMEM one program allocates: its buffers, each rounded to 1 KB, and 3 KB for barriers and Mosaic's reduction
     scratch (an upper bound: 112,688 bytes lowered vs 113,664 estimated for the default tuning at 1024 pages)."""
     itemsize = jnp.dtype(q_dtype).itemsize
     block_kv = tuning.pages_per_block * page_size
     ring = 2 * tuning.num_stages * block_kv * head_dim * itemsize
-    rows = q_columns(group) if tuning.positions_on_m else ROWS  # the q tile's rows
+    rows = _q_tile_rows(group, tuning)
     split_out = (rows * head_dim + 256) * 4 if tuning.num_splits > 1 else 0  # float32 output, log-sum-exp
     buffers = [
         rows * head_dim * itemsize,  # q staging (q rows on M), output staging (positions on M)
@@ -245,12 +251,12 @@ def smem_bytes(q_dtype, head_dim: int, page_size: int, max_pages: int, tuning: D
     return sum(_round_up(b, 1024) for b in buffers) + 3 * 1024
 
 
-def ctas_per_sm(smem: int, tuning: DecodeTuning | None = None) -> int:
+def ctas_per_sm(smem: int, tuning: DecodeTuning) -> int:
     """Programs that fit an H100/H200 SM by SMEM (228 KB, 1 KB reserved per CTA); with q rows on M, registers
     allow 2 at 128 threads (two [64, H] float32 accumulators and the scores); with positions on M, an estimate from
     SMEM alone (the accumulators are an eighth the size)."""
     by_smem = _SM_SMEM // (smem + 1024)
-    return by_smem if tuning is not None and tuning.positions_on_m else min(2, by_smem)
+    return by_smem if tuning.positions_on_m else min(2, by_smem)
 
 
 def paged_decode_mgpu_unsupported_reason(
@@ -584,7 +590,7 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
         _swizzled((tuning.num_stages, block_kv, head_dim), dtype),  # V
     )
     kv_smem: Any = ring
-    rows = q_columns(group) if tuning.positions_on_m else ROWS  # the q tile's rows
+    rows = _q_tile_rows(group, tuning)
     out_rows = num_seqs_max * num_heads
     out_type: Any
     if splits == 1:
