@@ -102,12 +102,14 @@ def test_stop_aborts_the_stream(page: Page):
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "400")
     page.click("#send")
-    expect(page.locator("#output .completion-text")).not_to_be_empty()
+    # Stop only once two tokens have shown: on a slow box one token may be all there is when the click lands.
+    streamed = "Once upon a time" + GREEDY_START[:5]
+    expect(page.locator("#output")).to_contain_text(streamed)
     page.click("#stop")
     expect(page.locator("#stats")).to_contain_text("finish: stopped")
     expect(page.locator("#send")).to_be_enabled()
     expect(page.locator("#error")).to_be_empty()
-    expect(page.locator("#output")).to_contain_text("Once upon a time" + GREEDY_START[:5])
+    expect(page.locator("#output")).to_contain_text(streamed)  # what streamed before the stop is kept
     # The aborted fetch closed the connection, and the server let the request go.
     values = wait_idle(shared_server())
     assert values["jpaged:num_requests_running"] == 0 and values["jpaged:kv_cache_usage_perc"] == 0
