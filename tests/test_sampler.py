@@ -561,11 +561,16 @@ def test_rejects_inconsistent_inputs():
 
 
 @pytest.mark.parametrize("num_logprobs", [0, 3])
-def test_sampling_has_no_device_side_control_flow(num_logprobs):
-    """No cond, case or while in the sampler's program: on a GPU a device-side predicate is copied to the host and
-    waited for, which made dispatching each engine step wait for the whole model (measured on an H200)."""
+def test_sampling_has_no_device_side_control_flow(num_logprobs, monkeypatch):
+    """No cond, case or while in the sampler's program as a GPU gets it: there a device-side predicate is copied to
+    the host and waited for, which made dispatching each engine step wait for the whole model (measured on an
+    H200). Elsewhere the filter searches are loops (sampler._rolled_searches), as the last assertion checks."""
+    from jpaged import sampler
+
     logits = jnp.zeros((4, 64), jnp.float32)
-    text = sample_jit.lower(logits, make_meta(4), num_logprobs=num_logprobs).as_text()
+    monkeypatch.setattr(sampler, "_rolled_searches", lambda: False)  # what jax.default_backend() == "gpu" picks
+    # A partial of its own each time: jitted functions of one Python function share their traces.
+    text = jax.jit(functools.partial(sample, num_logprobs=num_logprobs)).lower(logits, make_meta(4)).as_text()
     # Off GPU, JAX lowers threefry with a rolled loop of five rounds (a constant trip count); on a GPU it is a
     # single kernel. Every other function must be straight-line code.
     functions = text.split("func.func ")[1:]
@@ -575,3 +580,25 @@ def test_sampling_has_no_device_side_control_flow(num_logprobs):
             continue
         for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if"):
             assert op not in function, f"{op} in {function[:60]!r}"
+    monkeypatch.undo()
+    assert sampler._rolled_searches()  # on this CPU the filter stage's two searches are loops
+    rolled = jax.jit(functools.partial(sample, num_logprobs=num_logprobs)).lower(logits, make_meta(4)).as_text()
+    assert rolled.count("stablehlo.while") - rolled.count("func.func private @threefry2x32") == 2
+
+
+@pytest.mark.parametrize("bits", [1, 4])
+def test_rolled_searches_keep_what_the_unrolled_ones_keep(bits, monkeypatch):
+    """The filter searches as loops (off a GPU) and unrolled (on one) give the same masks."""
+    from jpaged import sampler
+
+    rng = np.random.default_rng(bits)
+    for vocab in (7, 300):
+        cases = [random_filter_case(rng, 8, vocab) for _ in range(20)]
+        masks = []
+        for rolled in (True, False):
+            monkeypatch.setattr(sampler, "_rolled_searches", lambda rolled=rolled: rolled)
+            mask = jax.jit(functools.partial(top_k_top_p_min_p_mask, search="xla", digit_bits=bits))  # traced afresh
+            masks.append([np.asarray(mask(*case)) for case in cases])
+        for case, got, want in zip(cases, *masks, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=str(case))
+        assert len({int(m.sum()) for m in masks[0]}) > 1  # the cases keep different numbers of tokens
