@@ -20,7 +20,9 @@ one GEMM XLA gave to cuBLAS (the down projection) at 3.15 TB/s. This measures, p
 and, with --cublas, the first two again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false. --sweep then times each
 fused projection alone (qkv, o, gate_up, down) under XLA, with the weight as the model stores it ([K, N]) and
 N-major ("xla-nk", [N, K] as HF stores it), and under a coordinate descent of kernel tunings (of the Triton-lowered
-kernel, or with --sweep-impl mgpu of the Mosaic GPU one; --max-configs 0: none). Each variant is checked against
+kernel, or with --sweep-impl mgpu of the Mosaic GPU one; --max-configs 0: none); with --cublas too, XLA's two again
+under cuBLAS ("xla-cublas", "xla-nk-cublas": which of XLA's two GEMM libraries streams each projection faster, where
+a whole layer under cuBLAS only averages them). Each variant is checked against
 the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read once; floor = bytes /
 4.28 TB/s (at these M every GEMM is bandwidth-bound).
 """
@@ -148,6 +150,7 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
         return functools.partial(jax.jit(lambda x, ws: [fn(x, w) for w in ws]), x, ws)
 
     transpose = jax.jit(jax.numpy.transpose)  # one compiled transpose for every copy
+    xla_suffix = "-cublas" if CUBLAS_FLAG in os.environ.get("XLA_FLAGS", "") else ""
     for m in args.rows or (TINY_ROWS if args.tiny else GPU_ROWS):
         for proj, w in projections(fused).items():
             if args.projections and proj not in args.projections:
@@ -172,7 +175,7 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                 m: int = m,
                 proj: str = proj,
             ) -> float:
-                row = dict(base, config=config, impl="xla" if config == "xla" else args.sweep_impl)
+                row = dict(base, config=config, impl="xla" if config.startswith("xla") else args.sweep_impl)
                 try:
                     row["rel_err"] = rel_err(common.block(fn()), ref)
                     row["ok"] = row["rel_err"] <= MAX_REL_ERR
@@ -189,11 +192,12 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                 rows_out.append(row)
                 return row["time_us"] if row.get("time_us") else math.inf
 
-            run("xla", chained(functools.partial(matmul, impl="xla"), x, ws))
+            run("xla" + xla_suffix, chained(functools.partial(matmul, impl="xla"), x, ws))
             # The same product with the weight stored N-major ([N, K], HF's nn.Linear layout: each output's K weights
             # contiguous), as a GEMV kernel (cuBLAS's "T" case) would read it.
             ws_nk = [transpose(w) for w in ws]
-            run("xla-nk", chained(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))), x, ws_nk))
+            nk = chained(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))), x, ws_nk)
+            run("xla-nk" + xla_suffix, nk)
             del ws_nk
 
             def evaluate(tuning: Any, x: Any = x, w: Any = w, ws: Any = ws, seen: dict[Any, float] = seen) -> float:
@@ -334,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sweep_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
+    _, d, n, k, h, f = TINY_SHAPE if args.tiny else GPU_SHAPE
+    rows: list[dict[str, Any]] = []
+    sweep(fuse(make_layer(d, n, k, h, f, seed=args.seed)), args, rows)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     args.tiny = args.tiny or not common.on_gpu()
@@ -341,16 +352,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.iters = min(args.iters, 2)
     rows = measure(args)
     if args.child:
-        print("ROWS " + json.dumps(rows))
-        return {"rows": rows}
+        child_sweep = sweep_layer(args) if args.sweep else []
+        print("ROWS " + json.dumps({"rows": rows, "sweep": child_sweep}))
+        return {"rows": rows, "sweep": child_sweep}
+    cublas_sweep: list[dict[str, Any]] = []
     if args.cublas:  # XLA reads its flags once per process, so the cuBLAS run needs its own
         env = os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {CUBLAS_FLAG}".strip()}
         child = ["--child", "--iters", str(args.iters), "--seed", str(args.seed), "--bandwidth", str(args.bandwidth)]
         child += ["--rows", *map(str, args.rows)] if args.rows else []
         child += ["--tiny"] if args.tiny else []
+        if args.sweep:  # XLA's two layouts only: the kernels do not change with XLA's flags
+            child += ["--sweep", "--max-configs", "0", "--chain-bytes", str(args.chain_bytes)]
+            child += ["--projections", *args.projections] if args.projections else []
         cmd = [sys.executable, str(Path(__file__).resolve()), *child]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-        rows += json.loads(next(line[5:] for line in out.splitlines() if line.startswith("ROWS ")))
+        from_child = json.loads(next(line[5:] for line in out.splitlines() if line.startswith("ROWS ")))
+        rows += from_child["rows"]
+        cublas_sweep = from_child["sweep"]
     print(common.table(rows, COLUMNS, title="one layer's weight matmuls"))
     record: dict[str, Any] = {
         "benchmark": "gemm",
@@ -360,9 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     common.save(args, record)
     if args.sweep:
-        _, d, n, k, h, f = TINY_SHAPE if args.tiny else GPU_SHAPE
-        sweep_rows: list[dict[str, Any]] = []
-        sweep(fuse(make_layer(d, n, k, h, f, seed=args.seed)), args, sweep_rows)
+        sweep_rows = sweep_layer(args) + cublas_sweep
         record |= {"sweep": sweep_rows, "sweep_best": best_sweep_rows(sweep_rows)}
         common.save(args, record)
         print(common.table(record["sweep_best"], SWEEP_COLUMNS, title="per projection: XLA and the best kernel tuning"))

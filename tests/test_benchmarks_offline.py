@@ -416,8 +416,8 @@ def test_bootstrap_maps_the_packages_of_a_bare_checkout() -> None:
 def test_gemm_record_checks_the_fused_layout_and_runs_a_cublas_child(tmp_path: Path) -> None:
     """gemm.py: the fused q/k/v and gate-up weights, plain and through jpaged's kernels (interpreted here), give the
     model's matmuls' results; --cublas adds the XLA rows from a child process whose XLA_FLAGS turn Triton GEMMs off;
-    --sweep times each fused projection under XLA (the model's [K, N] weights and N-major ones) and kernel tunings and
-    keeps the best of each."""
+    --sweep times each fused projection under XLA (the model's [K, N] weights and N-major ones, under both of XLA's GEMM
+    libraries) and kernel tunings and keeps the best of each."""
     rec = gemm.main(["--tiny", "--rows", "3", "--iters", "1", "--cublas", "--sweep", "--max-configs", "2",
                      "--json-out", str(tmp_path / "gemm.json")])  # fmt: skip
     assert [(r["variant"], r["xla_gemms"]) for r in rec["rows"]] == [
@@ -429,8 +429,10 @@ def test_gemm_record_checks_the_fused_layout_and_runs_a_cublas_child(tmp_path: P
         ("fused", "cublas"),
     ]
     best = {(r["projection"], r["config"] if r["config"].startswith("xla") else "kernel") for r in rec["sweep_best"]}
-    assert best == {(p, kind) for p in ("qkv", "o", "gate_up", "down") for kind in ("xla", "xla-nk", "kernel")}
+    kinds = ("xla", "xla-nk", "xla-cublas", "xla-nk-cublas", "kernel")
+    assert best == {(p, kind) for p in ("qkv", "o", "gate_up", "down") for kind in kinds}
     assert all(r["rows"] == 3 and r["rel_err"] <= gemm.MAX_REL_ERR for r in rec["sweep_best"])
+    assert {r["impl"] for r in rec["sweep_best"]} == {"xla", "pallas"}
     for row in rec["rows"]:
         assert row["ok"] and row["rel_err"] <= gemm.MAX_REL_ERR and row["time_us"] > 0, row
         assert row["weight_bytes"] == 2 * (2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128)  # q, o; k, v; the MLP
