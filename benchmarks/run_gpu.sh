@@ -16,8 +16,9 @@
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
 # Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro",
-# "warmup", "mixtral" and "decodeab": the decode kernel's default tuning against DECODE_TUNING ("posm=1,sem=lane")
-# in its GPU tests, alone over an engine-sized pool, and in fixed:128 and single-stream latency), MODEL (llama2-7b), JPAGED_RUNS
+# "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS) and "decodeab":
+# the decode kernel's default tuning against DECODE_TUNING ("posm=1,sem=lane") in its GPU tests, alone over an
+# engine-sized pool, and in fixed:128 and single-stream latency), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
@@ -145,6 +146,12 @@ if want micro; then  # the pieces behind the open misses: weight GEMMs (XLA's Tr
   step kv-write 60 "$PY" benchmarks/kv_write.py --json-out "$RESULTS" --json-key kv_write
   step moe-padded 150 "$PY" benchmarks/moe.py --padded --tokens 1,16,128 --impls xla,pallas --sweep \
     --json-out "$RESULTS" --json-key moe_padded
+fi
+
+if want gemmlibs; then  # each projection at 1 and 128 rows under XLA's Triton GEMMs and under cuBLAS, over copies
+  # past the L2 (a whole layer under cuBLAS lost; per projection it is unmeasured: down and o stream ~3.3 TB/s)
+  step gemm-libs 150 "$PY" benchmarks/gemm.py --rows 1 128 --cublas --sweep --max-configs 0 --iters 30 \
+    --json-out "$RESULTS" --json-key gemm_libs
 fi
 
 if want decodeab; then  # the decode kernel's default tuning against DECODE_TUNING in the engine, same call
