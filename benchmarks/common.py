@@ -361,31 +361,45 @@ class ModelShape:
         keys_seen = n * c + n * (n + 1) / 2
         return 4.0 * self.layers * self.heads * self.head_dim * keys_seen
 
+    def weight_matmul_flops(self, tokens: int, logit_rows: int) -> float:
+        """FLOPs of the weight matmuls (the layers' and the head's) over `tokens` rows, logits for `logit_rows`."""
+        return 2.0 * self.active_matmul_params() * tokens + 2.0 * self.hidden * self.vocab * logit_rows
+
     def step_flops(self, chunks: Iterable[tuple[int, int]], logit_rows: int | None = None) -> float:
         """FLOPs of one step over sequences given as (new tokens, context before); logits for one row a sequence."""
         chunks = list(chunks)
         tokens = sum(n for n, _ in chunks)
         rows = len(chunks) if logit_rows is None else logit_rows
-        flops = 2.0 * self.active_matmul_params() * tokens + 2.0 * self.hidden * self.vocab * rows
-        return flops + sum(self.attention_flops(n, c) for n, c in chunks)
+        return self.weight_matmul_flops(tokens, rows) + sum(self.attention_flops(n, c) for n, c in chunks)
 
     def step_floor_s(
         self, chunks: Iterable[tuple[int, int]], *, bandwidth: float = HBM_BYTES_PER_S, peak_flops: float = PEAK_FLOPS
     ) -> dict[str, float]:
         """The roofline of one step over sequences given as (new tokens, context before): the larger of its bytes
-        (weights + the KV it reads, its context included) over bandwidth and its FLOPs over the peak."""
+        (weights + the KV it reads, its context included) over bandwidth and its FLOPs over the peak.
+
+        Also `in_sequence_s`: the floor when the weight matmuls and the attention each meet their own roofline one
+        after the other, as a step's kernels run: max(weights / bandwidth, matmul FLOPs / peak) + max(KV / bandwidth,
+        attention FLOPs / peak). It exceeds `floor_s` where one part is compute-bound while the other streams
+        memory (decode at ~256 rows: the matmuls' FLOPs outlast their weights' bytes), which the step-wide
+        roofline counts as overlapped."""
         chunks = list(chunks)
         tokens = sum(n for n, _ in chunks)
-        kv_tokens = sum(n + c for n, c in chunks)
-        byts = self.weight_bytes_read(tokens) + kv_tokens * self.kv_bytes_per_token
-        flops = self.step_flops(chunks)
-        mem_s, compute_s = byts / bandwidth, flops / peak_flops
+        weight_bytes = self.weight_bytes_read(tokens)
+        kv_bytes = sum(n + c for n, c in chunks) * self.kv_bytes_per_token
+        matmul_flops = self.weight_matmul_flops(tokens, len(chunks))
+        attn_flops = sum(self.attention_flops(n, c) for n, c in chunks)
+        mem_s, compute_s = (weight_bytes + kv_bytes) / bandwidth, (matmul_flops + attn_flops) / peak_flops
+        in_sequence_s = max(weight_bytes / bandwidth, matmul_flops / peak_flops) + max(
+            kv_bytes / bandwidth, attn_flops / peak_flops
+        )
         return {
             "floor_s": max(mem_s, compute_s),
             "memory_s": mem_s,
             "compute_s": compute_s,
-            "bytes": byts,
-            "flops": flops,
+            "in_sequence_s": in_sequence_s,
+            "bytes": weight_bytes + kv_bytes,
+            "flops": matmul_flops + attn_flops,
         }
 
     def decode_step_floor_s(self, batch: int, mean_context: float, *, bandwidth: float = HBM_BYTES_PER_S) -> float:

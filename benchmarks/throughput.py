@@ -22,7 +22,9 @@ ratio).
 Roofline (common.py): while jpaged runs, each scheduled step's sequences are recorded as (new tokens, context
 before). The run's floor is the sum over its steps of max((weights + KV read) / 4.28 TB/s, FLOPs / 659 TFLOP/s):
 the time the batches the engine actually held would take at the ceilings. `of_roofline` = floor / wall time. Also
-given, the decode-dominated shorthand: steps x (weights + mean KV per step) / 4.28 TB/s.
+given, the decode-dominated shorthand: steps x (weights + mean KV per step) / 4.28 TB/s, and `of_in_sequence_floor`:
+the same against the floor with each step's weight matmuls and attention meeting their own rooflines one after the
+other (higher than the roofline where decode batches near 256 make the matmuls compute-bound).
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ class StepRecorder:
     def roofline(self, shape: common.ModelShape, bandwidth: float, peak: float) -> dict[str, Any]:
         if not self.steps:
             return {"available": False}
-        floor = mem = compute = 0.0
+        floor = mem = compute = in_sequence = 0.0
         decode_batches: list[int] = []
         kv_tokens: list[int] = []
         for new, before in self.steps:
@@ -185,6 +187,7 @@ class StepRecorder:
             floor += r["floor_s"]
             mem += r["memory_s"]
             compute += r["compute_s"]
+            in_sequence += r["in_sequence_s"]
             kv_tokens.append(sum(new) + sum(before))
             if all(n == 1 for n in new):
                 decode_batches.append(len(new))
@@ -201,9 +204,12 @@ class StepRecorder:
             "floor_s": floor,
             "memory_bound_s": mem,
             "compute_bound_s": compute,
+            "in_sequence_s": in_sequence,
             "shorthand_s": shorthand,
             "method": "sum over recorded steps of max((weights read + KV of the step's contexts) / bandwidth, "
-            "step FLOPs / peak); shorthand = steps x (weights + mean KV per step) / bandwidth",
+            "step FLOPs / peak); shorthand = steps x (weights + mean KV per step) / bandwidth; in_sequence = sum "
+            "over steps of max(weights / bandwidth, matmul FLOPs / peak) + max(KV / bandwidth, attention FLOPs / "
+            "peak), the floor with the matmuls and the attention one after the other (common.ModelShape.step_floor_s)",
         }
 
     def timeline(self, start: float, end: float) -> dict[str, Any]:
@@ -363,6 +369,7 @@ def run_jpaged(llm: Any, workload: Workload, args: argparse.Namespace, shape: co
         result["roofline_s"] = roof["floor_s"]
         result["of_roofline"] = roof["floor_s"] / wall
         result["roofline_output_tok_s"] = out_tokens / roof["floor_s"]
+        result["of_in_sequence_floor"] = roof["in_sequence_s"] / wall
     return result
 
 
@@ -462,6 +469,7 @@ COLUMNS = [
     ("roofline s", "roofline_s"),
     ("roofline tok/s", "roofline_output_tok_s"),
     ("of roofline", "of_roofline"),
+    ("of in-sequence floor", "of_in_sequence_floor"),
     ("vs HF", "speedup_vs_hf"),
     ("note", "note"),
 ]

@@ -141,6 +141,7 @@ def test_throughput_record(results: dict[str, Any]) -> None:
         roof = run["roofline"]
         assert roof["available"] and roof["steps"] >= max(5, 6 * 12 // 32)
         assert run["of_roofline"] > 0 and run["roofline_s"] == roof["floor_s"] >= roof["memory_bound_s"] > 0
+        assert roof["in_sequence_s"] >= roof["floor_s"] and run["of_in_sequence_floor"] >= run["of_roofline"]
         assert isinstance(run["compiles_during_run"], int)
         line = run["timeline"]  # one interval per fetched step, plus the drain: the wall time
         assert line["decode_steps"] + line["prefill_or_mixed_steps"] + 1 == roof["steps"]
@@ -352,6 +353,14 @@ def test_committed_configs_and_their_rooflines() -> None:
     assert l7.decode_step_floor_s(128, 640) == pytest.approx(12.8e-3, rel=0.03)
     # ~13.1 GFLOP a prompt token: 2 x the 6.48 B layer weights + attention (embedding gathered, one row of logits).
     assert l7.step_flops([(512, 0)]) / 512 == pytest.approx(13.1e9, rel=0.01)
+    # Decode at 128 rows is memory-bound in every part, so the kernels in sequence meet the step's roofline; at 256
+    # rows the matmuls' FLOPs (5.2 ms at 659 TFLOP/s) outlast their weights' bytes (3.2 ms), which the step-wide
+    # roofline hides under the attention's KV stream: in sequence the floor is 8.5% higher.
+    at_128, at_256 = (l7.step_floor_s([(1, 640)] * b) for b in (128, 256))
+    assert at_128["in_sequence_s"] == pytest.approx(at_128["floor_s"]) == pytest.approx(at_128["memory_s"])
+    assert at_256["in_sequence_s"] / at_256["floor_s"] == pytest.approx(1.085, abs=0.002)
+    kv_s = 256 * 641 * l7.kv_bytes_per_token / common.HBM_BYTES_PER_S
+    assert at_256["in_sequence_s"] == pytest.approx(l7.weight_matmul_flops(256, 256) / common.PEAK_FLOPS + kv_s)
     moe = common.ModelShape.from_config(common.resolve_model("mixtral-8x7b"))
     assert moe.experts_touched(1) == pytest.approx(2) and moe.experts_touched(256) == pytest.approx(8)
     assert moe.weight_bytes_read(1) < 0.6 * moe.weight_bytes and moe.weight_bytes_read(4096) == pytest.approx(
