@@ -16,7 +16,8 @@
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
 # Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro",
-# "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS) and "decodeab":
+# "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS), "pdlab"
+# (single-stream latency with XLA's programmatic dependent launch as it comes and turned off) and "decodeab":
 # the decode kernel's default tuning against DECODE_TUNING ("posm=1,sem=lane") in its GPU tests, alone over an
 # engine-sized pool, and in fixed:128 and single-stream latency), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
@@ -152,6 +153,16 @@ if want gemmlibs; then  # each projection at 1 and 128 rows under XLA's Triton G
   # past the L2 (a whole layer under cuBLAS lost; per projection it is unmeasured: down and o stream ~3.3 TB/s)
   step gemm-libs 150 "$PY" benchmarks/gemm.py --rows 1 128 --cublas --sweep --max-configs 0 --iters 30 \
     --json-out "$RESULTS" --json-key gemm_libs
+fi
+
+if want pdlab; then  # single-stream latency with XLA's programmatic dependent launch as it comes, then turned off
+  for pdl in default false; do
+    flags=${XLA_FLAGS:-}
+    [[ $pdl == false ]] && flags="$flags --xla_gpu_enable_pdl=false --xla_gpu_enable_pdl_launch=false"
+    # shellcheck disable=SC2086
+    step "pdl-latency-$pdl" 80 env XLA_FLAGS="$flags" "$PY" benchmarks/latency.py --model "$MODEL" --no-warmup \
+      --iters 2 --prefill-batch 0 $EXTRA_ENGINE_ARGS --json-out "$RESULTS" --json-key "pdl_latency_$pdl"
+  done
 fi
 
 if want decodeab; then  # the decode kernel's default tuning against DECODE_TUNING in the engine, same call
