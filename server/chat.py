@@ -31,7 +31,7 @@ from jpaged.server.generation import (
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
 from jpaged.server.protocol import ChatCompletionRequest, ChatMessage
 from jpaged.server.sampling import resolve_max_tokens, sampling_params
-from jpaged.server.state import ServerState, get_state, off_loop_if_long, read_body
+from jpaged.server.state import CHARS_PER_MESSAGE, ServerState, get_state, off_loop_if_long, read_body
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -79,7 +79,7 @@ async def render_messages(
             param="chat_template",
         )
     plain = [_plain_message(m) for m in messages]
-    size = sum(len(m["content"]) for m in plain)
+    size = sum(len(m["content"]) + CHARS_PER_MESSAGE for m in plain)
     try:
         return await off_loop_if_long(
             size, lambda: state.engine.render_chat(plain, chat_template, add_generation_prompt, chat_template_kwargs)

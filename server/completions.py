@@ -30,7 +30,7 @@ from jpaged.server.generation import (
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
 from jpaged.server.protocol import CompletionRequest
 from jpaged.server.sampling import resolve_max_tokens, sampling_params
-from jpaged.server.state import ServerState, get_state, off_loop_if_long, read_body
+from jpaged.server.state import CHARS_PER_TOKEN, ServerState, get_state, off_loop_if_long, read_body
 
 
 async def create_completion(request: Request) -> Response:
@@ -85,8 +85,11 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
     if not id_lists:
         raise bad_request("prompt must not be empty", param="prompt")
     tokenizer = state.engine.tokenizer
-    decode = body.echo and tokenizer is not None
-    return [(tokenizer.decode(ids) if decode else None, list(ids)) for ids in id_lists]
+    if not (body.echo and tokenizer is not None):
+        return [(None, list(ids)) for ids in id_lists]
+    return await off_loop_if_long(
+        CHARS_PER_TOKEN * sum(map(len, id_lists)), lambda: [(tokenizer.decode(ids), list(ids)) for ids in id_lists]
+    )
 
 
 class _View:

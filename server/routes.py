@@ -14,7 +14,7 @@ from jpaged.server.completions import create_completion
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.protocol import DetokenizeRequest, TokenizeRequest
-from jpaged.server.state import get_state, off_loop_if_long, read_body
+from jpaged.server.state import CHARS_PER_TOKEN, get_state, off_loop_if_long, read_body
 
 _PLACEHOLDER = """<!doctype html><html lang="en"><meta charset="utf-8"><title>jpaged</title>
 <h1>jpaged</h1><p>The playground page is not installed. The OpenAI-compatible API is at <code>/v1</code>;
@@ -90,7 +90,9 @@ async def detokenize(request: Request) -> Response:
     bad = [t for t in body.tokens if t >= vocab]
     if bad:
         raise bad_request(f"tokens holds ids outside the vocabulary (size {vocab}): {bad[:5]}", param="tokens")
-    return JSONResponse({"prompt": state.engine.tokenizer.decode(body.tokens)})
+    tokenizer, tokens = state.engine.tokenizer, body.tokens
+    text = await off_loop_if_long(CHARS_PER_TOKEN * len(tokens), lambda: tokenizer.decode(tokens))
+    return JSONResponse({"prompt": text})
 
 
 async def playground(request: Request) -> Response:

@@ -18,6 +18,10 @@ from jpaged.server.metrics import ServerMetrics
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 OFF_LOOP_CHARS = 8192  # texts longer than this are tokenized on a worker thread, so the event loop keeps streaming
+# What a token or a chat message weighs against OFF_LOOP_CHARS: ~4 characters a token, and a message's role markup
+# (tens of characters in a template): 200,000 empty messages had rendered on the loop, stalling every stream 7.8 s.
+CHARS_PER_TOKEN = 4
+CHARS_PER_MESSAGE = 32
 
 
 @dataclasses.dataclass

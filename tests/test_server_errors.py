@@ -417,3 +417,29 @@ def test_request_chat_templates_run_only_when_trusted_and_fail_as_400():
         assert resp.json()["usage"]["prompt_tokens"] == 2  # "hi", no BOS: the template writes none
     finally:
         running.stop()
+
+
+def test_heavy_tokenizer_work_leaves_the_event_loop(fake, monkeypatch):
+    """Rendering many (even empty) chat messages, decoding many ids (/detokenize, an echoed id prompt) run on a
+    worker thread, as long texts do: on the loop, 200,000 empty messages had stalled every other stream for 7.8 s."""
+    from jpaged.server import state as state_module
+
+    running, _ = fake
+    on_threads: list[str] = []
+    to_thread = state_module.asyncio.to_thread
+
+    async def recording(fn, *args, **kwargs):
+        on_threads.append(fn.__qualname__)
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(state_module.asyncio, "to_thread", recording)
+    many_ids = [5] * 3000
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": ""}] * 300, "max_tokens": 1}
+    assert post(running, "/v1/chat/completions", chat).status_code == 400  # the fake's tokenizer has no template
+    assert post(running, "/tokenize", {"messages": chat["messages"]}).status_code == 400
+    assert post(running, "/detokenize", {"tokens": many_ids}).json()["prompt"]
+    echo = {"model": MODEL_NAME, "prompt": many_ids, "max_tokens": 0, "echo": True}
+    assert post(running, "/v1/completions", echo).status_code == 400  # longer than the fake's context
+    assert len(on_threads) == 4, on_threads
+    assert post(running, "/detokenize", {"tokens": many_ids[:10]}).status_code == 200  # short: on the loop
+    assert len(on_threads) == 4
