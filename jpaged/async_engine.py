@@ -18,7 +18,9 @@ How a request flows
    only when `_handoff` was empty, schedules `_dispatch` on the loop with one `call_soon_threadsafe`. So the loop wakes
    at most once per step for all requests, and a loop that fell behind takes several steps' outputs in one wake-up.
    `_dispatch` gives each output to its request's `_Stream`, which keeps only the newest one: outputs are cumulative,
-   so a slow reader skips intermediate ones without losing anything (it sends their tokens in one chunk).
+   so a slow reader skips intermediate ones without losing anything (it sends their tokens in one chunk). Each output
+   travels with the stream of the submission it belongs to, so one of an aborted request never reaches a later
+   submission of the same id.
 4. When a reader stops early (client gone, task cancelled), the stream's iterator puts `_Abort` on `_inbox`; the
    thread aborts before its next step, so the request's pages are free within one step.
 
@@ -118,11 +120,13 @@ class _Add:
     prompt: Any
     params: SamplingParams
     accepted: asyncio.Future[None]
+    stream: _Stream  # whose outputs these will be (the engine thread only compares it, never touches it)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Abort:
     request_id: str
+    stream: _Stream  # the submission to abort: the id may have been submitted again since
 
 
 _STOP = object()
@@ -198,8 +202,13 @@ class AsyncEngine:
         self.stall_timeout_s = stall_timeout_s
 
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # Outputs the engine thread has handed over and the loop has not taken yet (see the module docstring, 3.):
-        self._handoff: dict[str, RequestOutput] = {}
+        # Outputs the engine thread has handed over and the loop has not taken yet (see the module docstring, 3.),
+        # each with the stream of the submission it belongs to:
+        self._handoff: dict[str, tuple[_Stream | None, RequestOutput]] = {}
+        # Engine thread only: the stream of each request id the engine holds. An id aborted and submitted again can
+        # have outputs of its first submission still on their way to the loop; they must not reach the second's
+        # stream, so outputs travel with their owner and `_dispatch` compares it.
+        self._owners: dict[str, _Stream] = {}
         self._handoff_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -250,13 +259,13 @@ class AsyncEngine:
         self._unstarted.add(request_id)
         accepted: asyncio.Future[None] = self._loop.create_future()
         self._accepting[request_id] = accepted
-        self._inbox.put(_Add(request_id, prompt, params, accepted))
+        self._inbox.put(_Add(request_id, prompt, params, accepted, stream))
         try:
             await accepted
         except BaseException as exc:
             self._forget(request_id)
             if isinstance(exc, asyncio.CancelledError):
-                self._inbox.put(_Abort(request_id))  # it may already be in the engine
+                self._inbox.put(_Abort(request_id, stream))  # it may already be in the engine
             raise
         finally:
             self._accepting.pop(request_id, None)
@@ -274,7 +283,7 @@ class AsyncEngine:
         if stream is not None:
             self._unstarted.discard(request_id)
             stream.fail(_Aborted())
-            self._inbox.put(_Abort(request_id))
+            self._inbox.put(_Abort(request_id, stream))
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -375,7 +384,9 @@ class AsyncEngine:
                 if item is _STOP:
                     return False
                 if isinstance(item, _Abort):
-                    self.engine.abort_request(item.request_id)
+                    if self._owners.get(item.request_id) is item.stream:  # else it finished, or never got in
+                        del self._owners[item.request_id]
+                        self.engine.abort_request(item.request_id)
                 else:
                     answers.append((item.accepted, self._add(item)))
                 self._heartbeat = time.monotonic()
@@ -397,13 +408,15 @@ class AsyncEngine:
             logger.exception("add_request(%r) failed", item.request_id)
             self.engine.abort_request(item.request_id)
             return exc
+        self._owners[item.request_id] = item.stream
         return None
 
     def _hand_over(self, outputs: list[RequestOutput]) -> None:
         with self._handoff_lock:
             wake = not self._handoff  # else a `_dispatch` is scheduled already and will take these too
             for output in outputs:
-                self._handoff[output.request_id] = output
+                owner = (self._owners.pop if output.finished else self._owners.get)(output.request_id, None)
+                self._handoff[output.request_id] = (owner, output)
         if wake:
             self._call_soon(self._dispatch)
 
@@ -431,9 +444,9 @@ class AsyncEngine:
     def _dispatch(self) -> None:
         with self._handoff_lock:
             outputs, self._handoff = self._handoff, {}
-        for output in outputs.values():
+        for owner, output in outputs.values():
             stream = self._streams.get(output.request_id)
-            if stream is not None:  # else it was aborted from this side; the engine will drop it
+            if stream is not None and stream is owner:  # else aborted from this side (and maybe submitted again)
                 self._unstarted.discard(output.request_id)
                 stream.put(output)
 

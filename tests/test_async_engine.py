@@ -122,6 +122,38 @@ def test_abort_ends_the_stream_quietly():
     run(main())
 
 
+def test_an_id_submitted_again_after_its_abort_gets_only_its_own_outputs():
+    """An output of the first submission that was on its way when the id was aborted and submitted again (the
+    server takes client-chosen ids: a client that drops a stream and retries with its id) is not the second's."""
+
+    async def main():
+        fake = FakeLLMEngine()
+        fake.never_finish = True
+        engine = await started(fake)
+        first = await engine.add_request("r", [1], SamplingParams(max_tokens=10**9))
+        await anext(first)
+        held = fake.block = threading.Event()
+        steps = fake.num_steps
+        await wait_for(lambda: fake.num_steps > steps)  # the engine thread waits inside a step
+        engine.abort("r")
+        again = asyncio.create_task(engine.add_request("r", [7, 7], SamplingParams(max_tokens=3)))
+        await asyncio.sleep(0)  # the second submission's stream is registered
+        fake.never_finish = False
+        fake.block = threading.Event()  # the step after the held one (the second's first) waits too
+        held.set()  # the held step ends with an output of the first submission, handed over before the abort
+        second = await again
+        next_output = asyncio.create_task(anext(second))
+        await asyncio.sleep(0.05)  # what reached the second's stream by now came from the first submission
+        fake.block.set()
+        outputs = [await next_output] + [o async for o in second]
+        assert [o.prompt_token_ids for o in outputs] == [[7, 7]] * len(outputs) and outputs[-1].finished
+        assert len(outputs[-1].outputs[0].token_ids) == 3
+        await wait_for(lambda: fake.aborted == ["r"] and not fake.requests)
+        await engine.shutdown()
+
+    run(main())
+
+
 def test_a_failing_step_kills_the_loop_and_fails_everyone():
     async def main():
         fake = FakeLLMEngine()
