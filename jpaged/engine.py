@@ -171,7 +171,10 @@ class LLMEngine:
             return prompt, list(self.tokenizer(prompt).input_ids)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list | tuple):
+                    raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+                return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
                 return self._tokenize(prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
@@ -256,7 +259,8 @@ class LLMEngine:
                 req.logprobs.append(Logprob(token, float(result.logprobs[row]), top))
             req.check_stop_token(index)
             stop = self._detokenizers[req.key].add(token)
-            if stop is not None and not req.status.finished:
+            # A stop string outranks the length limit (as vLLM's stop checker orders them), not EOS or a stop token.
+            if stop is not None and (not req.status.finished or req.status is RequestStatus.FINISHED_LENGTH):
                 req.status = RequestStatus.FINISHED_STOPPED
                 req.stop_reason = stop
             if req.status.finished:

@@ -32,7 +32,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in prompt order.
 
-        Every prompt is validated before any is queued, so one bad prompt raises without leaving the rest queued.
+        A prompt the engine refuses raises, and none of this call's prompts stays queued.
         """
         single = isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
@@ -48,7 +48,7 @@ class LLM:
         try:
             for prompt, params in zip(prompt_list, params_list, strict=True):
                 ids.append(self.engine.add_request(None, prompt, params))
-        except ValueError:
+        except Exception:  # a bad prompt (ValueError) or anything else: none of this call's requests stay queued
             for rid in ids:
                 self.engine.abort_request(rid)
             raise

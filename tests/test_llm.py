@@ -78,6 +78,17 @@ def test_stop_strings_spanning_tokens_cut_the_text(llm, stop):
     assert kept[0].outputs[0].text == KNOWN_GREEDY[: KNOWN_GREEDY.index(stop) + len(stop)]
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_stops(llm):
+    """The stop string outranks the length limit (vLLM's order): the text is cut, so the reason is the string."""
+    stop = "little g"  # its last character comes with the greedy story's 6th token
+    end = KNOWN_GREEDY.index(stop)
+    out = llm.generate("Once upon a time", greedy(max_tokens=6, stop=stop))[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == (KNOWN_GREEDY[:end], "stop", stop)
+    assert len(out.token_ids) == 6
+    cut_short = llm.generate("Once upon a time", greedy(max_tokens=5, stop=stop))[0].outputs[0]
+    assert (cut_short.finish_reason, cut_short.stop_reason) == ("length", None) and len(cut_short.token_ids) == 5
+
+
 def test_stop_token_ids_end_a_story_at_bos(llm):
     out = llm.generate("Once upon a time", greedy(max_tokens=400, stop_token_ids=[BOS]))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == BOS and out.token_ids[-1] == BOS
@@ -164,6 +175,7 @@ def test_chat_needs_a_template_and_uses_one_when_given(llm, tmp_path):
         ({"prompt_token_ids": [1, 512]}, "outside the vocabulary"),
         ({"prompt_token_ids": [1, -3]}, "outside the vocabulary"),
         ({"prompt_token_ids": [1] * 600}, "maximum context length is 512"),
+        ({"prompt_token_ids": None}, "prompt_token_ids must be a list"),
         (3.5, "must be a string"),
     ],
 )
