@@ -53,7 +53,7 @@ async def create_chat_completion(request: Request) -> Response:
         prompt_logprobs=body.prompt_logprobs,
     )
     request_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-    view = _View(state, body, request_id, model)
+    view = _View(state, body, request_id, model, num_prompt_tokens=len(token_ids))
     streams = await submit(state, request_id, [{"prompt": text, "prompt_token_ids": token_ids}], params)
     if body.stream:
         return EventStream(guard_stream(view.stream(streams)))
@@ -121,8 +121,11 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
 class _View:
     """Turns engine outputs into this request's response or stream chunks."""
 
-    def __init__(self, state: ServerState, body: ChatCompletionRequest, request_id: str, model: str) -> None:
+    def __init__(
+        self, state: ServerState, body: ChatCompletionRequest, request_id: str, model: str, *, num_prompt_tokens: int
+    ) -> None:
         self.state, self.body, self.id, self.model = state, body, request_id, model
+        self.num_prompt_tokens = num_prompt_tokens
         self.created = int(time.time())
         last = body.messages[-1]
         echo = body.echo and last.role == "assistant" and last.content is not None
@@ -135,7 +138,7 @@ class _View:
         return {"content": chat_logprobs(self.state.token_strings, ids, lps, self.body.top_logprobs or 0)}
 
     def _usage(self, output: RequestOutput | None) -> dict[str, Any]:
-        prompt = len(output.prompt_token_ids) if output else 0
+        prompt = self.num_prompt_tokens
         completion = sum(len(c.token_ids) for c in output.outputs) if output else 0
         return {
             "prompt_tokens": prompt,
@@ -175,6 +178,11 @@ class _View:
     def include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk (vLLM's stream_options.continuous_usage_stats, with include_usage)."""
+        return self.include_usage and bool(self.body.stream_options and self.body.stream_options.continuous_usage_stats)
+
     def chunk_encoder(self) -> ChunkEncoder:
         head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
         return ChunkEncoder(head, include_usage=self.include_usage, text_choice=text_choice)
@@ -185,8 +193,10 @@ class _View:
         n, chunks = self.body.n, self.chunk_encoder()
         want_logprobs = self.body.logprobs
         delta = {"role": "assistant", "content": self.echo}  # the role first, as OpenAI sends it
+        continuous = self.continuous_usage
+        running = self._usage(None) if continuous else None
         yield b"".join(
-            chunks.event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+            chunks.event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], running)
             for index in range(n)
         )
         sent_chars, sent_tokens = [0] * n, [0] * n
@@ -195,6 +205,7 @@ class _View:
         usage_sent = False
         async for _, output in merge(streams):
             last = output
+            running = self._usage(last) if continuous else None
             events: list[bytes] = []
             for c in output.outputs:
                 if c.index in finished:
@@ -206,7 +217,7 @@ class _View:
                     continue
                 if not (done or want_logprobs):
                     sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-                    events.append(chunks.text(c.index, delta_text))
+                    events.append(chunks.text(c.index, delta_text, running))
                     continue
                 logprobs = self._logprobs(c, sent_tokens[c.index])
                 sent_chars[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
@@ -219,7 +230,7 @@ class _View:
                 if done:
                     choice["stop_reason"] = c.stop_reason
                     finished.add(c.index)
-                events.append(chunks.event([choice]))
+                events.append(chunks.event([choice], running))
             if output.finished and self.include_usage:
                 events.append(chunks.event([], self._usage(last)))
                 usage_sent = True

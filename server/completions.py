@@ -178,6 +178,11 @@ class _View:
     def include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk (vLLM's stream_options.continuous_usage_stats, with include_usage)."""
+        return self.include_usage and bool(self.body.stream_options and self.body.stream_options.continuous_usage_stats)
+
     def chunk_encoder(self) -> ChunkEncoder:
         head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
         return ChunkEncoder(head, include_usage=self.include_usage, text_choice=text_choice)
@@ -193,8 +198,10 @@ class _View:
         finished: set[int] = set()
         last: list[RequestOutput | None] = [None] * len(streams)
         usage_sent = False
+        continuous = self.continuous_usage
         async for i, output in merge(streams):
             last[i] = output
+            running = self._usage(last) if continuous else None  # the whole request's so far
             events: list[bytes] = []
             for c in output.outputs:
                 index = i * n + c.index
@@ -211,7 +218,7 @@ class _View:
                 offset = offsets.get(index, 0)
                 if not (done or want_logprobs or (first and (body.echo or body.prompt_logprobs is not None))):
                     offsets[index] = offset + len(delta)
-                    events.append(chunks.text(index, delta))
+                    events.append(chunks.text(index, delta, running))
                     continue
                 _, ids, lps = self._generated(c)
                 new_ids, new_lps = ids[sent:], lps[sent:]
@@ -230,7 +237,7 @@ class _View:
                     choice["prompt_logprobs"] = self._prompt_logprobs(output)
                 if done:
                     finished.add(index)
-                events.append(chunks.event([choice]))
+                events.append(chunks.event([choice], running))
             if output.finished and include_usage and all(out is not None and out.finished for out in last):
                 events.append(chunks.event([], self._usage(last)))
                 usage_sent = True

@@ -149,11 +149,12 @@ _MARK = "\x00jpaged-text\x00"  # stands for the variable string while a text-cho
 class ChunkEncoder:
     """One stream's events, each byte for byte what `sse` makes of the chunk dict (tests/test_server_generation.py).
 
-    A chunk is `{**head, "choices": [...]}`, plus `"usage"` (null but on the last chunk) when the request asked for
-    usage. `head` (id, object, created, model) does not change within a stream, so it is serialized once; and the
-    chunk of nearly every token — one choice whose only variable part is its text (no logprobs, not finished) — is
-    made by `text` from a template per choice index, at the cost of one string escape instead of a `json.dumps` of
-    nested dicts. Every other chunk goes through `event`, the general path.
+    A chunk is `{**head, "choices": [...]}`, plus `"usage"` when the request asked for usage: null but on the last
+    chunk, or on every chunk the usage so far with `stream_options.continuous_usage_stats` (the callers pass it).
+    `head` (id, object, created, model) does not change within a stream, so it is serialized once; and the chunk of
+    nearly every token — one choice whose only variable part is its text (no logprobs, not finished) — is made by
+    `text` from a template per choice index, at the cost of one string escape instead of a `json.dumps` of nested
+    dicts. Every other chunk goes through `event`, the general path.
     """
 
     def __init__(
@@ -172,13 +173,16 @@ class ChunkEncoder:
             chunk["usage"] = usage
         return sse(chunk)
 
-    def text(self, index: int, text: str) -> bytes:
-        """The event of `text_choice(index, text)`."""
+    def text(self, index: int, text: str, usage: dict[str, Any] | None = None) -> bytes:
+        """The event of `text_choice(index, text)` (with `usage`, when the request asked for usage)."""
         template = self._templates.get(index)
         if template is None:
             before, after = _dumps(self._text_choice(index, _MARK)).split(_dumps(_MARK))
             template = self._templates[index] = (self._prefix + before, after + "]" + self._suffix)
-        return f"{template[0]}{encode_basestring(text)}{template[1]}".encode()
+        tail = template[1]
+        if usage is not None and self._include_usage:  # the usage so far in place of the null
+            tail = f'{tail[: -len(self._suffix)]},"usage":{_dumps(usage)}}}\n\n'
+        return f"{template[0]}{encode_basestring(text)}{tail}".encode()
 
 
 async def guard_stream(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

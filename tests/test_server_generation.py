@@ -38,11 +38,14 @@ TEXT_CHOICES = {"completions": completions.text_choice, "chat": chat.text_choice
 def test_the_text_fast_path_equals_the_general_path(api: str, include_usage: bool):
     head = {"id": 'cmpl-"x"', "object": "chunk", "created": 1767225600, "model": "mödel \\ 1"}
     encoder = ChunkEncoder(head, include_usage=include_usage, text_choice=TEXT_CHOICES[api])
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": None}
     for index in (0, 1, 17, 0):  # templates are made per index, then reused
         for text in TRICKY_TEXTS:
             fast = encoder.text(index, text)
             assert fast == encoder.event([TEXT_CHOICES[api](index, text)]), (index, text)
             assert json.loads(fast.removeprefix(b"data: "))["choices"][0]["index"] == index
+            # continuous usage stats: the usage so far on the fast path's chunk too
+            assert encoder.text(index, text, usage) == encoder.event([TEXT_CHOICES[api](index, text)], usage)
 
 
 # -- the views, driven by made-up engine outputs ------------------------------------------------------------------
@@ -111,6 +114,10 @@ COMPLETION_CASES = {
     "logprobs": {"logprobs": 2, "stream_options": {"include_usage": True}},
     "echo and prompt logprobs": {"echo": True, "prompt_logprobs": 1},
     "two samples": {"n": 2, "stream_options": {"include_usage": True}},
+    "continuous usage, two samples": {
+        "n": 2,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    },
 }
 
 
@@ -134,8 +141,7 @@ def test_completion_chunks_match_the_models_and_carry_the_whole_text(case: str, 
     finishes = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
     assert finishes == ["length"] * body.n
     if body.stream_options:
-        assert [c["usage"] is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
-        assert chunks[-1]["usage"]["completion_tokens"] == 6 * body.n and chunks[-1]["choices"] == []
+        _check_usage(chunks, continuous=body.stream_options.continuous_usage_stats, prompt=len(prompt), n=body.n)
     else:
         assert all("usage" not in c for c in chunks)
     if body.logprobs is not None:
@@ -148,7 +154,21 @@ CHAT_CASES = {
     "usage": {"stream_options": {"include_usage": True}},
     "logprobs": {"logprobs": True, "top_logprobs": 2, "stream_options": {"include_usage": True}},
     "two samples, stopped": {"n": 2, "stream_options": {"include_usage": True}},
+    "continuous usage": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
 }
+
+
+def _check_usage(chunks: list[dict[str, Any]], *, continuous: bool, prompt: int, n: int) -> None:
+    """Usage on the last chunk only (which has no choices), or with continuous usage stats on every chunk, its
+    completion tokens the generated count so far."""
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6 * n
+    if not continuous:
+        assert [c["usage"] is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        return
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-2] == 6 * n
+    assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+    assert all(c["usage"]["total_tokens"] == prompt + c["usage"]["completion_tokens"] for c in chunks)
 
 
 @pytest.mark.parametrize("case", sorted(CHAT_CASES))
@@ -161,7 +181,8 @@ def test_chat_chunks_match_the_models_and_carry_the_whole_text(case: str, steps:
     ids = _tokens(" there was a little girl")[:6]
     finish = "stop" if "stopped" in case else "length"
     outputs = _outputs(ids, n=body.n, logprobs=body.logprobs, steps=steps, finish=finish)
-    view = chat._View(_state(), body, "chatcmpl-1", MODEL_NAME)
+    prompt = outputs[0].prompt_token_ids
+    view = chat._View(_state(), body, "chatcmpl-1", MODEL_NAME, num_prompt_tokens=len(prompt))
     events = asyncio.run(_events(view, outputs))
     chunks = [_round_trip(e, ChatCompletionChunk) for e in events]
     roles = [c["delta"]["role"] for chunk in chunks for c in chunk["choices"] if "role" in c["delta"]]
@@ -174,7 +195,7 @@ def test_chat_chunks_match_the_models_and_carry_the_whole_text(case: str, steps:
     finishes = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
     assert finishes == [finish] * body.n
     if body.stream_options:
-        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6 * body.n
+        _check_usage(chunks, continuous=body.stream_options.continuous_usage_stats, prompt=len(prompt), n=body.n)
     if body.logprobs:
         tokens = [
             t["token"] for chunk in chunks for c in chunk["choices"] if c["logprobs"] for t in c["logprobs"]["content"]
