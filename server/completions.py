@@ -27,7 +27,7 @@ from jpaged.server.generation import (
     submit,
     until_disconnect,
 )
-from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
+from jpaged.server.logprobs import completion_logprobs, prompt_logprobs, text_offsets
 from jpaged.server.protocol import CompletionRequest
 from jpaged.server.sampling import resolve_max_tokens, sampling_params
 from jpaged.server.state import CHARS_PER_TOKEN, ServerState, get_state, off_loop_if_long, read_body
@@ -114,13 +114,18 @@ class _View:
         lps: list[Any] = list(output.prompt_logprobs or [None] * len(ids))
         return text or "", ids, lps
 
-    def _logprobs(self, ids: list[int], lps: list[Any], offset: int) -> dict[str, list[Any]] | None:
+    def _logprobs(
+        self, ids: list[int], lps: list[Any], text: str, scan: int
+    ) -> tuple[dict[str, list[Any]] | None, int]:
+        """The tokens' logprobs, their offsets found in the choice's `text` (so far) from `scan`; and the new scan."""
         if self.body.logprobs is None:
-            return None
-        assert self.state.token_strings is not None
+            return None, scan
+        strings = self.state.token_strings
+        assert strings is not None
         k = self.body.logprobs
         lps = [None if lp is None else _trim(lp, k) for lp in lps]
-        return completion_logprobs(self.state.token_strings, ids, lps, offset)
+        offsets, scan = text_offsets(text, [strings.text(t) for t in ids], scan)
+        return completion_logprobs(strings, ids, lps, offsets), scan
 
     def _generated(self, c: CompletionOutput) -> tuple[str, list[int], list[Any]]:
         if self.score_only:
@@ -147,7 +152,7 @@ class _View:
                     {
                         "index": i * self.body.n + c.index,
                         "text": text,
-                        "logprobs": self._logprobs(ids, lps, 0),
+                        "logprobs": self._logprobs(ids, lps, text, 0)[0],
                         "finish_reason": "length" if self.score_only else c.finish_reason,
                         "stop_reason": c.stop_reason,
                         "prompt_logprobs": self._prompt_logprobs(output),
@@ -194,7 +199,7 @@ class _View:
         want_logprobs = body.logprobs is not None
         sent_chars: dict[int, int] = {}  # choice index -> generated characters sent
         sent_tokens: dict[int, int] = {}  # choice index -> generated tokens sent
-        offsets: dict[int, int] = {}  # choice index -> characters sent in all (echo included): the next text_offset
+        scans: dict[int, int] = {}  # choice index -> where the next token's text_offset is looked for (text_offsets)
         finished: set[int] = set()
         last: list[RequestOutput | None] = [None] * len(streams)
         usage_sent = False
@@ -207,7 +212,7 @@ class _View:
                 index = i * n + c.index
                 if index in finished:
                     continue
-                first = index not in offsets
+                first = index not in sent_chars
                 sent = sent_tokens.get(index, 0)
                 text, num_tokens = ("", 0) if self.score_only else (c.text, len(c.token_ids))
                 delta = text[sent_chars.get(index, 0) :]
@@ -215,21 +220,20 @@ class _View:
                 if not (delta or done or first or (num_tokens > sent and want_logprobs)):
                     continue
                 sent_chars[index], sent_tokens[index] = len(text), num_tokens
-                offset = offsets.get(index, 0)
                 if not (done or want_logprobs or (first and (body.echo or body.prompt_logprobs is not None))):
-                    offsets[index] = offset + len(delta)
                     events.append(chunks.text(index, delta, running))
                     continue
                 _, ids, lps = self._generated(c)
                 new_ids, new_lps = ids[sent:], lps[sent:]
+                echoed = self._echo_part(i, output)[0] if body.echo else ""
                 if first and body.echo:
-                    p_text, p_ids, p_lps = self._echo_part(i, output)
-                    delta, new_ids, new_lps = p_text + delta, p_ids + new_ids, p_lps + new_lps
-                offsets[index] = offset + len(delta)
+                    _, p_ids, p_lps = self._echo_part(i, output)
+                    delta, new_ids, new_lps = echoed + delta, p_ids + new_ids, p_lps + new_lps
+                logprobs, scans[index] = self._logprobs(new_ids, new_lps, echoed + text, scans.get(index, 0))
                 choice: dict[str, Any] = {
                     "index": index,
                     "text": delta,
-                    "logprobs": self._logprobs(new_ids, new_lps, offset),
+                    "logprobs": logprobs,
                     "finish_reason": ("length" if self.score_only else c.finish_reason) if done else None,
                     "stop_reason": c.stop_reason if done else None,
                 }

@@ -52,26 +52,49 @@ class TokenStrings:
         return hit
 
 
+_SLACK = 4  # characters past the scan position where a token's text may still start (see text_offsets)
+
+
+def text_offsets(text: str, token_texts: Sequence[str], start: int = 0) -> tuple[list[int], int]:
+    """Where each token's text begins in `text`, scanning from `start`; and where the scan ends.
+
+    A token's string (`TokenStrings.text`) is its text inside a text, leading space included, but the returned text
+    is the detokenizer's: it drops the leading space of a SentencePiece text's first token, may leave special tokens
+    out, and shows a character split over byte tokens once. So a token is looked for at the scan position, as it is
+    or without its leading space, then up to _SLACK characters on; one not found (a special token left out, a byte
+    of a split character, text a stop string cut or a stream has not sent yet) begins where the scan stands and
+    does not move it. The same scan over a stream's growing text gives the offsets it gives over the whole text.
+    """
+    pos, offsets = start, []
+    for token_text in token_texts:
+        candidates = [c for c in (token_text, token_text[1:] if token_text.startswith(" ") else "") if c]
+        match = next(((pos, c) for c in candidates if text.startswith(c, pos)), None)
+        if match is None:
+            match = next(((at, c) for c in candidates if (at := text.find(c, pos, pos + len(c) + _SLACK)) >= 0), None)
+        if match is None:
+            offsets.append(pos)
+        else:
+            offsets.append(match[0])
+            pos = match[0] + len(match[1])
+    return offsets, pos
+
+
 def completion_logprobs(
     strings: TokenStrings,
     token_ids: Sequence[int],
     logprobs: Sequence[Logprob | None],
-    text_offset: int,
+    offsets: Sequence[int],
 ) -> dict[str, list[Any]]:
     """The completions shape: parallel lists; `top_logprobs` maps token strings to logprobs, the chosen one included.
 
-    `text_offset` is where the first token's text starts in the text these tokens belong to.
+    `offsets`: each token's `text_offset` in the choice's text (`text_offsets`).
     """
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top: list[dict[str, float] | None] = []
-    offsets: list[int] = []
     for token_id, lp in zip(token_ids, logprobs, strict=True):
         text = strings.text(token_id)
         tokens.append(text)
-        offsets.append(text_offset)
-        if token_id not in strings.special_ids:  # special tokens are not in the returned text
-            text_offset += len(text)
         if lp is None:
             token_logprobs.append(None)
             top.append(None)
@@ -80,7 +103,7 @@ def completion_logprobs(
         entry = {strings.text(t): _finite(v) for t, v in lp.top}
         entry.setdefault(text, _finite(lp.logprob))
         top.append(entry)
-    return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}
+    return {"text_offset": list(offsets), "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}
 
 
 def chat_logprobs(

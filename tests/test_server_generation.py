@@ -16,7 +16,7 @@ from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.request import Logprob
 from jpaged.server import chat, completions
 from jpaged.server.generation import ChunkEncoder, guard_stream
-from jpaged.server.logprobs import TokenStrings
+from jpaged.server.logprobs import TokenStrings, text_offsets
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.protocol import ChatCompletionChunk, ChatCompletionRequest, CompletionChunk, CompletionRequest
 from jpaged.server.state import ServerState
@@ -46,6 +46,26 @@ def test_the_text_fast_path_equals_the_general_path(api: str, include_usage: boo
             assert json.loads(fast.removeprefix(b"data: "))["choices"][0]["index"] == index
             # continuous usage stats: the usage so far on the fast path's chunk too
             assert encoder.text(index, text, usage) == encoder.event([TEXT_CHOICES[api](index, text)], usage)
+
+
+@pytest.mark.parametrize(
+    "text, tokens, expected",
+    [
+        ("Once upon", ["<s>", " Once", " upon"], [0, 0, 4]),  # a special token left out; the first space dropped
+        ("<s> Once upon", ["<s>", " Once", " upon"], [0, 3, 8]),  # the special token in the text
+        ("a\u2019b c", ["a", "\ufffd", "\ufffd", "\ufffd", "b", " c"], [0, 1, 1, 1, 2, 3]),  # a character in bytes
+        ("ab", ["a", "b", "cd", " e"], [0, 1, 2, 2]),  # tokens a stop string cut off the text
+        ("", [" a"], [0]),
+    ],
+)
+def test_text_offsets_find_each_token_in_the_text(text: str, tokens: list[str], expected: list[int]):
+    assert text_offsets(text, tokens) == (expected, len(text))
+    # Over a stream's growing text, token by token, the scan gives the same offsets.
+    scan, streamed = 0, []
+    for k, token in enumerate(tokens):
+        got, scan = text_offsets(text[: max(expected[: k + 1], default=0) + len(token)], [token], scan)
+        streamed += got
+    assert streamed == expected
 
 
 # -- the views, driven by made-up engine outputs ------------------------------------------------------------------
@@ -113,6 +133,7 @@ COMPLETION_CASES = {
     "usage": {"stream_options": {"include_usage": True}},
     "logprobs": {"logprobs": 2, "stream_options": {"include_usage": True}},
     "echo and prompt logprobs": {"echo": True, "prompt_logprobs": 1},
+    "echo and logprobs": {"echo": True, "logprobs": 1},
     "two samples": {"n": 2, "stream_options": {"include_usage": True}},
     "continuous usage, two samples": {
         "n": 2,
@@ -145,8 +166,16 @@ def test_completion_chunks_match_the_models_and_carry_the_whole_text(case: str, 
     else:
         assert all("usage" not in c for c in chunks)
     if body.logprobs is not None:
-        tokens = [t for chunk in chunks for c in chunk["choices"] for t in c["logprobs"]["tokens"]]
-        assert len(tokens) == 6 and "".join(tokens) == final
+        tokens = [t for chunk in chunks for c in chunk["choices"] if c["index"] == 0 for t in c["logprobs"]["tokens"]]
+        assert len(tokens) == 6 + body.echo * len(prompt) and "".join(tokens).endswith(final)
+        # text_offset: each token's place in the choice's text, the same streamed as whole
+        streamed = [
+            o for chunk in chunks for c in chunk["choices"] if c["index"] == 0 for o in c["logprobs"]["text_offset"]
+        ]
+        whole = view.response([outputs[-1]])["choices"][0]
+        assert whole["logprobs"]["text_offset"] == streamed
+        for offset, token in zip(streamed, tokens, strict=True):
+            assert whole["text"][offset:].startswith((token, token.lstrip(" "))) or token == "<s>", (offset, token)
 
 
 CHAT_CASES = {
