@@ -57,6 +57,11 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(llm):
     b = llm.generate(["The dog", "Once upon a time"], SamplingParams(seed=11, **p))[1].outputs[0].token_ids
     c = llm.generate("Once upon a time", SamplingParams(seed=12, **p))[0].outputs[0].token_ids
     assert a == b and a != c
+    # Seeds are 64-bit: one differing from 11 only in its high half draws otherwise, and again alike.
+    high = [
+        llm.generate("Once upon a time", SamplingParams(seed=11 + 2**40, **p))[0].outputs[0].token_ids for _ in "ab"
+    ]
+    assert high[0] != a and high[0] == high[1]
 
 
 def test_n_samples_differ_and_are_reproducible(llm):
