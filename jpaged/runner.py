@@ -68,7 +68,7 @@ class InFlight:
     sched: SchedulerOutput
     begins: tuple[int, ...]  # each request's num_computed_tokens when the step was packed
     sampled: SamplerOutput
-    prompt: tuple[jax.Array, jax.Array, jax.Array] | None
+    prompt: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None  # sampler.prompt_logprobs' four
     num_logprobs: int
 
 
@@ -467,7 +467,7 @@ class ModelRunner:
         )
 
     def _unpack_prompt_logprobs(self, step: InFlight) -> dict[int, list[Logprob | None]]:
-        target_lp, top_ids, top_lps = (np.asarray(a) for a in step.prompt)  # type: ignore[union-attr]
+        target_lp, target_rank, top_ids, top_lps = (np.asarray(a) for a in step.prompt)  # type: ignore[union-attr]
         out: dict[int, list[Logprob | None]] = {}
         start = 0
         sched = step.sched
@@ -480,7 +480,7 @@ class ModelRunner:
                     if pos >= req.num_prompt_tokens:
                         break
                     top = tuple(zip(top_ids[t, :k].tolist(), top_lps[t, :k].tolist(), strict=True))
-                    rows.append(Logprob(req.token_ids[pos], float(target_lp[t]), top))
+                    rows.append(Logprob(req.token_ids[pos], float(target_lp[t]), top, int(target_rank[t])))
                 out[b] = rows
             start += n
         return out

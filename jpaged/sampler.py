@@ -110,19 +110,24 @@ def filtered_rows[Array: (jax.Array, np.ndarray)](
 
 def prompt_logprobs(
     logits: jax.Array, targets: jax.Array, *, num_logprobs: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Logprobs of each prompt position's next token under the raw logits [T, V].
 
-    targets [T] int32 is the next token of each position, -1 where there is none (the target logprob is then
-    0 and meaningless). Returns (target logprob [T], top_ids [T, K], top_logprobs [T, K]). The [T, V]
-    log_softmax is never materialised, but the float32 logits are: chunk long prompts.
+    targets [T] int32 is the next token of each position, -1 where there is none (its logprob and rank are then
+    0 and meaningless). Returns (target logprob [T], target rank [T] int32: 1 + the tokens more likely, as vLLM
+    counts it, top_ids [T, K], top_logprobs [T, K]). The [T, V] log_softmax is never materialised, but the float32
+    logits are: chunk long prompts.
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"want logits [T, V] and targets [T]; got {logits.shape} and {targets.shape}")
     _check_num_logprobs(num_logprobs, logits.shape[1])
     raw = logits.astype(jnp.float32)
-    chosen, top_ids, top_logprobs = _raw_logprobs(raw, jnp.maximum(targets, 0), num_logprobs)
-    return jnp.where(targets >= 0, chosen, 0.0), top_ids, top_logprobs
+    safe = jnp.maximum(targets, 0)
+    chosen, top_ids, top_logprobs = _raw_logprobs(raw, safe, num_logprobs)
+    target_logit = jnp.take_along_axis(raw, safe[:, None], axis=-1)  # [T, 1]
+    rank = 1 + jnp.sum(raw > target_logit, axis=-1, dtype=jnp.int32)
+    valid = targets >= 0
+    return jnp.where(valid, chosen, 0.0), jnp.where(valid, rank, 0), top_ids, top_logprobs
 
 
 def apply_logit_bias(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Array) -> jax.Array:

@@ -139,7 +139,7 @@ def prompt_logprobs(
         entry = {
             str(token_id): {
                 "logprob": _finite(lp.logprob),
-                "rank": ranks.get(token_id),
+                "rank": lp.rank if lp.rank is not None else ranks.get(token_id),
                 "decoded_token": strings.text(token_id),
             }
         }

@@ -534,12 +534,16 @@ def test_prompt_logprobs_match_numpy():
     logits = rng.normal(size=(length, vocab)).astype(np.float32) * 2
     targets = rng.integers(0, vocab, size=length)
     targets[-1] = -1
-    target_lp, top_ids, top_lp = jax.jit(prompt_logprobs, static_argnames="num_logprobs")(
+    logits[3, 5:9] = logits[3, targets[3]]  # a tie with the target counts as not more likely
+    target_lp, rank, top_ids, top_lp = jax.jit(prompt_logprobs, static_argnames="num_logprobs")(
         jnp.asarray(logits), jnp.asarray(targets, jnp.int32), num_logprobs=k
     )
     expected = log_softmax(logits)
     np.testing.assert_allclose(np.asarray(target_lp)[:-1], expected[np.arange(length - 1), targets[:-1]], atol=1e-5)
     assert np.asarray(target_lp)[-1] == 0.0
+    chosen = logits[np.arange(length - 1), targets[:-1]][:, None]
+    np.testing.assert_array_equal(np.asarray(rank)[:-1], 1 + (logits[:-1] > chosen).sum(-1))
+    assert np.asarray(rank)[:-1].max() > k  # some targets rank past the top k
     np.testing.assert_array_equal(np.asarray(top_ids), np.argsort(-expected, axis=-1, kind="stable")[:, :k])
     np.testing.assert_allclose(np.asarray(top_lp), -np.sort(-expected, axis=-1)[:, :k], atol=1e-5)
 
