@@ -263,12 +263,14 @@ class AsyncEngine:
         try:
             await accepted
         except BaseException as exc:
-            self._forget(request_id)
+            if self._streams.get(request_id) is stream:  # else aborted meanwhile, and maybe submitted again
+                self._forget(request_id)
             if isinstance(exc, asyncio.CancelledError):
                 self._inbox.put(_Abort(request_id, stream))  # it may already be in the engine
             raise
         finally:
-            self._accepting.pop(request_id, None)
+            if self._accepting.get(request_id) is accepted:
+                del self._accepting[request_id]
         return self._iterate(request_id, stream)
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:

@@ -172,7 +172,7 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list | tuple):
+                if not isinstance(ids, list | tuple | np.ndarray):
                     raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
                 return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:

@@ -34,7 +34,7 @@ class Logprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) best first
-    rank: int | None = None  # 1 + the tokens more likely than token_id, where known (prompt logprobs)
+    rank: int | None = None  # the tokens at least as likely as token_id, itself included (prompt logprobs)
 
 
 @dataclass(eq=False)

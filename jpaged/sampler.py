@@ -114,9 +114,9 @@ def prompt_logprobs(
     """Logprobs of each prompt position's next token under the raw logits [T, V].
 
     targets [T] int32 is the next token of each position, -1 where there is none (its logprob and rank are then
-    0 and meaningless). Returns (target logprob [T], target rank [T] int32: 1 + the tokens more likely, as vLLM
-    counts it, top_ids [T, K], top_logprobs [T, K]). The [T, V] log_softmax is never materialised, but the float32
-    logits are: chunk long prompts.
+    0 and meaningless). Returns (target logprob [T], target rank [T] int32: the tokens at least as likely, itself
+    included, as vLLM counts it; top_ids [T, K], top_logprobs [T, K]). The [T, V] log_softmax is never
+    materialised, but the float32 logits are: chunk long prompts.
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"want logits [T, V] and targets [T]; got {logits.shape} and {targets.shape}")
@@ -125,7 +125,7 @@ def prompt_logprobs(
     safe = jnp.maximum(targets, 0)
     chosen, top_ids, top_logprobs = _raw_logprobs(raw, safe, num_logprobs)
     target_logit = jnp.take_along_axis(raw, safe[:, None], axis=-1)  # [T, 1]
-    rank = 1 + jnp.sum(raw > target_logit, axis=-1, dtype=jnp.int32)
+    rank = jnp.sum(raw >= target_logit, axis=-1, dtype=jnp.int32)
     valid = targets >= 0
     return jnp.where(valid, chosen, 0.0), jnp.where(valid, rank, 0), top_ids, top_logprobs
 

@@ -27,6 +27,8 @@ from jpaged.server.generation import (
     sentence,
     submit,
     until_disconnect,
+    usage,
+    usage_options,
 )
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
 from jpaged.server.protocol import ChatCompletionRequest, ChatMessage
@@ -138,14 +140,8 @@ class _View:
         return {"content": chat_logprobs(self.state.token_strings, ids, lps, self.body.top_logprobs or 0)}
 
     def _usage(self, output: RequestOutput | None) -> dict[str, Any]:
-        prompt = self.num_prompt_tokens
         completion = sum(len(c.token_ids) for c in output.outputs) if output else 0
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens if output else 0},
-        }
+        return usage(self.num_prompt_tokens, completion, output.num_cached_tokens if output else 0)
 
     def _prompt_logprobs(self, output: RequestOutput) -> list[Any] | None:
         if self.body.prompt_logprobs is None or output.prompt_logprobs is None or self.state.token_strings is None:
@@ -176,12 +172,7 @@ class _View:
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.body.stream_options and self.body.stream_options.include_usage)
-
-    @property
-    def continuous_usage(self) -> bool:
-        """Usage on every chunk (vLLM's stream_options.continuous_usage_stats, with include_usage)."""
-        return self.include_usage and bool(self.body.stream_options and self.body.stream_options.continuous_usage_stats)
+        return usage_options(self.body.stream_options)[0]
 
     def chunk_encoder(self) -> ChunkEncoder:
         head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
@@ -193,8 +184,8 @@ class _View:
         n, chunks = self.body.n, self.chunk_encoder()
         want_logprobs = self.body.logprobs
         delta = {"role": "assistant", "content": self.echo}  # the role first, as OpenAI sends it
-        continuous = self.continuous_usage
-        running = self._usage(None) if continuous else None
+        continuous = usage_options(self.body.stream_options)[1]
+        running = usage(self.num_prompt_tokens, 0, 0) if continuous else None
         yield b"".join(
             chunks.event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], running)
             for index in range(n)
@@ -205,9 +196,11 @@ class _View:
         usage_sent = False
         async for _, output in merge(streams):
             last = output
-            running = self._usage(last) if continuous else None
             events: list[bytes] = []
             for c in output.outputs:
+                running = (
+                    usage(self.num_prompt_tokens, len(c.token_ids), output.num_cached_tokens) if continuous else None
+                )
                 if c.index in finished:
                     continue
                 delta_text = c.text[sent_chars[c.index] :]

@@ -6,6 +6,7 @@ Choice `i * n + j` is sample j of prompt i. `max_tokens` defaults to 16; `max_to
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +27,8 @@ from jpaged.server.generation import (
     merge,
     submit,
     until_disconnect,
+    usage,
+    usage_options,
 )
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs, text_offsets
 from jpaged.server.protocol import CompletionRequest
@@ -171,22 +174,15 @@ class _View:
     def _usage(self, outputs: Sequence[RequestOutput | None]) -> dict[str, Any]:
         prompt = sum(len(ids) for _, ids in self.prompts)
         completion = 0 if self.score_only else sum(len(c.token_ids) for o in outputs if o for c in o.outputs)
-        cached = sum(o.num_cached_tokens for o in outputs if o)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
+        return usage(prompt, completion, sum(o.num_cached_tokens for o in outputs if o))
+
+    def _choice_usage(self, i: int, c: CompletionOutput, output: RequestOutput) -> dict[str, Any]:
+        """Continuous usage stats: the choice's prompt and its tokens so far."""
+        return usage(len(self.prompts[i][1]), 0 if self.score_only else len(c.token_ids), output.num_cached_tokens)
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.body.stream_options and self.body.stream_options.include_usage)
-
-    @property
-    def continuous_usage(self) -> bool:
-        """Usage on every chunk (vLLM's stream_options.continuous_usage_stats, with include_usage)."""
-        return self.include_usage and bool(self.body.stream_options and self.body.stream_options.continuous_usage_stats)
+        return usage_options(self.body.stream_options)[0]
 
     def chunk_encoder(self) -> ChunkEncoder:
         head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
@@ -203,12 +199,12 @@ class _View:
         finished: set[int] = set()
         last: list[RequestOutput | None] = [None] * len(streams)
         usage_sent = False
-        continuous = self.continuous_usage
+        continuous = usage_options(body.stream_options)[1]
         async for i, output in merge(streams):
             last[i] = output
-            running = self._usage(last) if continuous else None  # the whole request's so far
             events: list[bytes] = []
             for c in output.outputs:
+                running = self._choice_usage(i, c, output) if continuous else None
                 index = i * n + c.index
                 if index in finished:
                     continue
@@ -225,7 +221,7 @@ class _View:
                     continue
                 _, ids, lps = self._generated(c)
                 new_ids, new_lps = ids[sent:], lps[sent:]
-                echoed = self._echo_part(i, output)[0] if body.echo else ""
+                echoed = (self.prompts[i][0] or "") if body.echo else ""
                 if first and body.echo:
                     _, p_ids, p_lps = self._echo_part(i, output)
                     delta, new_ids, new_lps = echoed + delta, p_ids + new_ids, p_lps + new_lps
@@ -257,4 +253,4 @@ def text_choice(index: int, text: str) -> dict[str, Any]:
 
 
 def _trim(lp: Any, k: int) -> Any:
-    return lp if len(lp.top) <= k else type(lp)(lp.token_id, lp.logprob, lp.top[:k])
+    return lp if len(lp.top) <= k else dataclasses.replace(lp, top=lp.top[:k])

@@ -132,6 +132,23 @@ async def until_disconnect[T](request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """A response's or chunk's `usage`."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def usage_options(stream_options: Any) -> tuple[bool, bool]:
+    """(include_usage, continuous usage): the usage chunk at a stream's end; and, as vLLM's
+    continuous_usage_stats (with include_usage), each chunk's own choice's usage so far."""
+    include = bool(stream_options and stream_options.include_usage)
+    return include, include and bool(stream_options.continuous_usage_stats)
+
+
 def _dumps(payload: Any) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 

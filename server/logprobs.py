@@ -29,7 +29,6 @@ class TokenStrings:
         self._anchor = anchor[-1:] if anchor else []
         self._anchor_text = tokenizer.decode(self._anchor) if self._anchor else ""
         self._cache: dict[int, tuple[str, list[int]]] = {}
-        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
 
     def text(self, token_id: int) -> str:
         return self._lookup(token_id)[0]
@@ -53,6 +52,7 @@ class TokenStrings:
 
 
 _SLACK = 4  # characters past the scan position where a token's text may still start (see text_offsets)
+_REPLACEMENT = "\ufffd"  # the string of a byte token that is part of a character
 
 
 def text_offsets(text: str, token_texts: Sequence[str], start: int = 0) -> tuple[list[int], int]:
@@ -62,8 +62,9 @@ def text_offsets(text: str, token_texts: Sequence[str], start: int = 0) -> tuple
     is the detokenizer's: it drops the leading space of a SentencePiece text's first token, may leave special tokens
     out, and shows a character split over byte tokens once. So a token is looked for at the scan position, as it is
     or without its leading space, then up to _SLACK characters on; one not found (a special token left out, a byte
-    of a split character, text a stop string cut or a stream has not sent yet) begins where the scan stands and
-    does not move it. The same scan over a stream's growing text gives the offsets it gives over the whole text.
+    of a split character, text a stop string cut or a stream has not shown yet) begins where the scan stands, and
+    moves it past its text only where that text would run past the end. So the scan over a stream's growing text
+    gives the offsets it gives over the whole text.
     """
     pos, offsets = start, []
     for token_text in token_texts:
@@ -73,6 +74,10 @@ def text_offsets(text: str, token_texts: Sequence[str], start: int = 0) -> tuple
             match = next(((at, c) for c in candidates if (at := text.find(c, pos, pos + len(c) + _SLACK)) >= 0), None)
         if match is None:
             offsets.append(pos)
+            # Its text runs past the text's end (a stream's held-back tail, text a stop string cut): the scan moves
+            # past it as it will once the text shows it. A byte of a split character moves nothing.
+            if token_text != _REPLACEMENT and any(c.startswith(text[pos:]) for c in candidates):
+                pos += len(candidates[0])
         else:
             offsets.append(match[0])
             pos = match[0] + len(match[1])

@@ -534,7 +534,7 @@ def test_prompt_logprobs_match_numpy():
     logits = rng.normal(size=(length, vocab)).astype(np.float32) * 2
     targets = rng.integers(0, vocab, size=length)
     targets[-1] = -1
-    logits[3, 5:9] = logits[3, targets[3]]  # a tie with the target counts as not more likely
+    logits[3, 5:9] = logits[3, targets[3]]  # ties with the target count, as vLLM counts them
     target_lp, rank, top_ids, top_lp = jax.jit(prompt_logprobs, static_argnames="num_logprobs")(
         jnp.asarray(logits), jnp.asarray(targets, jnp.int32), num_logprobs=k
     )
@@ -542,7 +542,7 @@ def test_prompt_logprobs_match_numpy():
     np.testing.assert_allclose(np.asarray(target_lp)[:-1], expected[np.arange(length - 1), targets[:-1]], atol=1e-5)
     assert np.asarray(target_lp)[-1] == 0.0
     chosen = logits[np.arange(length - 1), targets[:-1]][:, None]
-    np.testing.assert_array_equal(np.asarray(rank)[:-1], 1 + (logits[:-1] > chosen).sum(-1))
+    np.testing.assert_array_equal(np.asarray(rank)[:-1], (logits[:-1] >= chosen).sum(-1))
     assert np.asarray(rank)[:-1].max() > k  # some targets rank past the top k
     np.testing.assert_array_equal(np.asarray(top_ids), np.argsort(-expected, axis=-1, kind="stable")[:, :k])
     np.testing.assert_allclose(np.asarray(top_lp), -np.sort(-expected, axis=-1)[:, :k], atol=1e-5)
@@ -585,9 +585,10 @@ def test_sampling_has_no_device_side_control_flow(num_logprobs, monkeypatch):
         for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if"):
             assert op not in function, f"{op} in {function[:60]!r}"
     monkeypatch.undo()
-    assert sampler._rolled_searches()  # on this CPU the filter stage's two searches are loops
-    rolled = jax.jit(functools.partial(sample, num_logprobs=num_logprobs)).lower(logits, make_meta(4)).as_text()
-    assert rolled.count("stablehlo.while") - rolled.count("func.func private @threefry2x32") == 2
+    if jax.default_backend() != "gpu":  # here the filter stage's two searches are loops
+        assert sampler._rolled_searches()
+        rolled = jax.jit(functools.partial(sample, num_logprobs=num_logprobs)).lower(logits, make_meta(4)).as_text()
+        assert rolled.count("stablehlo.while") - rolled.count("func.func private @threefry2x32") == 2
 
 
 @pytest.mark.parametrize("bits", [1, 4])
