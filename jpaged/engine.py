@@ -24,7 +24,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params, load_params, resolve_dtype
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.page_pool import PagePool
-from jpaged.request import Logprob, Request, RequestStatus
+from jpaged.request import Logprob, Request, RequestStatus, seed32
 from jpaged.runner import InFlight, ModelRunner, StepResult
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler, SchedulerOutput
@@ -131,7 +131,7 @@ class LLMEngine:
                 )
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
+        seed = seed32(params.seed) if params.seed is not None else int(self._seed_rng.integers(2**32))
         group = [
             Request(
                 request_id=request_id,

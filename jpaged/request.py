@@ -27,6 +27,13 @@ class RequestStatus(enum.Enum):
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
+def seed32(seed: int) -> int:
+    """A user's seed (up to 64 bits) as the sampler's uint32: itself below 2**32; above, its low half mixed with a
+    hash of its high half, so that seeds differing only there (5 and 5 + 2**32) do not draw alike."""
+    high = seed >> 32
+    return (seed ^ ((high * 0x9E3779B97F4A7C15) >> 32)) & 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class Logprob:
     """One generated (or prompt) position's logprob and the top alternatives, as vLLM reports them."""
@@ -42,7 +49,7 @@ class Request:
     request_id: str  # the user's id; the n samples of one request share it
     prompt_token_ids: list[int]
     params: SamplingParams
-    seed: int  # the user's seed, or one the engine drew: each request samples from its own key
+    seed: int  # uint32: the user's seed (seed32), or one the engine drew: each request samples from its own key
     max_tokens: int  # params.max_tokens resolved against max_model_len
     eos_token_ids: frozenset[int] = frozenset()
     sample_index: int = 0

@@ -454,7 +454,7 @@ class ModelRunner:
             # any top_k >= V is off; clipped so that a huge one fits int32 (it had raised OverflowError in the step)
             top_k=_host(column(lambda r: min(r.params.top_k, self.cfg.vocab_size), np.int32, 0)),
             min_p=_host(column(lambda r: r.params.min_p, np.float32, 0.0)),
-            seeds=_host(column(lambda r: seed32(r.seed), np.uint32, 0)),
+            seeds=_host(column(lambda r: r.seed, np.uint32, 0)),
             sample_index=_host(column(lambda r: r.sample_index, np.int32, 0)),
             positions=_host(column(lambda r: r.num_tokens, np.int32, 0)),
             presence_penalty=_host(column(lambda r: r.params.presence_penalty, np.float32, 0.0)),
@@ -487,13 +487,6 @@ class ModelRunner:
 
 
 _BIAS_WIDTHS = [8, 64, 512, 4096, 1 << 20]
-
-
-def seed32(seed: int) -> int:
-    """A request's seed (up to 64 bits) as the sampler's uint32: itself below 2**32; above, its low half mixed with
-    a hash of its high half, so that seeds differing only there (5 and 5 + 2**32) do not draw alike."""
-    high = seed >> 32
-    return (seed ^ ((high * 0x9E3779B97F4A7C15) >> 32)) & 0xFFFFFFFF
 
 
 def _host(x: np.ndarray) -> jax.Array:
