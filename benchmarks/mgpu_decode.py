@@ -104,15 +104,18 @@ def make_inputs(heads: int, kv_heads: int, batch: int, ctx: int, *, head_dim: in
     )
 
 
-def default_tunings(kv_heads: int, batch: int) -> list[Any]:
+def default_tunings(heads: int, kv_heads: int, batch: int) -> list[Any]:
     """Ring depth x block size at the split count that fills the GPU, other split counts, the lane lowering."""
     from jpaged.kernels.paged_decode_mgpu import DecodeTuning, default_tuning
 
-    fill = default_tuning(batch, kv_heads).num_splits
+    default = default_tuning(batch, heads, kv_heads)
+    fill = default.num_splits
     tunings = [DecodeTuning(pages_per_block=ppb, num_stages=st, num_splits=fill)
                for ppb, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))]  # fmt: skip
     tunings += [DecodeTuning(num_splits=s) for s in sorted({1, 2, fill // 2 or 1, 2 * fill}) if s != fill]
     tunings.append(DecodeTuning(num_splits=fill, semantics="lane"))
+    if default.positions_on_m:
+        tunings.append(default)
     return tunings
 
 
@@ -210,7 +213,7 @@ def run_case(name: str, heads: int, kv_heads: int, batch: int, ctx: int, args) -
     # --chain: distinct copies of the pages, so that each call reads its K/V from HBM, not from the L2
     kv_copies = [(inputs[1], inputs[2])] + [(inputs[1] + 0, inputs[2] + 0) for _ in range(args.chain - 1)]
     rows = []
-    for tuning in args.tuning_list or default_tunings(kv_heads, batch):
+    for tuning in args.tuning_list or default_tunings(heads, kv_heads, batch):
         reason = paged_decode_mgpu_unsupported_reason(inputs[0], inputs[1], inputs[3], tuning)
         if reason is not None:
             rows.append({"case": name, "kernel": "mgpu", "config": tuning.name, "ok": False, "error": reason})

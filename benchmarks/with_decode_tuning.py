@@ -6,7 +6,7 @@ tuning that is not (yet) the default.
     python benchmarks/with_decode_tuning.py 'preg=1' benchmarks/latency.py --model llama2-7b --no-warmup
 
 The first argument names DecodeTuning fields as `mgpu_decode.py --tunings` does (one tuning, no ';'); every batch
-the engine runs through the kernel gets `default_tuning(B, K)` with those fields replaced, so the split count stays
+the engine runs through the kernel gets `default_tuning(B, N, K)` with those fields replaced, so the split count stays
 the default's unless `splits=` is given. Where the changed tuning cannot run a batch's shapes, `paged_attention`'s
 "auto" dispatch asks `decode_unsupported_reason` (which calls the replaced function) and runs that batch on the
 Triton kernel, as it would for any unsupported shape. The rest of the command line is the script and its arguments,
@@ -52,8 +52,8 @@ def install(fields: dict[str, Any]) -> None:
 
     default = paged_decode_mgpu.default_tuning
 
-    def tuned(num_seqs: int, num_kv_heads: int) -> Any:
-        return dataclasses.replace(default(num_seqs, num_kv_heads), **fields)
+    def tuned(num_seqs: int, num_heads: int, num_kv_heads: int) -> Any:
+        return dataclasses.replace(default(num_seqs, num_heads, num_kv_heads), **fields)
 
     paged_decode_mgpu.default_tuning = tuned
 

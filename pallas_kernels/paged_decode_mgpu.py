@@ -37,7 +37,7 @@ Design.
   CTAs per SM overlap one's softmax with the other's wgmmas. Register math (no MMA) would cost G * 16K FMA per
   block on the CUDA cores (128 FMA/cycle/SM: 1024 cycles at G = 8) plus bf16 conversions and cross-lane
   reductions: no better at G = 8 and far more code. The transposed formulation (next) cuts the MMA work 8x.
-- Positions on M (`DecodeTuning.positions_on_m`; off by default, see its field): the same math transposed,
+- Positions on M (`DecodeTuning.positions_on_m`; `default_tuning` takes it at G = 1): the same math transposed,
   scores^T [block_kv, Q] = K_block @ q^T and acc^T [H, Q] += V_block^T @ P^T with Q = G rounded up to 8 (wgmma's
   smallest N), so at G <= 8 the tensor cores do 1/8 of the padded work above, the softmax handles block_kv x Q
   scores (its per-query max and sum reduce across the warpgroup's four warps, through Mosaic's SMEM scratch) and
@@ -59,7 +59,7 @@ Design.
   Triton-lowered launch, a program per query head). An empty split writes zeros and a log2-sum-exp of MASK_VALUE
   (weight 0). The float32 output staging shares the ring's SMEM (a RefUnion: it is written only after the last
   block), so splitting costs no occupancy.
-- SMEM per program (`smem_bytes`), default tuning, H 128, S 16: 2 x 32 KB ring + 16 KB q staging + 16 KB q tile +
+- SMEM per program (`smem_bytes`), q rows on M, H 128, S 16: 2 x 32 KB ring + 16 KB q staging + 16 KB q tile +
   8 KB P tile + the page-table window (4 bytes a page) + ~2 KB = ~111 KB at 1024 pages: two CTAs per SM (228 KB),
   four ring slots and up to 128 KB of K/V loads in flight per SM. num_stages 3 or pages_per_block 8 give one CTA
   per SM with as many slots: measured on an H200, 10-25% slower than the default (3.88-4.16 TB/s on the four anchor
@@ -133,8 +133,8 @@ class DecodeTuning:
     # of the accumulator registers. Needs B * N a multiple of 8 (the q copy's source must tile by the swizzled tile's
     # 8 rows) and semantics="lane". Split-K writes each program's whole float32 [H, Q] tile (Q / G times the partial
     # outputs of q rows on M: 8x at G 1) for the combine to pick its columns from.
-    # On the H200 alone: Llama-2-7B (G 1) 4.19 / 4.30 TB/s against the default's 4.08 / 4.12 (B 128 at 640 tokens,
-    # B 64 at 2048), Llama-3-8B (G 4) 3.52 against 3.82; off by default until measured in the engine.
+    # On the H200 alone: Llama-2-7B (G 1) 4.19 / 4.30 TB/s against the q-rows-on-M formulation's 4.08 / 4.12 (B 128
+    # at 640 tokens, B 64 at 2048), Llama-3-8B (G 4) 3.52 against 3.82: `default_tuning` takes it at G = 1 only.
     positions_on_m: bool = False
 
     def __post_init__(self) -> None:
@@ -176,9 +176,15 @@ _WAVE_PROGRAMS = 264
 _MAX_SPLITS = 16
 
 
-def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
-    """The tuning when none is given: split-K only when B * K programs would leave SMs idle, with the most splits (a
-    power of two, <= 16) that keep B * K * splits within one wave of ~264 programs.
+def default_tuning(num_seqs: int, num_heads: int, num_kv_heads: int) -> DecodeTuning:
+    """The tuning when none is given: positions on M where every q head has its own kv head (G = 1) and the q rows
+    tile by 8, and split-K only when B * K programs would leave SMs idle, with the most splits (a power of two,
+    <= 16) that keep B * K * splits within one wave of ~264 programs.
+
+    Positions on M at G = 1 only: on the H200 (docs/benchmarks.md, thirteenth session) Llama-2-7B fixed:128 ran
+    6,468 output tok/s with it against 6,046 without in the same call, and single-stream latency tied (257.1 against
+    256.4 tok/s at a 128-token prompt); alone it lost at G = 4 (Llama-3-8B B 64, 3.52 TB/s against 3.82), and G = 2
+    is unmeasured.
 
     One wave, not more: programs are launched for the page table's width (max_model_len), not for the batch's actual
     lengths, so at short contexts most splits are empty, and a second wave of them costs its launch latency. Measured
@@ -196,6 +202,8 @@ def default_tuning(num_seqs: int, num_kv_heads: int) -> DecodeTuning:
     splits = 1
     while programs * splits * 2 <= _WAVE_PROGRAMS and splits < _MAX_SPLITS:
         splits *= 2
+    if num_heads == num_kv_heads and (num_seqs * num_heads) % 8 == 0:
+        return DecodeTuning(num_splits=splits, positions_on_m=True, semantics="lane")
     return DecodeTuning(num_splits=splits)
 
 
@@ -293,7 +301,7 @@ def decode_unsupported_reason(
     """Why `paged_decode_attention_mgpu` with its default tuning cannot run this batch (on a Hopper GPU), or None."""
     if sliding_window is not None:
         return "sliding_window is not supported yet"
-    tuning = default_tuning(q.shape[0], k_pages.shape[0])
+    tuning = default_tuning(*q.shape[:2], k_pages.shape[0])
     return paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
 
 
@@ -675,11 +683,12 @@ def paged_decode_attention_mgpu(
     q: [B, N, H], row b the query of sequence b at kv position seq_lens[b] - 1. k_pages/v_pages: [K, P, S, H],
     N % K == 0. page_tables: [B, max_pages] int32 (unused entries -> page 0). seq_lens: [B] int32 kv length
     including the current token. num_seqs: [1] int32; rows b >= num_seqs[0] are padding and come back as 0.
-    tuning: the kernel's block sizes; None picks `default_tuning` (split-K when B * K programs underfill the GPU).
+    tuning: the kernel's block sizes; None picks `default_tuning` (positions on M at G = 1; split-K when B * K programs
+    underfill the GPU).
     interpret=True runs Pallas' Mosaic GPU interpreter (CPU; slow, for tests) instead of compiling for a GPU.
     """
     _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_window)
-    tuning = default_tuning(q.shape[0], k_pages.shape[0]) if tuning is None else tuning
+    tuning = default_tuning(*q.shape[:2], k_pages.shape[0]) if tuning is None else tuning
     reason = paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
     if reason is not None:
         raise ValueError(f"paged_decode_attention_mgpu cannot run these shapes: {reason}")

@@ -210,7 +210,7 @@ def lower_for_cuda(batch, heads, kv_heads, context, tuning, *, page_size=16, hea
 @pytest.mark.parametrize("anchor", list(ANCHORS), ids=list(ANCHORS))
 def test_lowers_for_cuda(anchor, semantics):
     batch, heads, kv_heads, context = ANCHORS[anchor]
-    splits = mgpu.default_tuning(batch, kv_heads).num_splits  # what the engine runs
+    splits = mgpu.default_tuning(batch, heads, kv_heads).num_splits  # what the engine runs
     for tuning in (DecodeTuning(num_splits=splits), DecodeTuning(num_stages=3, num_splits=max(2, splits))):
         tuning = dataclasses.replace(tuning, semantics=semantics)
         text = lower_for_cuda(batch, heads, kv_heads, context, tuning)
@@ -260,11 +260,23 @@ def test_tuning_rejects_bad_values():
     assert DecodeTuning(num_splits=4).name == "ppb4_st2_split4"
     assert DecodeTuning(positions_on_m=True, semantics="lane").name == "ppb4_st2_posm_lane"
     # The most splits that keep B * K * splits within one wave of 264 programs (2 CTAs on each of 132 SMs).
-    assert mgpu.default_tuning(64, 8).num_splits == 1  # 512 programs
-    assert mgpu.default_tuning(16, 8).num_splits == 2  # 128 programs -> 256
-    assert mgpu.default_tuning(1, 32).num_splits == 8  # Llama-2-7B single stream: 32 -> 256
-    assert mgpu.default_tuning(3, 32).num_splits == 2  # 96 -> 192
-    assert mgpu.default_tuning(1, 1).num_splits == 16  # at most 16
+    assert mgpu.default_tuning(64, 32, 8).num_splits == 1  # 512 programs
+    assert mgpu.default_tuning(16, 32, 8).num_splits == 2  # 128 programs -> 256
+    assert mgpu.default_tuning(1, 32, 32).num_splits == 8  # Llama-2-7B single stream: 32 -> 256
+    assert mgpu.default_tuning(3, 32, 32).num_splits == 2  # 96 -> 192
+    assert mgpu.default_tuning(1, 1, 1).num_splits == 16  # at most 16
+    # Positions on M (lane lowering) where each q head has its own kv head and the B * N q rows tile by 8; q rows on M
+    # at G > 1 (it lost at G 4) and where the q copy could not tile.
+    assert mgpu.default_tuning(128, 32, 32) == DecodeTuning(positions_on_m=True, semantics="lane")
+    assert mgpu.default_tuning(1, 32, 32).positions_on_m
+    assert mgpu.default_tuning(64, 32, 8) == DecodeTuning()
+    assert mgpu.default_tuning(3, 6, 6) == DecodeTuning(num_splits=8)  # 18 q rows
+    for batch, heads, kv_heads in ((128, 32, 32), (1, 32, 32), (64, 32, 8), (3, 6, 6), (5, 8, 8)):
+        q = jax.ShapeDtypeStruct((batch, heads, 128), jnp.bfloat16)
+        k = jax.ShapeDtypeStruct((kv_heads, 64, 16, 128), jnp.bfloat16)
+        tables = jax.ShapeDtypeStruct((batch, 128), jnp.int32)
+        tuning = mgpu.default_tuning(batch, heads, kv_heads)
+        assert paged_decode_mgpu_unsupported_reason(q, k, tables, tuning) is None, (batch, heads, kv_heads)
 
 
 def test_unsupported_reason():
@@ -472,12 +484,12 @@ def test_with_decode_tuning_runs_a_script_with_the_default_tuning_changed(tmp_pa
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     script, out = tmp_path / "probe.py", tmp_path / "out.json"
     script.write_text(
-        "import json, sys\nfrom jpaged.kernels import paged_decode_mgpu as m\nt = m.default_tuning(1, 32)\n"
+        "import json, sys\nfrom jpaged.kernels import paged_decode_mgpu as m\nt = m.default_tuning(1, 32, 8)\n"
         "json.dump([t.positions_on_m, t.semantics, t.num_splits], open(sys.argv[1], 'w'))\n"
     )
     monkeypatch.delenv(common.DECODE_TUNING_ENV, raising=False)  # restored (absent) after the test
     with_decode_tuning.main(["posm=1,sem=lane", str(script), str(out)])
-    assert json.loads(out.read_text()) == [True, "lane", 8]  # the named fields replaced, the default's split count kept
+    assert json.loads(out.read_text()) == [True, "lane", 16]  # the fields replaced, the default's split count kept
     assert common.env_info()["decode_tuning_override"] == "posm=1,sem=lane"  # every record written under it says so
     with pytest.raises(ValueError, match="lane"):  # checked before anything runs
         with_decode_tuning.override_fields("posm=1")
