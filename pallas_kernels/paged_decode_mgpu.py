@@ -301,7 +301,7 @@ def decode_unsupported_reason(
     """Why `paged_decode_attention_mgpu` with its default tuning cannot run this batch (on a Hopper GPU), or None."""
     if sliding_window is not None:
         return "sliding_window is not supported yet"
-    tuning = default_tuning(*q.shape[:2], k_pages.shape[0])
+    tuning = default_tuning(q.shape[0], q.shape[1], k_pages.shape[0])
     return paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
 
 
@@ -688,7 +688,7 @@ def paged_decode_attention_mgpu(
     interpret=True runs Pallas' Mosaic GPU interpreter (CPU; slow, for tests) instead of compiling for a GPU.
     """
     _validate(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sliding_window)
-    tuning = default_tuning(*q.shape[:2], k_pages.shape[0]) if tuning is None else tuning
+    tuning = default_tuning(q.shape[0], q.shape[1], k_pages.shape[0]) if tuning is None else tuning
     reason = paged_decode_mgpu_unsupported_reason(q, k_pages, page_tables, tuning)
     if reason is not None:
         raise ValueError(f"paged_decode_attention_mgpu cannot run these shapes: {reason}")
