@@ -83,8 +83,9 @@ def _nvidia_smi() -> str | None:
         return None
 
 
-# with_decode_tuning.py puts its override here, for every record written under it to carry.
+# with_decode_tuning.py and with_step_copies.py put their overrides here, for every record written under them to carry.
 DECODE_TUNING_ENV = "JPAGED_DECODE_TUNING_OVERRIDE"
+STEP_COPIES_ENV = "JPAGED_STEP_COPIES"
 
 
 def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[str, Any]:
@@ -115,6 +116,8 @@ def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[s
     }
     if override := os.environ.get(DECODE_TUNING_ENV):  # set by with_decode_tuning.py: this run is not the default
         info["decode_tuning_override"] = override
+    if copies := os.environ.get(STEP_COPIES_ENV):  # set by with_step_copies.py
+        info["step_copies"] = int(copies)
     if jax_devices:
         import jax
 

@@ -19,7 +19,8 @@
 # "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS), "pdlab"
 # (single-stream latency with XLA's programmatic dependent launch as it comes and turned off) and "decodeab":
 # the decode kernel's default tuning against DECODE_TUNING ("posm=1,sem=lane") in its GPU tests, alone over an
-# engine-sized pool, and in fixed:128 and single-stream latency), MODEL (llama2-7b), JPAGED_RUNS
+# engine-sized pool, and in fixed:128 and single-stream latency), "stepcopies" (fixed:128, fixed:512 and single-stream
+# latency with the engine's step compiled once, as it is, and twice, calls taking turns: with_step_copies.py), MODEL (llama2-7b), JPAGED_RUNS
 # ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
@@ -180,6 +181,20 @@ if want decodeab; then  # the decode kernel's default tuning against DECODE_TUNI
       --run fixed:128 --max-model-len "$MAX_MODEL_LEN" --json-out "$RESULTS" --json-key "decode_ab_throughput_$tuned"
     step "decode-ab-latency-$tuned" 80 "$PY" "${wrap[@]}" benchmarks/latency.py --model "$MODEL" --no-warmup --iters 2 \
       --prefill-batch 0 --json-out "$RESULTS" --json-key "decode_ab_latency_$tuned"
+  done
+fi
+
+if want stepcopies; then  # the engine as it is against its step compiled twice (benchmarks/with_step_copies.py), same call
+  for copies in 1 2; do
+    wrap=()
+    ((copies > 1)) && wrap=(benchmarks/with_step_copies.py "$copies")
+    step "step-copies-throughput-$copies" 200 "$PY" "${wrap[@]}" benchmarks/throughput.py --engine jpaged \
+      --model "$MODEL" --run fixed:128 --run fixed:512 --max-model-len "$MAX_MODEL_LEN" --json-out "$RESULTS" \
+      --json-key "step_copies_throughput_$copies"
+    # --no-warmup: a copy's variants compile at their first call, so the second copy's TTFT includes a compile;
+    # decode tok/s is the figure here
+    step "step-copies-latency-$copies" 80 "$PY" "${wrap[@]}" benchmarks/latency.py --model "$MODEL" --no-warmup \
+      --iters 2 --prefill-batch 0 --json-out "$RESULTS" --json-key "step_copies_latency_$copies"
   done
 fi
 

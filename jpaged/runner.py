@@ -128,21 +128,18 @@ def _step(
     return kv_pages, sampled, prompt, next_tokens
 
 
-# One jitted step for the process: engines with the same model config and bucket shapes share compiled code.
-_jitted_step = jax.jit(
-    _step,
-    static_argnames=(
-        "layout",
-        "cfg",
-        "attn_impl",
-        "matmul_impl",
-        "norm_impl",
-        "num_logprobs",
-        "want_prompt_logprobs",
-        "sampling_filters",
-    ),
-    donate_argnames=("kv_pages",),
+STEP_STATIC_ARGNAMES = (
+    "layout",
+    "cfg",
+    "attn_impl",
+    "matmul_impl",
+    "norm_impl",
+    "num_logprobs",
+    "want_prompt_logprobs",
+    "sampling_filters",
 )
+# One jitted step for the process: engines with the same model config and bucket shapes share compiled code.
+_jitted_step = jax.jit(_step, static_argnames=STEP_STATIC_ARGNAMES, donate_argnames=("kv_pages",))
 
 
 class ModelRunner:
