@@ -84,6 +84,16 @@ class Health:
     reason: str = ""  # why not, for the 503's message
 
 
+class OutputStream(Protocol):
+    """A request's outputs: an async iterator that the reader closes, which aborts the request if unfinished."""
+
+    def __aiter__(self) -> OutputStream: ...
+
+    async def __anext__(self) -> RequestOutput: ...
+
+    async def aclose(self) -> None: ...
+
+
 class EngineClient(Protocol):
     """What the HTTP server needs from an engine; `AsyncEngine` is the real one, tests pass fakes."""
 
@@ -103,9 +113,7 @@ class EngineClient(Protocol):
         chat_template_kwargs: dict[str, Any] | None,
     ) -> tuple[str, list[int]]: ...
 
-    async def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]: ...
+    async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> OutputStream: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -177,6 +185,51 @@ class _Stream:
         raise self.error
 
 
+class RequestStream:
+    """One request's outputs as an async iterator (`AsyncEngine.add_request`); each read takes the newest.
+
+    Closing it before the request finished aborts the request, as do cancelling a read and dropping it unclosed.
+    Unlike an async generator's cleanup, that holds for an iterator closed before its first read (a client that
+    leaves while its response starts).
+    """
+
+    __slots__ = ("_closed", "_engine", "_finished", "_request_id", "_stream")
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self._engine, self._request_id, self._stream = engine, request_id, stream
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed or self._finished:
+            raise StopAsyncIteration
+        try:
+            output = await self._stream.get()
+        except _Aborted:
+            self._closed = True
+            raise StopAsyncIteration from None
+        except BaseException:  # cancelled, or the engine died: the request ends with its reader
+            await self.aclose()
+            raise
+        if output.finished:
+            self._finished = True
+            self._engine._release(self._request_id, self._stream, finished=True)
+        return output
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._release(self._request_id, self._stream, finished=self._finished)
+
+    def __del__(self) -> None:
+        loop = self._engine._loop
+        if not self._closed and not self._finished and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._engine._release, self._request_id, self._stream, False)
+
+
 class AsyncEngine:
     """Runs an `LLMEngine`'s step loop on its own thread and serves it to asyncio (see the module docstring)."""
 
@@ -240,9 +293,7 @@ class AsyncEngine:
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     # -- requests (loop thread) ----------------------------------------------------------------------------------
-    async def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> RequestStream:
         """Queues a request and waits until the engine accepted it; returns the iterator of its outputs.
 
         Raises ValueError (the engine rejected it), QueueFullError or EngineDeadError. The iterator aborts the
@@ -271,13 +322,16 @@ class AsyncEngine:
         finally:
             if self._accepting.get(request_id) is accepted:
                 del self._accepting[request_id]
-        return self._iterate(request_id, stream)
+        return RequestStream(self, request_id, stream)
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """`add_request` and its outputs in one async generator (errors surface at the first iteration)."""
         outputs = await self.add_request(request_id, prompt, params)
-        async for output in outputs:
-            yield output
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()
 
     def abort(self, request_id: str) -> None:
         """Stops a request; its output iterator ends without a finished output."""
@@ -287,22 +341,14 @@ class AsyncEngine:
             stream.fail(_Aborted())
             self._inbox.put(_Abort(request_id, stream))
 
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                try:
-                    output = await stream.get()
-                except _Aborted:
-                    return
-                finished = output.finished
-                yield output
-        finally:
-            if self._streams.get(request_id) is stream:  # else aborted already, or the id was reused since
-                if finished:
-                    self._forget(request_id)
-                else:
-                    self.abort(request_id)
+    def _release(self, request_id: str, stream: _Stream, finished: bool) -> None:
+        """A reader is done with `stream`: forget a finished request, abort an unfinished one (unless it was aborted
+        already, or its id was reused since)."""
+        if self._streams.get(request_id) is stream:
+            if finished:
+                self._forget(request_id)
+            else:
+                self.abort(request_id)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

@@ -15,18 +15,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from jpaged.async_engine import OutputStream
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.server.errors import bad_request
 from jpaged.server.generation import (
     ChunkEncoder,
     ClientDisconnected,
     EventStream,
-    collect,
+    collect_until_disconnect,
     guard_stream,
     merge,
     sentence,
     submit,
-    until_disconnect,
     usage,
     usage_options,
 )
@@ -58,9 +58,9 @@ async def create_chat_completion(request: Request) -> Response:
     view = _View(state, body, request_id, model, num_prompt_tokens=len(token_ids))
     streams = await submit(state, request_id, [{"prompt": text, "prompt_token_ids": token_ids}], params)
     if body.stream:
-        return EventStream(guard_stream(view.stream(streams)))
+        return EventStream(guard_stream(view.stream(streams)), streams)
     try:
-        [output] = await until_disconnect(request, collect(streams))
+        [output] = await collect_until_disconnect(request, streams)
     except ClientDisconnected:
         return Response(status_code=499)
     return JSONResponse(view.response(output))
@@ -178,7 +178,7 @@ class _View:
         head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
         return ChunkEncoder(head, include_usage=self.include_usage, text_choice=text_choice)
 
-    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
+    async def stream(self, streams: list[OutputStream]) -> AsyncIterator[bytes]:
         """The chunks of each engine output in one write (see completions' `stream`); content without logprobs
         that does not finish a choice takes the encoder's fast path."""
         n, chunks = self.body.n, self.chunk_encoder()

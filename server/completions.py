@@ -15,6 +15,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from jpaged.async_engine import OutputStream
 from jpaged.engine import Prompt
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.server.errors import bad_request
@@ -22,11 +23,10 @@ from jpaged.server.generation import (
     ChunkEncoder,
     ClientDisconnected,
     EventStream,
-    collect,
+    collect_until_disconnect,
     guard_stream,
     merge,
     submit,
-    until_disconnect,
     usage,
     usage_options,
 )
@@ -62,9 +62,9 @@ async def create_completion(request: Request) -> Response:
     engine_prompts: list[Prompt] = [{"prompt": text, "prompt_token_ids": ids} for text, ids in prompts]
     streams = await submit(state, request_id, engine_prompts, params)
     if body.stream:
-        return EventStream(guard_stream(view.stream(streams)))
+        return EventStream(guard_stream(view.stream(streams)), streams)
     try:
-        outputs = await until_disconnect(request, collect(streams))
+        outputs = await collect_until_disconnect(request, streams)
     except ClientDisconnected:
         return Response(status_code=499)
     return JSONResponse(view.response(outputs))
@@ -188,7 +188,7 @@ class _View:
         head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
         return ChunkEncoder(head, include_usage=self.include_usage, text_choice=text_choice)
 
-    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
+    async def stream(self, streams: list[OutputStream]) -> AsyncIterator[bytes]:
         """The chunks of each engine output in one write: one chunk per choice with news; the usage chunk joins the
         last output's. A token's chunk without logprobs, echo or finish takes the encoder's fast path."""
         n, body, chunks, include_usage = self.body.n, self.body, self.chunk_encoder(), self.include_usage

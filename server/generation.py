@@ -1,7 +1,7 @@
 """Running a request's prompts through the engine for a route: submission, merged outputs, streaming, disconnects.
 
 A route submits every prompt first (`submit`), so a bad one fails the whole request with nothing left running, and
-then either streams (`EventStream` over `guard_stream`) or collects (`until_disconnect(request, collect(...))`).
+then either streams (`EventStream` over `guard_stream`) or collects (`collect_until_disconnect`).
 Either way, a client that leaves aborts its requests in the engine: a stream's body iterator is cancelled and closed,
 which closes the engine iterators, which abort; a non-streaming request races its collection against the client's
 `http.disconnect` and cancels it.
@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from jpaged.async_engine import EngineDeadError, QueueFullError
+from jpaged.async_engine import EngineDeadError, OutputStream, QueueFullError
 from jpaged.engine import Prompt
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
@@ -36,17 +36,16 @@ RETRY_AFTER_S = 1
 
 async def submit(
     state: ServerState, request_id: str, prompts: Sequence[Prompt], params: SamplingParams
-) -> list[AsyncIterator[RequestOutput]]:
+) -> list[OutputStream]:
     """Queues every prompt (engine id `{request_id}-{i}`); on any failure aborts the ones already queued."""
     arrival = time.monotonic()
-    streams: list[AsyncIterator[RequestOutput]] = []
+    streams: list[OutputStream] = []
     try:
         for i, prompt in enumerate(prompts):
             outputs = await state.engine.add_request(f"{request_id}-{i}", prompt, params)
             streams.append(state.metrics.track(outputs, arrival))
     except BaseException as exc:
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+        await close_all(streams)
         if isinstance(exc, ValueError):
             param = "prompt" if "prompt" in str(exc) else None
             raise bad_request(sentence(str(exc)), param=param) from None
@@ -58,18 +57,18 @@ async def submit(
     return streams
 
 
-async def merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge(streams: Sequence[OutputStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several requests as they come, tagged with their position; closes all when closed early."""
     if len(streams) == 1:
         try:
             async for output in streams[0]:
                 yield 0, output
         finally:
-            await streams[0].aclose()  # type: ignore[attr-defined]
+            await streams[0].aclose()
         return
     queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, stream: OutputStream) -> None:
         try:
             async for output in stream:
                 await queue.put((i, output, None))
@@ -92,11 +91,16 @@ async def merge(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterato
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+        await close_all(streams)
 
 
-async def collect(streams: Sequence[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+async def close_all(streams: Sequence[OutputStream]) -> None:
+    """Closes engine iterators (aborting the requests still running); a closed or finished one is left as it is."""
+    for stream in streams:
+        await stream.aclose()
+
+
+async def collect(streams: Sequence[OutputStream]) -> list[RequestOutput]:
     """The final output of each request, in order."""
     final: list[RequestOutput | None] = [None] * len(streams)
     async for i, output in merge(streams):
@@ -108,6 +112,15 @@ async def collect(streams: Sequence[AsyncIterator[RequestOutput]]) -> list[Reque
 
 class ClientDisconnected(Exception):
     pass
+
+
+async def collect_until_disconnect(request: Request, streams: Sequence[OutputStream]) -> list[RequestOutput]:
+    """`collect` cancelled if the client disconnects first (then raises ClientDisconnected). The streams are closed
+    here whatever happens: a collection cancelled before it first ran never reaches `merge`, which would close them."""
+    try:
+        return await until_disconnect(request, collect(streams))
+    finally:
+        await close_all(streams)
 
 
 async def until_disconnect[T](request: Request, work: Awaitable[T]) -> T:
@@ -223,12 +236,16 @@ async def guard_stream(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 class EventStream(Response):
     """A `text/event-stream` response whose body iterator is always closed, and cancelled if the client leaves.
 
-    Each item of `events` is sent as it comes (one write); `data: [DONE]` goes out with the end of the body."""
+    Each item of `events` is sent as it comes (one write); `data: [DONE]` goes out with the end of the body.
+    `streams`, the engine iterators the events come from, are closed after it: a client that leaves while the
+    response's start is being sent cancels the body before it first ran, and closing a generator that never ran does
+    not run its cleanup."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], streams: Sequence[OutputStream] = ()) -> None:
         self.events = events
+        self.streams = streams
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -252,6 +269,7 @@ class EventStream(Response):
                 task.cancel()
             await asyncio.gather(sender, watcher, return_exceptions=True)
             await self.events.aclose()  # type: ignore[attr-defined]
+            await close_all(self.streams)
         if sender in done and not sender.cancelled() and sender.exception() is not None:
             exc = sender.exception()
             if not isinstance(exc, OSError):  # OSError: the client went away mid-send

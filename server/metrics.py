@@ -12,13 +12,13 @@ Each app gets its own registry, so several servers (tests) can live in one proce
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from jpaged.async_engine import EngineClient
+from jpaged.async_engine import EngineClient, OutputStream
 from jpaged.outputs import RequestOutput
 
 PREFIX = "jpaged:"
@@ -109,32 +109,49 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def track(self, outputs: AsyncIterator[RequestOutput], arrival: float) -> AsyncIterator[RequestOutput]:
-        """Passes `outputs` through, observing TTFT, time per output token, end-to-end latency and token counts."""
-        last_time: float | None = None
-        generated = 0  # tokens of all samples
-        longest = 0  # tokens of the longest sample: the n samples of a request decode side by side
-        prompt_len = 0
-        try:
-            async for output in outputs:
-                now = time.monotonic()
-                count = sum(len(c.token_ids) for c in output.outputs)
-                steps = max(len(c.token_ids) for c in output.outputs) - longest
-                if last_time is None:
-                    prompt_len = len(output.prompt_token_ids)
-                    self._prompt_tokens.inc(prompt_len)
-                    self._ttft.observe(now - arrival)
-                elif steps > 0:
-                    self._tpot.observe((now - last_time) / steps)
-                if count > generated:
-                    self._generation_tokens.inc(count - generated)
-                generated, longest, last_time = count, longest + max(steps, 0), now
-                if output.finished:
-                    self._e2e.observe(now - arrival)
-                    self._request_prompt_tokens.observe(prompt_len)
-                    self._request_generation_tokens.observe(generated)
-                    for completion in output.outputs:
-                        self.request_success.labels(self.model_name, completion.finish_reason or "abort").inc()
-                yield output
-        finally:
-            await outputs.aclose()  # type: ignore[attr-defined]
+    def track(self, outputs: OutputStream, arrival: float) -> OutputStream:
+        """Passes `outputs` through, observing TTFT, time per output token, end-to-end latency and token counts;
+        closing the result closes `outputs` (read or not)."""
+        return _Tracked(self, outputs, arrival)
+
+
+class _Tracked:
+    """`Metrics.track`'s pass-through: a class, not an async generator, so that closing it before its first read
+    still closes (and so aborts) the request's outputs."""
+
+    __slots__ = ("_arrival", "_generated", "_last_time", "_longest", "_metrics", "_outputs", "_prompt_len")
+
+    def __init__(self, metrics: ServerMetrics, outputs: OutputStream, arrival: float) -> None:
+        self._metrics, self._outputs, self._arrival = metrics, outputs, arrival
+        self._last_time: float | None = None
+        self._generated = 0  # tokens of all samples
+        self._longest = 0  # tokens of the longest sample: the n samples of a request decode side by side
+        self._prompt_len = 0
+
+    def __aiter__(self) -> _Tracked:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        output = await self._outputs.__anext__()
+        m, now = self._metrics, time.monotonic()
+        count = sum(len(c.token_ids) for c in output.outputs)
+        steps = max(len(c.token_ids) for c in output.outputs) - self._longest
+        if self._last_time is None:
+            self._prompt_len = len(output.prompt_token_ids)
+            m._prompt_tokens.inc(self._prompt_len)
+            m._ttft.observe(now - self._arrival)
+        elif steps > 0:
+            m._tpot.observe((now - self._last_time) / steps)
+        if count > self._generated:
+            m._generation_tokens.inc(count - self._generated)
+        self._generated, self._longest, self._last_time = count, self._longest + max(steps, 0), now
+        if output.finished:
+            m._e2e.observe(now - self._arrival)
+            m._request_prompt_tokens.observe(self._prompt_len)
+            m._request_generation_tokens.observe(self._generated)
+            for completion in output.outputs:
+                m.request_success.labels(m.model_name, completion.finish_reason or "abort").inc()
+        return output
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()

@@ -398,6 +398,66 @@ def test_client_disconnect_aborts_streams(fake):
     assert not engine.requests and running.engine.num_unstarted == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "x", "max_tokens": 400, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 400}),
+    ],
+    ids=["completions-stream", "chat-stream", "completions"],
+)
+def test_a_client_leaving_as_the_response_starts_aborts_its_requests(path, body):
+    """The client disconnects while the server's first send is still pending (write back-pressure, a middleware that
+    awaits): the body never ran, and the request must still be aborted and forgotten."""
+    import asyncio
+
+    from test_server_support import template_file
+
+    from jpaged.async_engine import AsyncEngine
+    from jpaged.config import EngineConfig
+    from jpaged.server.app import build_app
+
+    fake = FakeLLMEngine()
+    fake.never_finish, fake.step_delay_s = True, 0.01
+    fake.config = EngineConfig(chat_template=str(template_file()))
+
+    async def run() -> None:
+        engine = AsyncEngine(fake)
+        app = build_app(engine, served_model_name=MODEL_NAME)
+        engine.start()
+        data, left, started = json.dumps(body).encode(), asyncio.Event(), asyncio.Event()
+        sent_body = False
+
+        async def receive() -> dict:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            await (left.wait() if body.get("stream") else started.wait())
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                left.set()
+                await asyncio.sleep(0.05)  # the send is pending when the client goes
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json")],
+                 "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("test", 80),
+                 "client": ("test", 1), "root_path": "", "app": app}  # fmt: skip
+        if not body.get("stream"):  # a non-streaming request: the client leaves as soon as it was queued
+            asyncio.get_running_loop().call_later(0.05, started.set)
+        await app(scope, receive, send)
+        deadline = time.monotonic() + 5
+        while fake.requests or engine._streams:
+            assert time.monotonic() < deadline, (list(fake.requests), list(engine._streams))
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+
+    asyncio.run(run())
+    assert fake.aborted
+
+
 def test_request_chat_templates_run_only_when_trusted_and_fail_as_400():
     running, _ = fake_server(app_kwargs={"trust_request_chat_template": True})
     ok = [{"role": "user", "content": "hi"}]
