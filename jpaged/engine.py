@@ -116,7 +116,10 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
         """Validates and queues a request; raises ValueError naming the problem, leaving the engine untouched."""
         params = params or SamplingParams()
-        request_id = request_id if request_id is not None else str(next(self._auto_ids))
+        if request_id is None:  # the next number no request holds: users may have taken some as ids of their own
+            request_id = str(next(self._auto_ids))
+            while request_id in self._groups:
+                request_id = str(next(self._auto_ids))
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)

@@ -265,7 +265,8 @@ class ModelRunner:
         if self.decode_steps:
             decode_buckets = [1] if self.one_row_decode else []
             if self.max_num_seqs > 1 or not self.one_row_decode:  # else every decode step has one sequence
-                largest_decode = bucket(self.max_num_seqs, self.token_buckets)
+                # a step holds at most one sequence per token
+                largest_decode = bucket(min(self.max_num_seqs, self.max_num_batched_tokens), self.token_buckets)
                 decode_buckets += [t_pad for t_pad in self.token_buckets if t_pad <= largest_decode]
             variants += [(t_pad, True, filters) for t_pad in decode_buckets for filters in (True, False)]
             variants = list(dict.fromkeys(variants))  # a bucket of one token is the one-row decode variant too

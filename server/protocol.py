@@ -10,9 +10,12 @@ byte for byte.
 
 from __future__ import annotations
 
+import functools
+import types
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jpaged.sampling_params import MAX_LOGPROBS
 
@@ -24,6 +27,31 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """An explicit null in a field that has a default but no null value means the default: OpenAI's schema marks
+        n, stream, echo, logprobs, ... nullable, and clients write unset fields as null."""
+        if isinstance(data, dict):
+            defaulted = _defaulted_fields(cls)
+            return {key: value for key, value in data.items() if value is not None or key not in defaulted}
+        return data
+
+
+@functools.cache
+def _defaulted_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """Fields with a default whose type does not take None."""
+
+    def nullable(annotation: Any) -> bool:
+        if annotation is None or annotation is type(None) or annotation is Any:
+            return True
+        return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+            annotation
+        )
+
+    return frozenset(name for name, field in cls.model_fields.items()
+                     if not field.is_required() and not nullable(field.annotation))  # fmt: skip
 
 
 class StreamOptions(_Request):
@@ -41,7 +69,7 @@ class _SamplingFields(_Request):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="0 or -1 turns it off.")
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="A signed or unsigned 64-bit integer.")
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)

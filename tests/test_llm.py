@@ -11,6 +11,7 @@ import pytest
 from conftest import KNOWN_GREEDY, STORIES, assert_pool_clean
 
 from jpaged import LLM, SamplingParams
+from jpaged.request import seed32
 
 EOS, BOS = 2, 1
 
@@ -205,12 +206,43 @@ def test_bad_prompts_are_rejected_and_others_still_served(llm, prompt, match):
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"logprobs": 21}, "logprobs"),
         ({"stop": [""]}, "stop"),
-        ({"seed": -1}, "seed"),
+        ({"stop": {"a": 1}}, "stop"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"n": True}, "n"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": float("inf")}, "temperature"),  # -inf bans divided by it would be NaN, sampled by argmax
+        ({"temperature": 1e39}, "temperature"),  # inf in float32
+        ({"temperature": None}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"ignore_eos": 1}, "ignore_eos"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field} "):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_take_numpy_integers_and_64_bit_seeds():
+    params = SamplingParams(n=np.int64(2), max_tokens=np.int32(5), seed=np.uint64(2**64 - 1), top_k=np.int8(-1),
+                            stop_token_ids=[np.int64(7)], logit_bias={np.int64(3): 1.0})  # fmt: skip
+    assert (params.n, params.max_tokens, params.seed, params.top_k) == (2, 5, 2**64 - 1, 0)
+    assert type(params.n) is int and params.stop_token_ids == [7] and params.logit_bias == {3: 1.0}
+    assert seed32(-1) == seed32(2**64 - 1) and seed32(-(2**63)) == seed32(2**63)  # two's complement
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+
+
+def test_automatic_request_ids_skip_ids_a_user_took(llm):
+    """`generate` numbers its requests; a request the user queued under such a number does not make it fail."""
+    engine = llm.engine
+    taken = [str(n) for n in range(next(engine._auto_ids) + 1, next(engine._auto_ids) + 4)]
+    for request_id in taken:
+        engine.add_request(request_id, [1, 403], greedy(max_tokens=2))
+    out = llm.generate(["Once", "The dog"], greedy(max_tokens=3))  # runs the user's requests to the end too
+    assert [len(o.outputs[0].token_ids) for o in out] == [3, 3] and not {o.request_id for o in out} & set(taken)
 
 
 def test_out_of_vocab_stop_token_ids_are_rejected(llm):

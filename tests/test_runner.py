@@ -181,6 +181,18 @@ def test_steps_that_compile_on_first_use_keep_the_filter_stage(monkeypatch):
     assert_pool_clean(llm)
 
 
+def test_warm_up_with_more_sequences_than_tokens_a_step(monkeypatch):
+    """max_num_seqs above max_num_batched_tokens: a step still holds at most one sequence per token, so warm-up's
+    decode variants stop at the largest token bucket (it asked for a bucket of max_num_seqs, and failed)."""
+    monkeypatch.setattr(runner_module, "has_decode_kernel", lambda impl, *shapes: True)
+    llm = LLM(max_model_len=64, max_num_batched_tokens=16, max_num_seqs=64, warmup=True)
+    prompts = [{"prompt_token_ids": [1, 40 + i]} for i in range(20)]
+    with count_compilations() as compiles:
+        out = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3))
+    assert compiles == [] and all(len(o.outputs[0].token_ids) == 3 for o in out)
+    assert_pool_clean(llm)
+
+
 def test_warm_up_surfaces_a_failed_lowering(monkeypatch):
     """A variant that fails to lower stops the warm-up with its own error (the compiles queued behind it dropped)."""
     llm = LLM(max_model_len=96, max_num_batched_tokens=64, max_num_seqs=12, warmup=False)

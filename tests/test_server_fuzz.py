@@ -53,7 +53,7 @@ SAMPLING = {
     "top_p": st.floats(0, 1, exclude_min=True),
     "top_k": st.integers(-1, 600),
     "min_p": st.floats(0, 1),
-    "seed": st.integers(0, 2**63 - 1),
+    "seed": st.integers(-(2**63), 2**64 - 1),
     "stop": st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=4), max_size=3)),
     "stop_token_ids": st.lists(st.integers(0, 511), max_size=3),
     "presence_penalty": st.floats(-2, 2),

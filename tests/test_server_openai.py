@@ -65,6 +65,38 @@ def test_completion_defaults_to_16_tokens(client: openai.OpenAI):
     assert resp.choices[0].finish_reason == "length"
 
 
+def test_null_fields_mean_their_defaults_and_seeds_are_64_bit(server: RunningServer, chat_server: RunningServer):
+    """OpenAI's schema lets n, stream, echo, logprobs, ... be null (clients write unset fields so): null is the
+    default, as in vLLM; a field whose null means something (max_tokens: the rest of the context) keeps it. Seeds
+    are OpenAI's signed 64-bit integers (unsigned ones too), a negative one drawing as its two's complement."""
+    nulls = {"n": None, "stream": None, "echo": None, "ignore_eos": None, "min_tokens": None,
+             "skip_special_tokens": None, "include_stop_str_in_output": None}
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, **nulls,
+            "add_special_tokens": None}  # fmt: skip
+    resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == GREEDY_60[: len(resp.json()["choices"][0]["text"])]
+    streamed = body | {"stream": True, "stream_options": {"include_usage": None, "continuous_usage_stats": None}}
+    resp = httpx.post(server.url + "/v1/completions", json=streamed, timeout=60)
+    assert resp.status_code == 200 and '"usage"' not in resp.text and resp.text.endswith("data: [DONE]\n\n")
+    whole = httpx.post(server.url + "/v1/completions", json=body | {"max_tokens": None}, timeout=60).json()
+    assert whole["usage"]["completion_tokens"] > 8  # max_tokens null: the rest of the context
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **nulls,
+            "logprobs": None, "add_generation_prompt": None, "continue_final_message": None}  # fmt: skip
+    resp = httpx.post(chat_server.url + "/v1/chat/completions", json=chat, timeout=60)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["logprobs"] is None, resp.text
+    draws = {}
+    for seed in (-1, 2**64 - 1, 2**63 - 1, -(2**63)):
+        body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 12, "seed": seed}
+        resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        draws[seed] = resp.json()["choices"][0]["text"]
+    assert draws[-1] == draws[2**64 - 1] and draws[-1] != draws[2**63 - 1]
+    for seed in (2**64, -(2**63) - 1):
+        body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1, "seed": seed}
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 400
+
+
 def test_streamed_completion_equals_the_whole_one(client: openai.OpenAI):
     chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=60, temperature=0, stream=True))
     assert len(chunks) > 10 and all(c.usage is None for c in chunks)
