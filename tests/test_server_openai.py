@@ -69,8 +69,15 @@ def test_null_fields_mean_their_defaults_and_seeds_are_64_bit(server: RunningSer
     """OpenAI's schema lets n, stream, echo, logprobs, ... be null (clients write unset fields so): null is the
     default, as in vLLM; a field whose null means something (max_tokens: the rest of the context) keeps it. Seeds
     are OpenAI's signed 64-bit integers (unsigned ones too), a negative one drawing as its two's complement."""
-    nulls = {"n": None, "stream": None, "echo": None, "ignore_eos": None, "min_tokens": None,
-             "skip_special_tokens": None, "include_stop_str_in_output": None}
+    nulls = {
+        "n": None,
+        "stream": None,
+        "echo": None,
+        "ignore_eos": None,
+        "min_tokens": None,
+        "skip_special_tokens": None,
+        "include_stop_str_in_output": None,
+    }
     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, **nulls,
             "add_special_tokens": None}  # fmt: skip
     resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
