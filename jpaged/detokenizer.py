@@ -26,23 +26,31 @@ class Detokenizer:
         self._full_decode: str | None = None  # set once the stream gave up: decode the whole output instead
         self._stops: list[str] = list(params.stop or [])
         self._include_stop = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
+        self._num_tokens = 0  # output tokens added, the stop token included
         # Text that might be the start of a stop string is held back from streamed output until it is decided.
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self.text = ""
 
-    def add(self, token_id: int) -> str | None:
-        """Appends a token's text; returns the stop string it completed (the text is then cut there), or None."""
-        if self._tokenizer is None:
+    def add(self, token_id: int, *, stop_token: bool = False) -> str | None:
+        """Appends a token's text; returns the stop string it completed (the text is then cut there), or None.
+
+        As vLLM does: `stop_token` (the token ended the request: EOS or a stop token id) adds no text unless
+        include_stop_str_in_output; stop strings are looked for only in text after the first min_tokens tokens' (a
+        match may start in that text, not lie in it)."""
+        self._num_tokens += 1
+        if self._tokenizer is None or (stop_token and not self._include_stop):
             return None
         self._output_ids.append(token_id)
         chunk = self._next_chunk(token_id)
         if not chunk:
             return None
-        search_from = max(0, len(self.text) - self._hold)
+        before = len(self.text)
         self.text += chunk
-        if not self._stops:
+        if not self._stops or self._num_tokens <= self._min_tokens:
             return None
-        hits = [(i, s) for s in self._stops if (i := self.text.find(s, search_from)) >= 0]
+        # each stop may begin in the text before this chunk, but must end in it (else an earlier chunk completed it)
+        hits = [(i, s) for s in self._stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if not hits:
             return None
         index, stop = min(hits)

@@ -261,7 +261,7 @@ class LLMEngine:
                 top = tuple(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist(), strict=True))  # type: ignore[index]
                 req.logprobs.append(Logprob(token, float(result.logprobs[row]), top))
             req.check_stop_token(index)
-            stop = self._detokenizers[req.key].add(token)
+            stop = self._detokenizers[req.key].add(token, stop_token=req.status is RequestStatus.FINISHED_STOPPED)
             # A stop string outranks the length limit (as vLLM's stop checker orders them), not EOS or a stop token.
             if stop is not None and (not req.status.finished or req.status is RequestStatus.FINISHED_LENGTH):
                 req.status = RequestStatus.FINISHED_STOPPED

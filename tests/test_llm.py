@@ -101,6 +101,24 @@ def test_stop_token_ids_end_a_story_at_bos(llm):
     assert BOS not in out.token_ids[:-1]
 
 
+def test_the_stopping_token_leaves_the_text_and_stop_strings_wait_for_min_tokens(llm):
+    """As vLLM: EOS or a stop token id that ends a request stays in token_ids but not in the text (unless
+    include_stop_str_in_output); stop strings match only after min_tokens tokens."""
+    dot = llm.get_tokenizer().convert_tokens_to_ids(".")
+    out = llm.generate("Once upon a time", greedy(max_tokens=60, stop_token_ids=[dot]))[0].outputs[0]
+    kept = llm.generate("Once upon a time", greedy(max_tokens=60, stop_token_ids=[dot],
+                                                   include_stop_str_in_output=True))[0].outputs[0]  # fmt: skip
+    assert out.token_ids == kept.token_ids and out.token_ids[-1] == dot and out.stop_reason == dot
+    assert kept.text == out.text + "." and not out.text.endswith(".")
+    eos = llm.generate("Once", greedy(max_tokens=5, logit_bias={EOS: 100.0}, skip_special_tokens=False))[0]
+    assert eos.outputs[0].token_ids == [EOS] and eos.outputs[0].text == ""
+    early = llm.generate("Once upon a time", greedy(max_tokens=60, stop=["."]))[0].outputs[0]
+    late = llm.generate("Once upon a time", greedy(max_tokens=60, stop=["."], min_tokens=len(early.token_ids) + 1))
+    assert late[0].outputs[0].text.startswith(early.text + ".") and len(late[0].outputs[0].token_ids) > len(
+        early.token_ids
+    )
+
+
 def test_eos_ignore_eos_and_min_tokens(llm):
     force_eos = {EOS: 100.0}
     stopped = llm.generate("Once upon a time", greedy(max_tokens=8, logit_bias=force_eos))[0].outputs[0]

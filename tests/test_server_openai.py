@@ -167,7 +167,13 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(client: openai.OpenAI, server:
     resp = client.completions.create(
         model=MODEL_NAME, prompt=PROMPT, max_tokens=60, temperature=0, extra_body={"stop_token_ids": [little]}
     )
-    assert resp.choices[0].finish_reason == "stop" and resp.choices[0].text == ", there was a little"
+    # the stopping token's text is left out unless include_stop_str_in_output (vLLM)
+    assert resp.choices[0].finish_reason == "stop" and resp.choices[0].text == ", there was a"
+    resp = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=60, temperature=0,
+        extra_body={"stop_token_ids": [little], "include_stop_str_in_output": True},
+    )  # fmt: skip
+    assert resp.choices[0].text == ", there was a little" and resp.choices[0].stop_reason == little  # type: ignore[attr-defined]
     resp = client.completions.create(
         model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
         extra_body={"min_tokens": 8, "ignore_eos": True, "stop_token_ids": [little]},
