@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jpaged.async_engine import EngineClient, EngineDeadError
@@ -29,6 +30,7 @@ from jpaged.config import BUNDLED_MODEL, add_cli_arguments, config_from_args
 from jpaged.server.errors import (
     APIError,
     handle_api_error,
+    handle_client_disconnect,
     handle_engine_dead,
     handle_http_exception,
     handle_unexpected,
@@ -124,6 +126,7 @@ def build_app(
         middleware=middleware,
         exception_handlers={
             APIError: handle_api_error,
+            ClientDisconnect: handle_client_disconnect,
             HTTPException: handle_http_exception,
             EngineDeadError: handle_engine_dead,
             Exception: handle_unexpected,

@@ -152,6 +152,13 @@ async def handle_engine_dead(request: Request, exc: Exception) -> Response:
     return APIError(500, f"The request failed: {exc}.").response()
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """The client left while its request body was arriving: nobody reads an answer, and nothing failed here. 499
+    (nginx's "client closed request") for the access log."""
+    logger.debug("client left during the upload of %s %s", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return internal_error().response()

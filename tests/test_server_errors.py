@@ -155,6 +155,7 @@ def test_chat_validation(chat_server: RunningServer):
         ({"messages": ok, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
         ({"messages": ok, "tools": [{"type": "function"}]}, "tools", "not supported"),
         ({"messages": ok, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"messages": ok, "stream": True, "prompt_logprobs": 1}, "prompt_logprobs", "not available when stream"),
         ({"messages": ok, "chat_template": "{{ messages }}"}, "chat_template", "--trust-request-chat-template"),
         ({"messages": ok, "chat_template_kwargs": 3}, "chat_template_kwargs", "should be an object"),
     ]
@@ -456,6 +457,25 @@ def test_a_client_leaving_as_the_response_starts_aborts_its_requests(path, body)
 
     asyncio.run(run())
     assert fake.aborted
+
+
+def test_a_client_leaving_mid_upload_logs_no_error(fake, caplog):
+    """A body cut short by the client is no server error: no traceback in the log, and the server serves on."""
+    import logging
+    import socket
+    from urllib.parse import urlparse
+
+    running, _ = fake
+    url = urlparse(running.url)
+    with caplog.at_level(logging.DEBUG):
+        with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b'{"prompt": "x", ')  # fmt: skip
+            time.sleep(0.2)
+        time.sleep(0.5)  # the server notices the close
+        assert httpx.post(running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("client left during the upload" in r.getMessage() for r in caplog.records)
 
 
 def test_request_chat_templates_run_only_when_trusted_and_fail_as_400():
