@@ -126,6 +126,7 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, but the engine runs with skip_tokenizer_init")
         self._validate_prompt(token_ids)
+        token_ids = [int(t) for t in token_ids]  # numpy integers too: outputs carry plain ints
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
             bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]  # type: ignore[union-attr]
             if bad:
@@ -181,7 +182,7 @@ class LLMEngine:
             if "prompt" in prompt:
                 return self._tokenize(prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, list | tuple):
+        if isinstance(prompt, list | tuple | np.ndarray):
             return None, list(prompt)
         raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
@@ -189,7 +190,7 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int | np.integer) or not 0 <= t < vocab]
+        bad = [t for t in token_ids if not isinstance(t, int | np.integer) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt holds token ids outside the vocabulary (size {vocab}): {bad[:5]}")
         if len(token_ids) >= self.max_model_len:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged.config import EngineConfig
@@ -34,8 +35,12 @@ class LLM:
 
         A prompt the engine refuses raises, and none of this call's prompts stays queued.
         """
+        # one prompt: a string, a dict, or token ids (a list, tuple or 1-D array of integers); else a sequence of them
         single = isinstance(prompts, str | dict) or (
-            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+            isinstance(prompts, list | tuple | np.ndarray)
+            and len(prompts) > 0
+            and isinstance(prompts[0], int | np.integer)
+            and not isinstance(prompts[0], bool)
         )
         prompt_list: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item,arg-type]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

@@ -156,6 +156,13 @@ def test_max_tokens_none_runs_to_the_context_limit():
     assert_pool_clean(llm)
 
 
+def test_token_ids_in_a_tuple_or_an_array_are_one_prompt(llm):
+    want = llm.generate([1, 403, 407], greedy(max_tokens=4))[0].outputs[0].token_ids
+    for prompt in ((1, 403, 407), np.array([1, 403, 407]), [np.int64(1), np.int64(403), np.int64(407)]):
+        [out] = llm.generate(prompt, greedy(max_tokens=4))
+        assert out.outputs[0].token_ids == want and out.prompt_token_ids == [1, 403, 407]
+
+
 def test_logprobs_are_consistent(llm):
     out = llm.generate("Once upon a time", greedy(max_tokens=5, logprobs=3, prompt_logprobs=2))[0]
     comp = out.outputs[0]
