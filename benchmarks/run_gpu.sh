@@ -18,10 +18,11 @@
 # Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro",
 # "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS), "pdlab"
 # (single-stream latency with XLA's programmatic dependent launch as it comes and turned off) and "decodeab":
-# the decode kernel's default tuning against DECODE_TUNING ("posm=1,sem=lane") in its GPU tests, alone over an
+# the decode kernel's default tuning against DECODE_TUNING ("ppb=4": q rows on M) in its GPU tests, alone over an
 # engine-sized pool, and in fixed:128 and single-stream latency), "stepcopies" (fixed:128, fixed:512 and single-stream
-# latency with the engine's step compiled once, as it is, and twice, calls taking turns: with_step_copies.py), MODEL (llama2-7b), JPAGED_RUNS
-# ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
+# latency with the engine's step compiled once, as it is, and twice, calls taking turns: with_step_copies.py),
+# MODEL (llama2-7b), JPAGED_RUNS ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH
+# (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
 # HF_SHAREGPT_LIMIT_S (150: seconds for that step; its one batch of 64 generates to its longest request, up to
 # 1,024 tokens: ~92 s of generate() plus ~15 s of start-up on the H200; 100 s was too little),
@@ -169,11 +170,11 @@ if want pdlab; then  # single-stream latency with XLA's programmatic dependent l
 fi
 
 if want decodeab; then  # the decode kernel's default tuning against DECODE_TUNING in the engine, same call
-  dt=${DECODE_TUNING:-posm=1,sem=lane}
+  dt=${DECODE_TUNING:-ppb=4}
   step decode-gpu-tests 130 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_decode_mgpu.py \
     -k "gpu_sweep or gpu_tunings"
   step decode-kernel 60 "$PY" benchmarks/mgpu_decode.py --cases "B=128 ctx=640" --table-len "$MAX_MODEL_LEN" \
-    --pool-pages 12500 --tunings "ppb=4;$dt" --json-out "$RESULTS" --json-key decode_ab_kernel
+    --pool-pages 12500 --tunings "posm=1,sem=lane;$dt" --json-out "$RESULTS" --json-key decode_ab_kernel  # G 1's default
   for tuned in 0 1; do
     wrap=()
     ((tuned)) && wrap=(benchmarks/with_decode_tuning.py "$dt")

@@ -226,8 +226,9 @@ class RequestStream:
 
     def __del__(self) -> None:
         loop = self._engine._loop
-        if not self._closed and not self._finished and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._engine._release, self._request_id, self._stream, False)
+        if not self._closed and not self._finished and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the engine is gone with it
+                loop.call_soon_threadsafe(self._engine._release, self._request_id, self._stream, False)
 
 
 class AsyncEngine:

@@ -176,13 +176,13 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list | tuple | np.ndarray):
+                if not isinstance(ids, list | tuple | np.ndarray) or (isinstance(ids, np.ndarray) and ids.ndim != 1):
                     raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
                 return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
                 return self._tokenize(prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, list | tuple | np.ndarray):
+        if isinstance(prompt, list | tuple) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
             return None, list(prompt)
         raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 

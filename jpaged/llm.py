@@ -35,12 +35,17 @@ class LLM:
 
         A prompt the engine refuses raises, and none of this call's prompts stays queued.
         """
-        # one prompt: a string, a dict, or token ids (a list, tuple or 1-D array of integers); else a sequence of them
-        single = isinstance(prompts, str | dict) or (
-            isinstance(prompts, list | tuple | np.ndarray)
-            and len(prompts) > 0
-            and isinstance(prompts[0], int | np.integer)
-            and not isinstance(prompts[0], bool)
+        # one prompt: a string, a dict, token ids (a list or tuple of integers) or an array that is not 2-D (the
+        # engine refuses all but 1-D); else a sequence of prompts, such as a 2-D array's rows
+        single = (
+            isinstance(prompts, str | dict)
+            or (isinstance(prompts, np.ndarray) and prompts.ndim != 2)
+            or (
+                isinstance(prompts, list | tuple)
+                and len(prompts) > 0
+                and isinstance(prompts[0], int | np.integer)
+                and not isinstance(prompts[0], bool)
+            )
         )
         prompt_list: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item,arg-type]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

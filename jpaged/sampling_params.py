@@ -59,7 +59,7 @@ class SamplingParams:
             setattr(self, field, _as_int(getattr(self, field)))
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_as_int(token): bias for token, bias in self.logit_bias.items()}
-        if self.top_k == -1:
+        if self.top_k == -1 and isinstance(self.top_k, int) and not isinstance(self.top_k, bool):
             self.top_k = 0
         self._validate()
 

@@ -87,6 +87,42 @@ def test_closing_the_iterator_aborts_within_a_step():
     run(main())
 
 
+@pytest.mark.parametrize("how", ["closed", "dropped", "read-cancelled"])
+def test_an_iterator_never_read_still_aborts(how):
+    """Closed before its first read (a client gone before its response started), dropped unclosed, or a read
+    cancelled: the request is aborted and forgotten, and its id is free again; a finished one is not aborted."""
+
+    async def main():
+        fake = FakeLLMEngine()
+        fake.never_finish = True
+        engine = await started(fake)
+        outputs = await engine.add_request("r", [1], SamplingParams())
+        if how == "closed":
+            await outputs.aclose()
+        elif how == "dropped":
+            del outputs
+        else:  # a read that waits (the engine is held mid-step) and is cancelled
+            await wait_for(lambda: fake.num_steps >= 2)  # the first step's output is out
+            fake.block = threading.Event()
+            steps = fake.num_steps
+            await wait_for(lambda: fake.num_steps > steps)  # a step began after the block: no output comes now
+            await anext(outputs)  # what the steps before made
+            read = asyncio.ensure_future(anext(outputs))
+            await asyncio.sleep(0.05)
+            read.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await read
+            fake.block.set()
+        await wait_for(lambda: fake.aborted == ["r"])
+        assert not fake.requests and "r" not in engine._streams
+        fake.never_finish = False
+        done = [o async for o in await engine.add_request("r", [1], SamplingParams(max_tokens=2))]
+        assert done[-1].finished and fake.aborted == ["r"]  # the second, finished, was not aborted
+        await engine.shutdown()
+
+    run(main())
+
+
 def test_a_cancelled_consumer_aborts():
     async def main():
         fake = FakeLLMEngine()

@@ -484,12 +484,16 @@ def test_with_decode_tuning_runs_a_script_with_the_default_tuning_changed(tmp_pa
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     script, out = tmp_path / "probe.py", tmp_path / "out.json"
     script.write_text(
-        "import json, sys\nfrom jpaged.kernels import paged_decode_mgpu as m\nt = m.default_tuning(1, 32, 8)\n"
-        "json.dump([t.positions_on_m, t.semantics, t.num_splits], open(sys.argv[1], 'w'))\n"
+        "import json, sys\nfrom jpaged.kernels import paged_decode_mgpu as m\n"
+        "ts = [m.default_tuning(1, 32, 8), m.default_tuning(128, 32, 32)]\n"
+        "json.dump([[t.p_in_registers, t.positions_on_m, t.semantics, t.num_splits] for t in ts],\n"
+        "          open(sys.argv[1], 'w'))\n"
     )
     monkeypatch.delenv(common.DECODE_TUNING_ENV, raising=False)  # restored (absent) after the test
-    with_decode_tuning.main(["posm=1,sem=lane", str(script), str(out)])
-    assert json.loads(out.read_text()) == [True, "lane", 16]  # the fields replaced, the default's split count kept
-    assert common.env_info()["decode_tuning_override"] == "posm=1,sem=lane"  # every record written under it says so
+    with_decode_tuning.main(["preg=1", str(script), str(out)])
+    # the named fields, the default's split count, DecodeTuning's defaults for the rest: at G 1 too, where the
+    # default's positions on M would exclude P in registers
+    assert json.loads(out.read_text()) == [[True, False, "warpgroup", 16], [True, False, "warpgroup", 1]]
+    assert common.env_info()["decode_tuning_override"] == "preg=1"  # every record written under it says so
     with pytest.raises(ValueError, match="lane"):  # checked before anything runs
         with_decode_tuning.override_fields("posm=1")
