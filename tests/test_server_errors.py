@@ -95,7 +95,7 @@ def test_malformed_bodies(server: RunningServer, body: str, fragment: str):
         ("max_tokens", -1, "greater than or equal to 0"),
         ("presence_penalty", 3, "less than or equal to 2"),
         ("frequency_penalty", -2.5, "greater than or equal to -2"),
-        ("seed", -1, "greater than or equal to 0"),
+        ("seed", 2**64, "less than 18446744073709551616"),
         ("min_p", 2, "less than or equal to 1"),
         ("prompt_logprobs", 21, "less than or equal to 20"),
         ("top_k", -2, "greater than or equal to -1"),
