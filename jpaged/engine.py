@@ -176,13 +176,13 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list | tuple | np.ndarray) or (isinstance(ids, np.ndarray) and ids.ndim != 1):
+                if not _is_id_sequence(ids):
                     raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
                 return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
                 return self._tokenize(prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, list | tuple) or (isinstance(prompt, np.ndarray) and prompt.ndim == 1):
+        if _is_id_sequence(prompt):
             return None, list(prompt)
         raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
@@ -403,3 +403,8 @@ def _merge(outputs: list[RequestOutput]) -> list[RequestOutput]:
     """One output per request: when two steps are collected in one call, the later output supersedes."""
     latest = {o.request_id: o for o in outputs}
     return list(latest.values())
+
+
+def _is_id_sequence(value: Any) -> bool:
+    """A list, tuple or 1-D array: what a prompt's token ids may come in (the ids themselves are checked later)."""
+    return isinstance(value, list | tuple) or (isinstance(value, np.ndarray) and value.ndim == 1)

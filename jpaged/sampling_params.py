@@ -22,6 +22,11 @@ def _as_int(value: Any) -> Any:
     return value
 
 
+def _integer(value: Any) -> bool:
+    """An int, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -59,7 +64,7 @@ class SamplingParams:
             setattr(self, field, _as_int(getattr(self, field)))
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_as_int(token): bias for token, bias in self.logit_bias.items()}
-        if self.top_k == -1 and isinstance(self.top_k, int) and not isinstance(self.top_k, bool):
+        if self.top_k == -1 and _integer(self.top_k):
             self.top_k = 0
         self._validate()
 
@@ -69,7 +74,7 @@ class SamplingParams:
 
         for field in _INT_FIELDS:
             value = getattr(self, field)
-            if not (isinstance(value, int) and not isinstance(value, bool)) and value is not None:
+            if value is not None and not _integer(value):
                 raise bad(field, "must be an integer")
         for field in _REAL_FIELDS:  # finite, and finite in float32, where the sampler computes
             value = getattr(self, field)
@@ -101,7 +106,7 @@ class SamplingParams:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop):  # type: ignore[union-attr]
             raise bad("stop", "must hold non-empty strings")
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):  # type: ignore[union-attr]
+        if any(not _integer(t) or t < 0 for t in self.stop_token_ids):  # type: ignore[union-attr]
             raise bad("stop_token_ids", "must hold non-negative token ids")
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(self, field)
@@ -114,7 +119,7 @@ class SamplingParams:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", "must be a dict of token ids to biases")
             for token, bias in self.logit_bias.items():
-                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                if not _integer(token) or token < 0:
                     raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
                 if not _real(bias) or not -100 <= bias <= 100:
                     raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
