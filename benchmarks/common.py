@@ -83,9 +83,19 @@ def _nvidia_smi() -> str | None:
         return None
 
 
-# with_decode_tuning.py and with_step_copies.py put their overrides here, for every record written under them to carry.
+# The with_*.py wrappers put their overrides here, for every record written under them to carry.
 DECODE_TUNING_ENV = "JPAGED_DECODE_TUNING_OVERRIDE"
 STEP_COPIES_ENV = "JPAGED_STEP_COPIES"
+PINNED_INPUT_ENV = "JPAGED_PINNED_INPUT"
+
+
+def run_script(argv: Sequence[str]) -> None:
+    """Runs `argv[0]` with arguments `argv[1:]` in this process, as `python SCRIPT ARGS...` would (the with_*.py
+    wrappers: they patch the engine first)."""
+    import runpy
+
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")
 
 
 def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[str, Any]:
@@ -118,6 +128,8 @@ def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[s
         info["decode_tuning_override"] = override
     if copies := os.environ.get(STEP_COPIES_ENV):  # set by with_step_copies.py
         info["step_copies"] = int(copies)
+    if os.environ.get(PINNED_INPUT_ENV):  # set by with_pinned_input.py
+        info["pinned_input"] = True
     if jax_devices:
         import jax
 

@@ -21,6 +21,8 @@
 # the decode kernel's default tuning against DECODE_TUNING ("ppb=4": q rows on M) in its GPU tests, alone over an
 # engine-sized pool, and in fixed:128 and single-stream latency), "stepcopies" (fixed:128, fixed:512 and single-stream
 # latency with the engine's step compiled once, as it is, and twice, calls taking turns: with_step_copies.py),
+# "pinnedinput" (input_copy.py, then fixed:128, fixed:512 and single-stream latency with each step's packed input
+# passed as it is and staged in pinned host memory: with_pinned_input.py),
 # MODEL (llama2-7b), JPAGED_RUNS ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH
 # (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
@@ -196,6 +198,19 @@ if want stepcopies; then  # the engine as it is against its step compiled twice 
     # decode tok/s is the figure here
     step "step-copies-latency-$copies" 80 "$PY" "${wrap[@]}" benchmarks/latency.py --model "$MODEL" --no-warmup \
       --iters 2 --prefill-batch 0 --json-out "$RESULTS" --json-key "step_copies_latency_$copies"
+  done
+fi
+
+if want pinnedinput; then  # the step's packed input as the engine passes it against pinned host memory, same call
+  step input-copy 90 "$PY" benchmarks/input_copy.py --json-out "$RESULTS" --json-key input_copy
+  for staged in 0 1; do
+    wrap=()
+    ((staged)) && wrap=(benchmarks/with_pinned_input.py)
+    step "pinned-input-throughput-$staged" 200 "$PY" "${wrap[@]}" benchmarks/throughput.py --engine jpaged \
+      --model "$MODEL" --run fixed:128 --run fixed:512 --max-model-len "$MAX_MODEL_LEN" --json-out "$RESULTS" \
+      --json-key "pinned_input_throughput_$staged"
+    step "pinned-input-latency-$staged" 80 "$PY" "${wrap[@]}" benchmarks/latency.py --model "$MODEL" \
+      --no-warmup --iters 2 --prefill-batch 0 --json-out "$RESULTS" --json-key "pinned_input_latency_$staged"
   done
 fi
 

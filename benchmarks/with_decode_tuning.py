@@ -17,7 +17,6 @@ command line is the script and its arguments, run as `python <script> <args>` wo
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,8 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     install(fields)
     os.environ[common.DECODE_TUNING_ENV] = argv[0]
     print(f"with_decode_tuning: the decode kernel's default tuning with {fields}", flush=True)
-    sys.argv = argv[1:]
-    runpy.run_path(argv[1], run_name="__main__")
+    common.run_script(argv[1:])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import runpy
 import sys
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -103,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     install(copies)
     os.environ[common.STEP_COPIES_ENV] = str(copies)
     print(f"with_step_copies: the engine's step compiled {copies} times, each variant's calls taking turns", flush=True)
-    sys.argv = argv[1:]
-    runpy.run_path(argv[1], run_name="__main__")
+    common.run_script(argv[1:])
 
 
 if __name__ == "__main__":

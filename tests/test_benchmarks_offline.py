@@ -509,6 +509,16 @@ def test_overlap_reads_every_variant(tmp_path: Path) -> None:
     assert all(r["one_program_ms"] > 0 and r["a_ready_ms"] > 0 for r in rec["rows"])
 
 
+def test_input_copy_times_every_input_variant(tmp_path: Path) -> None:
+    from benchmarks import input_copy
+
+    argv = ["--size", "256", "--chain", "1", "--input-len", "1024", "--steps", "2", "--rounds", "2", "--host-ms", "0"]
+    rec = input_copy.main([*argv, "--json-out", str(tmp_path / "i.json")])
+    assert [r["input"] for r in rec["rows"]] == ["resident", "numpy", "pinned"]
+    assert all(len(r["runs_ms"]) == 2 and r["step_ms"] > 0 for r in rec["rows"])
+    assert rec["rows"][0]["over_resident_ms"] == 0
+
+
 def test_hlo_inventory_attributes_launches_to_source_lines(tmp_path: Path) -> None:
     """A jitted function's CPU dump: its launches are counted once each and named by the lines that made them."""
     script = tmp_path / "probe.py"
