@@ -15,8 +15,9 @@
 # and the next one runs. Every script merges its record into $OUT/results.json as soon as it has one, so a killed
 # step keeps what it finished. $OUT ends with at most 6 files: results.json, run.log, summary.md and up to three PNGs.
 #
-# Knobs (environment): BUDGET_S (560), SECTIONS ("kernels hf jpaged latency"; also "gputests", "profile", "micro",
-# "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS), "pdlab"
+# Knobs (environment): BUDGET_S (560), SECTIONS ("ceilings kernels hf jpaged latency"; "ceilings" measures this
+# machine's copy bandwidth and bf16 matmul rate as the roofline's constants were measured; also "gputests",
+# "profile", "micro", "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS), "pdlab"
 # (single-stream latency with XLA's programmatic dependent launch as it comes and turned off) and "decodeab":
 # the decode kernel's default tuning against DECODE_TUNING ("ppb=4": q rows on M) in its GPU tests, alone over an
 # engine-sized pool, and in fixed:128 and single-stream latency), "stepcopies" (fixed:128, fixed:512 and single-stream
@@ -42,7 +43,7 @@ RESULTS=$OUT/results.json
 LOG=$OUT/run.log
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-560}
-SECTIONS=${SECTIONS:-"kernels hf jpaged latency"}
+SECTIONS=${SECTIONS:-"ceilings kernels hf jpaged latency"}
 MODEL=${MODEL:-llama2-7b}
 JPAGED_RUNS=${JPAGED_RUNS:-"fixed:128 sharegpt-synthetic:256 fixed:512"}
 HF_FIXED_N=${HF_FIXED_N:-128}
@@ -100,6 +101,11 @@ if want gputests; then  # every test marked gpu (kernels against their reference
   # --continue-on-collection-errors: modules importing what the device image lacks (uvicorn, playwright) hold no gpu
   # test, but a collection error would stop the run before any test
   step gpu-tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs --continue-on-collection-errors tests
+fi
+
+if want ceilings; then  # this machine against the roofline's constants (one lent H200 differs from another)
+  step ceilings-copy 40 "$PY" benchmarks/ceilings.py --framework torch --json-out "$RESULTS" --json-key ceilings_copy
+  step ceilings-matmul 40 "$PY" benchmarks/ceilings.py --framework jax --json-out "$RESULTS" --json-key ceilings_matmul
 fi
 
 if want kernels; then
