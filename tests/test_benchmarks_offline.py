@@ -522,7 +522,8 @@ def test_input_copy_times_every_input_variant(tmp_path: Path) -> None:
 def test_ceilings_measure_the_matmul_against_the_roofline_constant(tmp_path: Path) -> None:
     from benchmarks import ceilings
 
-    rec = ceilings.main(["--framework", "jax", "--matmul-side", "128", "--json-out", str(tmp_path / "c.json")])
+    argv = ["--framework", "jax", "--matmul-side", "128", "--settle-s", "0"]
+    rec = ceilings.main([*argv, "--json-out", str(tmp_path / "c.json")])
     got = rec["ceiling"]
     assert got["matmul_side"] == 128 and got["bf16_matmul_TFLOPs"] > 0
     assert got["of_roofline_constant"] == pytest.approx(got["bf16_matmul_TFLOPs"] * 1e12 / common.PEAK_FLOPS)
@@ -533,7 +534,8 @@ def test_ceilings_measure_the_copy_bandwidth_with_torch(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from benchmarks import ceilings
 
-    got = ceilings.main(["--framework", "torch", "--copy-bytes", "1048576", "--json-out", str(tmp_path / "c.json")])
+    argv = ["--framework", "torch", "--copy-bytes", "1048576", "--settle-s", "0"]
+    got = ceilings.main([*argv, "--json-out", str(tmp_path / "c.json")])
     assert got["ceiling"]["copy_TBps"] > 0 and got["ceiling"]["copy_bytes"] == 1048576
 
 
