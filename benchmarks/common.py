@@ -71,7 +71,8 @@ def _nvidia_smi() -> str | None:
         out = subprocess.run(
             [
                 "nvidia-smi",
-                "--query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem",
+                # the serial tells lent machines apart: the same run differed by 3% between two (fourteenth session)
+                "--query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,serial",
                 "--format=csv,noheader",
             ],
             capture_output=True,
@@ -81,6 +82,16 @@ def _nvidia_smi() -> str | None:
         return (out.stdout.strip() or None) if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+def _cpu() -> str | None:
+    """The host's CPU model and core count: the engine's host loop and HF's eager generate() run on it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return f"{model}, {os.cpu_count()} cores" if model else None
 
 
 # The with_*.py wrappers put their overrides here, for every record written under them to carry.
@@ -108,6 +119,7 @@ def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[s
         "python": platform.python_version(),
         "host": platform.node(),
         "nvidia_smi": _nvidia_smi(),
+        "cpu": _cpu(),
         "versions": {
             d: _version(d)
             for d in (
