@@ -100,6 +100,25 @@ def assert_pool_clean(llm) -> None:
     assert not engine._groups and not engine._detokenizers
 
 
+def write_engine_probe(path: Path, *, before: str, after: str) -> Path:
+    """A script for the benchmarks' with_*.py wrapper tests: `python path MODEL OUT` runs a small warmed-up greedy
+    generate and writes its tokens to OUT as JSON, with `before` and `after` (Python expressions over the imported
+    `runner` module) evaluated before and after the generate. Run as is, then under a wrapper, to compare."""
+    path.write_text(
+        "import json, sys\n"
+        "from jpaged import LLM, SamplingParams, runner\n"
+        "llm = LLM(model=sys.argv[1], max_num_seqs=4, max_num_batched_tokens=16,\n"
+        "          max_model_len=128, skip_tokenizer_init=True, warmup=True)\n"
+        f"before = {before}\n"
+        "prompts = [{'prompt_token_ids': [5 + i] * (3 + 7 * i)} for i in range(3)]\n"
+        "outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))\n"
+        f"after = {after}\n"
+        "json.dump({'tokens': [o.outputs[0].token_ids for o in outs], 'before': before, 'after': after},\n"
+        "          open(sys.argv[2], 'w'))\n"
+    )
+    return path
+
+
 def one_prompt_metadata(n: int, page_size: int):
     """Metadata for a forward over one n-token prompt written into pages 1, 2, ... in order (page 0 is the null page):
     the tests that call a model's forward directly, outside the engine."""

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STORIES
+from conftest import REPO, STORIES, write_engine_probe
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -20,17 +20,8 @@ from jpaged import runner as runner_module
 def test_the_staged_input_gives_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The experiment's wrapper: the same greedy tokens as the engine as it is (warm-up and every step through the
     staged path, its inputs in pinned host memory), and the flag in every record's env."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import json, sys\n"
-        "from jpaged import LLM, SamplingParams, runner\n"
-        "llm = LLM(model=sys.argv[1], max_num_seqs=4, max_num_batched_tokens=16,\n"
-        "          max_model_len=128, skip_tokenizer_init=True, warmup=True)\n"
-        "prompts = [{'prompt_token_ids': [5 + i] * (3 + 7 * i)} for i in range(3)]\n"
-        "outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))\n"
-        "staged = getattr(runner._jitted_step, 'staged', None)\n"
-        "json.dump({'tokens': [o.outputs[0].token_ids for o in outs], 'staged': staged}, open(sys.argv[2], 'w'))\n"
-    )
+    script = write_engine_probe(tmp_path / "probe.py", before="None",
+                                after="getattr(runner._jitted_step, 'staged', None)")  # fmt: skip
     plain, staged = tmp_path / "plain.json", tmp_path / "staged.json"
     monkeypatch.setattr(sys, "argv", [str(script), str(STORIES), str(plain)])
     runpy.run_path(str(script), run_name="__main__")
@@ -38,8 +29,8 @@ def test_the_staged_input_gives_the_same_tokens(tmp_path: Path, monkeypatch: pyt
     monkeypatch.delenv(common.PINNED_INPUT_ENV, raising=False)
     with_pinned_input.main([str(script), str(STORIES), str(staged)])
     expected, got = json.loads(plain.read_text()), json.loads(staged.read_text())
-    assert expected["staged"] is None and got["tokens"] == expected["tokens"]
-    assert got["staged"] > 0  # the steps went through the wrapper, each input in pinned host memory
+    assert expected["after"] is None and got["tokens"] == expected["tokens"]
+    assert got["after"] > 0  # the steps went through the wrapper, each input in pinned host memory
     assert common.env_info()["pinned_input"] is True
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STORIES
+from conftest import REPO, STORIES, write_engine_probe
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -20,19 +20,8 @@ from jpaged import runner as runner_module
 def test_the_copies_alternate_and_give_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The experiment's wrapper: the same greedy tokens as the engine as it is, each copy of the step serving
     calls (the warm-up runs every variant on each), and the copy count in every record's env."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import json, sys\n"
-        "from jpaged import LLM, SamplingParams, runner\n"
-        "llm = LLM(model=sys.argv[1], max_num_seqs=4, max_num_batched_tokens=16,\n"
-        "          max_model_len=128, skip_tokenizer_init=True, warmup=True)\n"
-        "warm = list(getattr(runner._jitted_step, 'calls', []))\n"
-        "prompts = [{'prompt_token_ids': [5 + i] * (3 + 7 * i)} for i in range(3)]\n"
-        "outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))\n"
-        "calls = getattr(runner._jitted_step, 'calls', None)\n"
-        "json.dump({'tokens': [o.outputs[0].token_ids for o in outs], 'calls': calls, 'warm': warm},\n"
-        "          open(sys.argv[2], 'w'))\n"
-    )
+    script = write_engine_probe(tmp_path / "probe.py", before="list(getattr(runner._jitted_step, 'calls', []))",
+                                after="getattr(runner._jitted_step, 'calls', None)")  # fmt: skip
     plain, copied = tmp_path / "plain.json", tmp_path / "copied.json"
     monkeypatch.setattr(sys, "argv", [str(script), str(STORIES), str(plain)])
     runpy.run_path(str(script), run_name="__main__")
@@ -42,10 +31,10 @@ def test_the_copies_alternate_and_give_the_same_tokens(tmp_path: Path, monkeypat
     monkeypatch.delenv(common.STEP_COPIES_ENV, raising=False)
     with_step_copies.main(["2", str(script), str(STORIES), str(copied)])
     expected, got = json.loads(plain.read_text()), json.loads(copied.read_text())
-    assert expected["calls"] is None and got["tokens"] == expected["tokens"]
+    assert expected["after"] is None and got["tokens"] == expected["tokens"]
     variants = len(runner_module._jitted_step._turns)  # type: ignore[attr-defined]
-    assert got["warm"][0] == got["warm"][1] > 0  # the warm-up ran every variant it compiles on each copy
-    assert abs(got["calls"][0] - got["calls"][1]) <= variants  # each variant's calls alternate
+    assert got["before"][0] == got["before"][1] > 0  # the warm-up ran every variant it compiles on each copy
+    assert abs(got["after"][0] - got["after"][1]) <= variants  # each variant's calls alternate
     assert common.env_info()["step_copies"] == 2
     with pytest.raises(ValueError, match=">= 2"):
         with_step_copies.parse_copies("1")
