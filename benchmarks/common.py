@@ -85,13 +85,14 @@ def _nvidia_smi() -> str | None:
 
 
 def _cpu() -> str | None:
-    """The host's CPU model and core count: the engine's host loop and HF's eager generate() run on it."""
+    """The host's CPU model and the CPUs this process may run on: the engine's host loop and HF's eager generate()
+    run there."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or None
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    return f"{model}, {os.cpu_count()} cores" if model else None
+    return f"{model}, {len(os.sched_getaffinity(0))} CPUs" if model else None
 
 
 # The with_*.py wrappers put their overrides here, for every record written under them to carry.

@@ -1,6 +1,6 @@
 """Does a step's fresh host input hold back the step's start on the device?
 
-    python benchmarks/input_copy.py --json-out input_copy.json   # GPU: a ~14 ms program (bf16 8192^2 matmuls)
+    python benchmarks/input_copy.py --json-out input_copy.json   # GPU: a ~14 ms program (8 bf16 8192^2 matmuls)
     python benchmarks/input_copy.py                              # CPU: small matmuls (times are only ratios)
 
 The engine hands each step one packed int32 buffer from the host (jpaged/transfer.py). H200 traces of the decode step
@@ -12,7 +12,8 @@ them (step N+1 dispatched while step N runs, then step N's small output read, th
 - `resident`: one device array made before the loop, no copy a step (the floor: the program alone, back to back);
 - `numpy`: a fresh numpy array a step, converted by the jitted call (the engine as it is);
 - `pinned`: a fresh numpy array a step, placed in pinned host memory, copied to the device by the program itself.
-Each variant runs `--rounds` times, the variants in turn, so drift in the device's clocks lands on all of them.
+Each variant first runs `--settle-steps` untimed steps, then `--rounds` timed runs, the variants in turn, so drift in
+the device's clocks lands on all of them; each round's difference from the resident run is recorded beside the medians.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--size", type=int, default=None,
                         help=f"matmul side, >= {OUT} (default: 8192 on GPU, {OUT} elsewhere)")  # fmt: skip
-    parser.add_argument("--chain", type=int, default=4, help="matmuls per program")
+    parser.add_argument("--chain", type=int, default=8, help="matmuls per program")
     parser.add_argument("--input-len", type=int, default=65536,
                         help="int32 elements of the per-step input (a 512-row step's page tables: 65,536)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=40, help="steps per timed run")
-    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each variant, the variants in turn")
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs of each variant, the variants in turn")
+    parser.add_argument("--settle-steps", type=int, default=40,
+                        help="untimed steps of each variant first (compiles; brings the GPU's clocks up)")  # fmt: skip
     parser.add_argument("--host-ms", type=float, default=2.0,
                         help="host work a step, spun after reading the previous step's output (the engine's "
                              "collect, schedule and pack: ~2-4 ms at 128 sequences)")  # fmt: skip
@@ -71,7 +74,8 @@ def measure(args: argparse.Namespace, size: int) -> list[dict[str, Any]]:
     step = jax.jit(program, static_argnames="from_host", donate_argnames=("state",))
     device = jax.devices()[0]
     pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    w = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16) / np.sqrt(size)
+    # (a numpy scalar is not weakly typed: dividing by np.sqrt would make w, and every matmul, float32)
+    w = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16) / size**0.5
     state = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
     resident = jnp.zeros(args.input_len, jnp.int32)
     rng = np.random.default_rng(0)
@@ -103,8 +107,8 @@ def measure(args: argparse.Namespace, size: int) -> list[dict[str, Any]]:
         np.asarray(last)
         return (time.perf_counter() - t0) * 1e3 / steps
 
-    for variant in VARIANTS:  # compile and settle each
-        run(variant, 3)
+    for variant in VARIANTS:
+        run(variant, args.settle_steps)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
         for variant in VARIANTS:
@@ -113,7 +117,10 @@ def measure(args: argparse.Namespace, size: int) -> list[dict[str, Any]]:
     rows = []
     for variant in VARIANTS:
         ms = statistics.median(times[variant])
-        rows.append({"input": variant, "step_ms": ms, "over_resident_ms": ms - floor, "runs_ms": times[variant]})
+        # each round's difference too: drift between rounds can exceed the medians' difference
+        diffs = [t - r for t, r in zip(times[variant], times["resident"], strict=True)]
+        rows.append({"input": variant, "step_ms": ms, "over_resident_ms": ms - floor, "runs_ms": times[variant],
+                     "round_diffs_ms": diffs})  # fmt: skip
         common.log(f"{variant}: {ms:.3f} ms a step ({ms - floor:+.3f} against resident), runs {times[variant]}")
     return rows
 

@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/run_gpu.sh                 # from the repo root; results under $OUT (default /tmp/jpaged-bench-out)
 #
-# All four sections fit the 10 minutes only if each takes about what it should; where they do not, split them over
-# two device calls, each figure still measured beside its baseline in one call:
+# The five default sections fit the 10 minutes (~440 s on the H200, fourteenth session); where they do not, split
+# them over two device calls, each figure still measured beside its baseline in one call:
 #   SECTIONS="hf jpaged" bash benchmarks/run_gpu.sh        # throughput: HF and jpaged on the same requests
 #   SECTIONS="kernels latency" bash benchmarks/run_gpu.sh   # kernels against JAX's own; single-stream latency
 # and run benchmarks/summary.py / plot.py over both results.json files afterwards.
@@ -17,11 +17,12 @@
 #
 # Knobs (environment): BUDGET_S (560), SECTIONS ("ceilings kernels hf jpaged latency"; "ceilings" measures this
 # machine's copy bandwidth and bf16 matmul rate as the roofline's constants were measured; also "gputests",
-# "profile", "micro", "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under cuBLAS), "pdlab"
-# (single-stream latency with XLA's programmatic dependent launch as it comes and turned off) and "decodeab":
-# the decode kernel's default tuning against DECODE_TUNING ("ppb=4": q rows on M) in its GPU tests, alone over an
-# engine-sized pool, and in fixed:128 and single-stream latency), "stepcopies" (fixed:128, fixed:512 and single-stream
-# latency with the engine's step compiled once, as it is, and twice, calls taking turns: with_step_copies.py),
+# "profile", "micro", "warmup", "mixtral", "gemmlibs" (each weight projection under XLA's Triton GEMMs and under
+# cuBLAS), "pdlab" (single-stream latency with XLA's programmatic dependent launch as it comes and turned off),
+# "decodeab" (the decode kernel's default tuning against DECODE_TUNING ("ppb=4": q rows on M) in its GPU tests,
+# alone over an engine-sized pool, and in fixed:128 and single-stream latency), "stepcopies" (fixed:128, fixed:512
+# and single-stream latency with the engine's step compiled once, as it is, and twice, calls taking turns:
+# with_step_copies.py),
 # "pinnedinput" (input_copy.py, then fixed:128, fixed:512 and single-stream latency with each step's packed input
 # passed as it is and staged in pinned host memory: with_pinned_input.py),
 # MODEL (llama2-7b), JPAGED_RUNS ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH

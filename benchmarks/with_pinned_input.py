@@ -50,22 +50,24 @@ class PinnedInputStep:
         from jpaged import runner
 
         self.jit = jax.jit(_step_from_host, static_argnames=runner.STEP_STATIC_ARGNAMES, donate_argnames=("kv_pages",))
-        self.sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-        self.staged = 0  # inputs staged in pinned host memory
+        self.calls = 0  # steps run with their input staged in pinned host memory (the warm-up's too)
 
-    def _stage(self, packed: Any) -> Any:
+    def _stage(self, packed: Any, kv_pages: Any) -> Any:
         import jax
 
-        staged = jax.device_put(packed, self.sharding)
+        devices = jax.tree.leaves(kv_pages)[0].sharding.device_set
+        if len(devices) != 1:  # a tensor-parallel step takes its input replicated, not on one device's host memory
+            raise SystemExit(f"with_pinned_input.py stages inputs for one device; this engine runs on {len(devices)}")
+        staged = jax.device_put(packed, jax.sharding.SingleDeviceSharding(*devices, memory_kind="pinned_host"))
         assert staged.sharding.memory_kind == "pinned_host"
-        self.staged += 1
         return staged
 
     def lower(self, params: Any, kv_pages: Any, packed: Any, prev_tokens: Any, **statics: Any) -> Any:
-        return self.jit.lower(params, kv_pages, self._stage(packed), prev_tokens, **statics)
+        return self.jit.lower(params, kv_pages, self._stage(packed, kv_pages), prev_tokens, **statics)
 
     def __call__(self, params: Any, kv_pages: Any, packed: Any, prev_tokens: Any, **statics: Any) -> Any:
-        return self.jit(params, kv_pages, self._stage(packed), prev_tokens, **statics)
+        self.calls += 1
+        return self.jit(params, kv_pages, self._stage(packed, kv_pages), prev_tokens, **statics)
 
 
 def install() -> PinnedInputStep:

@@ -512,11 +512,16 @@ def test_overlap_reads_every_variant(tmp_path: Path) -> None:
 def test_input_copy_times_every_input_variant(tmp_path: Path) -> None:
     from benchmarks import input_copy
 
-    argv = ["--size", "256", "--chain", "1", "--input-len", "1024", "--steps", "2", "--rounds", "2", "--host-ms", "0"]
+    argv = ["--size", "256", "--chain", "1", "--input-len", "1024", "--steps", "2", "--rounds", "2", "--host-ms", "0",
+            "--settle-steps", "1"]  # fmt: skip
     rec = input_copy.main([*argv, "--json-out", str(tmp_path / "i.json")])
-    assert [r["input"] for r in rec["rows"]] == ["resident", "numpy", "pinned"]
-    assert all(len(r["runs_ms"]) == 2 and r["step_ms"] > 0 for r in rec["rows"])
-    assert rec["rows"][0]["over_resident_ms"] == 0
+    rows = rec["rows"]
+    assert [r["input"] for r in rows] == ["resident", "numpy", "pinned"]
+    for row in rows:
+        assert len(row["runs_ms"]) == 2 and row["step_ms"] > 0
+        assert row["over_resident_ms"] == pytest.approx(row["step_ms"] - rows[0]["step_ms"])
+        diffs = [t - r for t, r in zip(row["runs_ms"], rows[0]["runs_ms"], strict=True)]
+        assert row["round_diffs_ms"] == pytest.approx(diffs)
 
 
 def test_ceilings_measure_the_matmul_against_the_roofline_constant(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def test_the_copies_alternate_and_give_the_same_tokens(tmp_path: Path, monkeypat
     # restored after the test: the wrapper replaces both process-wide
     monkeypatch.setattr(runner_module, "_jitted_step", runner_module._jitted_step)
     monkeypatch.setattr(runner_module.ModelRunner, "warm_up", runner_module.ModelRunner.warm_up)
-    monkeypatch.delenv(common.STEP_COPIES_ENV, raising=False)
+    monkeypatch.setenv(common.STEP_COPIES_ENV, "")  # main() sets it: teardown then removes it
     with_step_copies.main(["2", str(script), str(STORIES), str(copied)])
     expected, got = json.loads(plain.read_text()), json.loads(copied.read_text())
     assert expected["after"] is None and got["tokens"] == expected["tokens"]
