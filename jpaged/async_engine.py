@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jpaged.outputs import RequestOutput
+from jpaged.request import RequestIdInUseError
 from jpaged.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -305,7 +306,7 @@ class AsyncEngine:
         if self.max_waiting_requests is not None and len(self._unstarted) >= self.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
         stream = _Stream()
         self._streams[request_id] = stream
         self._unstarted.add(request_id)

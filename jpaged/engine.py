@@ -24,7 +24,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.loader import dummy_params, load_params, resolve_dtype
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.page_pool import PagePool
-from jpaged.request import Logprob, Request, RequestStatus, seed32
+from jpaged.request import Logprob, Request, RequestIdInUseError, RequestStatus, seed32
 from jpaged.runner import InFlight, ModelRunner, StepResult
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler, SchedulerOutput
@@ -121,7 +121,7 @@ class LLMEngine:
             while request_id in self._groups:
                 request_id = str(next(self._auto_ids))
         if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, but the engine runs with skip_tokenizer_init")

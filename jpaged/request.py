@@ -15,6 +15,10 @@ from jpaged.sampling_params import SamplingParams
 PLACEHOLDER = -1  # a sampled token still on the device (async scheduling): the next step reads it there
 
 
+class RequestIdInUseError(ValueError):
+    """A request id that a request still running holds: the caller chose it (an automatic id never clashes)."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

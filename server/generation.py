@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from jpaged.async_engine import EngineDeadError, OutputStream, QueueFullError
 from jpaged.engine import Prompt
 from jpaged.outputs import RequestOutput
+from jpaged.request import RequestIdInUseError
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.errors import APIError, bad_request, internal_error
 from jpaged.server.state import ServerState
@@ -46,6 +47,9 @@ async def submit(
             streams.append(state.metrics.track(outputs, arrival))
     except BaseException as exc:
         await close_all(streams)
+        if isinstance(exc, RequestIdInUseError):  # named as the client sent it, not as the engine's `{id}-{i}`
+            raise bad_request(f"request_id {request_id!r} is already in use by a running request.",
+                              param="request_id") from None  # fmt: skip
         if isinstance(exc, ValueError):
             param = "prompt" if "prompt" in str(exc) else None
             raise bad_request(sentence(str(exc)), param=param) from None

@@ -13,6 +13,7 @@ from test_server_support import ENGINE_KWARGS, FakeLLMEngine
 from jpaged.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
+from jpaged.request import RequestIdInUseError
 from jpaged.sampling_params import SamplingParams
 
 
@@ -67,6 +68,23 @@ def test_a_validation_error_fails_only_that_request():
             await engine.add_request("bad", [], SamplingParams())
         good = [o async for o in engine.generate("good", [5], SamplingParams(max_tokens=2))]
         assert good[-1].finished
+        await engine.shutdown()
+
+    run(main())
+
+
+def test_an_id_in_use_is_refused_and_its_holder_keeps_running():
+    async def main():
+        fake = FakeLLMEngine()
+        fake.never_finish = True
+        engine = await started(fake)
+        holder = await engine.add_request("dup", [1], SamplingParams(max_tokens=4))
+        with pytest.raises(RequestIdInUseError, match="'dup' is already in use"):
+            await engine.add_request("dup", [2], SamplingParams(max_tokens=4))
+        first = await anext(holder)
+        assert first.request_id == "dup" and first.prompt_token_ids == [1] and not first.finished
+        await holder.aclose()
+        await wait_for(lambda: "dup" in fake.aborted)
         await engine.shutdown()
 
     run(main())

@@ -11,7 +11,7 @@ import pytest
 from conftest import KNOWN_GREEDY, STORIES, assert_pool_clean
 
 from jpaged import LLM, SamplingParams
-from jpaged.request import seed32
+from jpaged.request import RequestIdInUseError, seed32
 
 EOS, BOS = 2, 1
 
@@ -268,6 +268,21 @@ def test_automatic_request_ids_skip_ids_a_user_took(llm):
         engine.add_request(request_id, [1, 403], greedy(max_tokens=2))
     out = llm.generate(["Once", "The dog"], greedy(max_tokens=3))  # runs the user's requests to the end too
     assert [len(o.outputs[0].token_ids) for o in out] == [3, 3] and not {o.request_id for o in out} & set(taken)
+
+
+def test_a_request_id_in_use_is_refused_with_its_own_error(llm):
+    """A clash is a ValueError of its own kind (the server names the id as its client sent it), and the request that
+    holds the id keeps running."""
+    engine = llm.engine
+    engine.add_request("mine", [1, 403], greedy(max_tokens=2))
+    with pytest.raises(RequestIdInUseError, match="'mine' is already in use"):
+        engine.add_request("mine", [1, 407], greedy(max_tokens=2))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    (done,) = [o for o in outputs if o.finished]
+    assert done.request_id == "mine" and done.prompt_token_ids == [1, 403] and len(done.outputs[0].token_ids) == 2
+    assert_pool_clean(llm)
 
 
 def test_out_of_vocab_stop_token_ids_are_rejected(llm):

@@ -309,6 +309,24 @@ def test_a_full_waiting_queue_is_503_with_retry_after():
         running.stop()
 
 
+def test_a_request_id_in_use_is_a_400_naming_the_clients_id(fake):
+    running, engine = fake
+    engine.never_finish = True
+    engine.step_delay_s = 0.01
+    body = {"prompt": "x", "stream": True, "max_tokens": 400, "request_id": "mine"}
+    with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()  # kept: a dropped generator closes the response, and the server aborts the request
+        next(line for line in lines if line)  # the first request is running
+        again = post(running, "/v1/completions", {"prompt": "y", "max_tokens": 1, "request_id": "mine"})
+        error = assert_error(again, 400, "request_id 'mine' is already in use", param="request_id")
+        assert "mine-0" not in error["message"]  # not the engine's internal id
+        engine.never_finish = False  # (else a non-streamed request never returns)
+        other = post(running, "/v1/completions", {"prompt": "y", "max_tokens": 1, "request_id": "other"})
+        assert other.status_code == 200
+        assert next(line for line in lines if line).startswith("data: ")  # the first one still streams
+
+
 def test_an_unexpected_error_is_a_500_without_internals(fake):
     running, engine = fake
 

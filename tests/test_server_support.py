@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from jpaged.async_engine import AsyncEngine
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
+from jpaged.request import RequestIdInUseError
 from jpaged.server.app import build_app
 
 MODEL_NAME = "stories260K"
@@ -164,7 +165,7 @@ class FakeLLMEngine:
         if not ids:
             raise ValueError("the prompt is empty")
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         self.requests[request_id] = {"ids": list(ids), "n": params.n, "max": max_tokens, "out": 0}
         return request_id
