@@ -116,8 +116,6 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
         raise bad_request("tools and functions are not supported", param="tools" if body.tools else "functions")
     if body.tool_choice not in (None, "none", "auto"):
         raise bad_request("tool_choice is not supported", param="tool_choice")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise bad_request("response_format other than text is not supported", param="response_format")
     if body.stream and body.prompt_logprobs is not None:  # as vLLM: a chat chunk has no place for them
         raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 

@@ -33,6 +33,36 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     return requested
 
 
+# vLLM request fields that constrain what is generated (structured output, allowed or banned tokens, beam search,
+# prompt truncation) or how tokens are reported. jpaged implements none of them, and generating as if a field were
+# absent would return output the client believes constrained: a 400 instead, as for chat's tools.
+UNSUPPORTED_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "allowed_token_ids",
+    "bad_words",
+    "use_beam_search",
+    "truncate_prompt_tokens",
+    "return_tokens_as_token_ids",
+)
+
+
+def reject_unsupported_fields(request: CompletionRequest | ChatCompletionRequest) -> None:
+    """400 for any of UNSUPPORTED_FIELDS set to something other than its off value (null, false, empty, or a text
+    response_format)."""
+    fields = {**(request.model_extra or {}), **request.model_dump(include={"response_format"})}  # chat declares it
+    for name in UNSUPPORTED_FIELDS:
+        value = fields.get(name)
+        if name == "response_format" and isinstance(value, dict) and value.get("type", "text") == "text":
+            continue
+        if value not in (None, False, [], {}):
+            raise bad_request(f"{name} is not supported", param=name)
+
+
 def sampling_params(
     request: CompletionRequest | ChatCompletionRequest,
     *,
@@ -41,6 +71,7 @@ def sampling_params(
     prompt_logprobs: int | None,
 ) -> SamplingParams:
     """The engine's parameters for `request`; the engine's own validation errors become 400s naming the field."""
+    reject_unsupported_fields(request)
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options can only be set when stream is true", param="stream_options")
     if request.best_of is not None and request.best_of != request.n:

@@ -36,7 +36,7 @@ class ServerState:
 
     def resolve_model(self, model: str | None) -> str:
         """The model name a response carries; 404 when the request names a model this server does not serve."""
-        if model is None:
+        if not model:  # null or "": clients that pick no model send either (vLLM serves its model for both)
             return self.served_model_names[0]
         if model not in self.served_model_names:
             raise model_not_found(model)

@@ -114,6 +114,12 @@ def test_wrong_types_and_out_of_range_values(server: RunningServer, field: str, 
         ({"prompt": []}, "prompt must not be empty", "prompt"),
         ({"prompt": [[]]}, "must be a string", "prompt"),
         ({"prompt": [999999]}, "outside the vocabulary", "prompt"),
+        ({"prompt": [2**32], "echo": True, "max_tokens": 1}, "outside the vocabulary", "prompt"),  # decoded first
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "not supported", "response_format"),
+        ({"prompt": "x", "guided_json": {"type": "object"}}, "guided_json is not supported", "guided_json"),
+        ({"prompt": "x", "structured_outputs": {"regex": "a+"}}, "not supported", "structured_outputs"),
+        ({"prompt": "x", "allowed_token_ids": [5]}, "allowed_token_ids is not supported", "allowed_token_ids"),
+        ({"prompt": "x", "use_beam_search": True}, "use_beam_search is not supported", "use_beam_search"),
         ({"prompt": "x", "stop": [""]}, "stop", "stop"),
         ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias keys must be token ids", "logit_bias"),
         ({"prompt": "x", "logit_bias": {"99999": 1}}, "outside the vocabulary", None),
@@ -174,6 +180,20 @@ def test_chat_without_a_template_is_a_clear_400(server: RunningServer):
         client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
     assert info.value.status_code == 400 and "chat template" in info.value.message
     assert "--chat-template" in info.value.message
+
+
+def test_the_off_values_of_unsupported_fields_are_accepted(server: RunningServer):
+    """What a client sends when it does not use a feature: null, false, empty, or a plain-text response_format."""
+    for extra in ({"response_format": {"type": "text"}}, {"use_beam_search": False}, {"bad_words": []},
+                  {"guided_json": None}, {"structured_outputs": None}):  # fmt: skip
+        resp = post(server, "/v1/completions", {"prompt": "Once", "max_tokens": 1} | extra)
+        assert resp.status_code == 200, (extra, resp.text)
+
+
+def test_an_empty_model_name_means_the_served_model(server: RunningServer):
+    """As vLLM: clients that choose no model send "" as often as null."""
+    resp = post(server, "/v1/completions", {"model": "", "prompt": "Once", "max_tokens": 1})
+    assert resp.status_code == 200 and resp.json()["model"] == MODEL_NAME
 
 
 def test_unknown_model_is_a_404(server: RunningServer, chat_server: RunningServer):
