@@ -40,13 +40,21 @@ async def submit(
 ) -> list[OutputStream]:
     """Queues every prompt (engine id `{request_id}-{i}`); on any failure aborts the ones already queued."""
     arrival = time.monotonic()
-    streams: list[OutputStream] = []
+    # All of a request's prompts reach the engine together: awaiting each one's acceptance before sending the next
+    # would admit one prompt a step, as the engine thread takes in new requests between steps.
+    submissions = [asyncio.ensure_future(state.engine.add_request(f"{request_id}-{i}", prompt, params))
+                   for i, prompt in enumerate(prompts)]  # fmt: skip
     try:
-        for i, prompt in enumerate(prompts):
-            outputs = await state.engine.add_request(f"{request_id}-{i}", prompt, params)
-            streams.append(state.metrics.track(outputs, arrival))
-    except BaseException as exc:
+        results = await asyncio.gather(*submissions, return_exceptions=True)
+    except BaseException:  # cancelled: gather cancelled the pending submissions (they abort); close those accepted
+        await close_all([task.result() for task in submissions
+                         if task.done() and not task.cancelled() and task.exception() is None])  # fmt: skip
+        raise
+    streams = [state.metrics.track(r, arrival) for r in results if not isinstance(r, BaseException)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
         await close_all(streams)
+        exc = failures[0]  # the first prompt's, in order
         if isinstance(exc, RequestIdInUseError):  # named as the client sent it, not as the engine's `{id}-{i}`
             raise bad_request(f"request_id {request_id!r} is already in use by a running request.",
                               param="request_id") from None  # fmt: skip
@@ -57,7 +65,7 @@ async def submit(
             raise APIError(503, sentence(f"{exc}; retry later"), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         if isinstance(exc, EngineDeadError):
             raise APIError(503, sentence(str(exc)), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        raise
+        raise exc
     return streams
 
 

@@ -347,6 +347,44 @@ def test_a_request_id_in_use_is_a_400_naming_the_clients_id(fake):
         assert next(line for line in lines if line).startswith("data: ")  # the first one still streams
 
 
+def test_a_requests_prompts_reach_the_engine_in_one_step(fake):
+    """Eight prompts of one completion request are all taken in between the same two engine steps (awaiting each
+    acceptance before sending the next admitted one a step)."""
+    running, engine = fake
+    engine.step_delay_s = 0.05
+    added_at: list[int] = []
+    add = engine.add_request
+
+    def recording_add(request_id, prompt, params):
+        added_at.append(engine.num_steps)
+        return add(request_id, prompt, params)
+
+    engine.add_request = recording_add  # type: ignore[method-assign]
+    resp = post(running, "/v1/completions", {"prompt": [[1, 2]] * 8, "max_tokens": 3})
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 8
+    assert len(added_at) == 8 and len(set(added_at)) == 1, added_at
+
+
+def test_a_prompt_the_engine_refuses_aborts_the_others_of_its_request(fake):
+    running, engine = fake
+    engine.never_finish = True
+    add = engine.add_request
+
+    def refusing_add(request_id, prompt, params):
+        if prompt["prompt_token_ids"] == [3]:
+            raise ValueError("prompt holds token ids outside the vocabulary (size 3): [3]")
+        return add(request_id, prompt, params)
+
+    engine.add_request = refusing_add  # type: ignore[method-assign]
+    resp = post(running, "/v1/completions", {"prompt": [[1, 2], [3], [1]], "max_tokens": 3})
+    assert_error(resp, 400, "outside the vocabulary", param="prompt")
+    deadline = time.monotonic() + 10
+    while engine.requests and time.monotonic() < deadline:  # the two accepted with it are aborted
+        time.sleep(0.01)
+    assert not engine.requests and sorted(a.rsplit("-", 1)[1] for a in engine.aborted) == ["0", "2"]
+    engine.never_finish = False
+
+
 def test_an_unexpected_error_is_a_500_without_internals(fake):
     running, engine = fake
 
