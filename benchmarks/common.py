@@ -196,6 +196,18 @@ def add_engine_arguments(parser: Any, defaults: dict[str, Any]) -> None:
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in fields})
 
 
+def add_matmul_chain_arguments(parser: Any, *, min_side: int) -> None:
+    """--size and --chain of a synthetic program, a chain of bf16 side x side matmuls (overlap.py, input_copy.py)."""
+    parser.add_argument("--size", type=int, default=None,
+                        help=f"matmul side, >= {min_side} (default: 8192 on GPU, {min_side} elsewhere)")  # fmt: skip
+    parser.add_argument("--chain", type=int, default=8, help="matmuls per program")
+
+
+def matmul_side(size: int | None, min_side: int) -> int:
+    """--size, or 8192 on a GPU (8 matmuls: a ~14 ms program on the H200) and `min_side` elsewhere."""
+    return max(size or (8192 if on_gpu() else min_side), min_side)
+
+
 def add_output_arguments(parser: Any, default_key: str | None = None) -> None:
     parser.add_argument("--json-out", default=None, help="write the results here (JSON)")
     parser.add_argument(

@@ -41,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=None,
-                        help=f"matmul side, >= {OUT} (default: 8192 on GPU, {OUT} elsewhere)")  # fmt: skip
-    parser.add_argument("--chain", type=int, default=8, help="matmuls per program")
+    common.add_matmul_chain_arguments(parser, min_side=OUT)
     parser.add_argument("--input-len", type=int, default=65536,
                         help="int32 elements of the per-step input (a 512-row step's page tables: 65,536)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=40, help="steps per timed run")
@@ -130,7 +128,7 @@ COLUMNS = [("input", "input"), ("ms a step", "step_ms"), ("over resident ms", "o
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    size = max(args.size or (8192 if common.on_gpu() else OUT), OUT)
+    size = common.matmul_side(args.size, OUT)
     record: dict[str, Any] = {"benchmark": "input_copy", "env": common.env_info(jax_devices=True), "args": vars(args)}
     record["rows"] = measure(args, size)
     common.save(args, record)

@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=None,
-                        help=f"matmul side, >= {OUT} (default: 8192 on GPU, {OUT} elsewhere)")  # fmt: skip
-    parser.add_argument("--chain", type=int, default=8, help="matmuls per program")
+    common.add_matmul_chain_arguments(parser, min_side=OUT)
     parser.add_argument("--iters", type=int, default=5)
     common.add_output_arguments(parser)
     return parser
@@ -101,7 +99,7 @@ COLUMNS = [
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    size = max(args.size or (8192 if common.on_gpu() else 256), OUT)
+    size = common.matmul_side(args.size, OUT)
     record: dict[str, Any] = {"benchmark": "overlap", "env": common.env_info(jax_devices=True), "args": vars(args)}
     record["rows"] = measure(size, args.chain, args.iters)
     common.save(args, record)
