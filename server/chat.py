@@ -101,6 +101,11 @@ def _plain_message(message: ChatMessage) -> dict[str, Any]:
     plain: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
     if message.name is not None:
         plain["name"] = message.name
+    # A conversation's earlier tool calls and their results, for templates that render them (as vLLM passes them):
+    # dropping them would show the model an empty assistant turn and a tool result with no call.
+    for key in ("tool_calls", "tool_call_id"):
+        if (value := (message.model_extra or {}).get(key)) is not None:
+            plain[key] = value
     return plain
 
 

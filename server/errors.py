@@ -104,7 +104,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
 
 
 _UNION_HINTS = {
-    "prompt": "must be a string, a list of strings, a list of token ids, or a list of token-id lists (none empty)",
+    "prompt": "must be a string, a list of strings, a list of token ids, or a list of token-id lists (none empty; "
+    "token ids >= 0)",
     "stop": "must be a string or a list of strings",
     "content": "must be a string, a list of text parts, or null",
 }

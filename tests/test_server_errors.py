@@ -18,6 +18,7 @@ from test_server_support import (
     MODEL_NAME,
     FakeLLMEngine,
     RunningServer,
+    _bundled_tokenizer,
     fake_server,
     shared_server,
     wait_idle,
@@ -82,6 +83,7 @@ def test_malformed_bodies(server: RunningServer, body: str, fragment: str):
         ("max_tokens", 2.5, "valid integer"),
         ("prompt", {"text": "x"}, "must be a string, a list of strings"),
         ("prompt", [1, "a"], "must be a string, a list of strings"),
+        ("prompt", [1, -5], "token ids >= 0"),
         ("stop", 3, "must be a string or a list of strings"),
         ("logit_bias", [1], "should be an object"),
         ("seed", "1", "valid integer"),
@@ -572,6 +574,28 @@ def test_request_chat_templates_run_only_when_trusted_and_fail_as_400():
         resp = post(running, "/v1/chat/completions", body)
         assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == " a a"
         assert resp.json()["usage"]["prompt_tokens"] == 2  # "hi", no BOS: the template writes none
+    finally:
+        running.stop()
+
+
+def test_tool_call_history_reaches_the_chat_template():
+    """An assistant turn's tool_calls and a tool message's tool_call_id go to the template (as in vLLM)."""
+    running, _ = fake_server(app_kwargs={"trust_request_chat_template": True})
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}[{{ c.function.name }}]{% endfor %}"
+                "{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}|{% endfor %}")  # fmt: skip
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]  # fmt: skip
+    try:
+        body = {"messages": messages, "chat_template": template, "add_special_tokens": False}
+        resp = post(running, "/tokenize", body)
+        assert resp.status_code == 200, resp.text
+        text = _bundled_tokenizer().decode(resp.json()["tokens"])
+        assert text == "user:weather?|assistant:[lookup]|tool:sunny(c1)|", text
     finally:
         running.stop()
 
