@@ -33,7 +33,14 @@ from jpaged.server.generation import (
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs, text_offsets
 from jpaged.server.protocol import CompletionRequest
 from jpaged.server.sampling import resolve_max_tokens, sampling_params
-from jpaged.server.state import CHARS_PER_TOKEN, ServerState, get_state, off_loop_if_long, read_body
+from jpaged.server.state import (
+    CHARS_PER_MESSAGE,
+    CHARS_PER_TOKEN,
+    ServerState,
+    get_state,
+    off_loop_if_long,
+    read_body,
+)
 
 
 async def create_completion(request: Request) -> Response:
@@ -81,8 +88,10 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
         if tokenizer is None:
             raise bad_request("text prompts need a tokenizer; this server runs with --skip-tokenizer-init", "prompt")
         special = body.add_special_tokens
+        # each prompt costs a tokenizer call whatever its length: many empty ones are heavy work too
+        size = sum(map(len, texts)) + CHARS_PER_MESSAGE * len(texts)
         return await off_loop_if_long(
-            sum(map(len, texts)), lambda: [(t, list(tokenizer(t, add_special_tokens=special).input_ids)) for t in texts]
+            size, lambda: [(t, list(tokenizer(t, add_special_tokens=special).input_ids)) for t in texts]
         )
     id_lists: list[list[int]] = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
     if not id_lists:

@@ -601,8 +601,9 @@ def test_tool_call_history_reaches_the_chat_template():
 
 
 def test_heavy_tokenizer_work_leaves_the_event_loop(fake, monkeypatch):
-    """Rendering many (even empty) chat messages, decoding many ids (/detokenize, an echoed id prompt) run on a
-    worker thread, as long texts do: on the loop, 200,000 empty messages had stalled every other stream for 7.8 s."""
+    """Rendering many (even empty) chat messages, tokenizing many (even empty) prompts, decoding many ids
+    (/detokenize, an echoed id prompt) run on a worker thread, as long texts do: on the loop, 200,000 empty messages
+    had stalled every other stream for 7.8 s."""
     from jpaged.server import state as state_module
 
     running, _ = fake
@@ -621,6 +622,10 @@ def test_heavy_tokenizer_work_leaves_the_event_loop(fake, monkeypatch):
     assert post(running, "/detokenize", {"tokens": many_ids}).json()["prompt"]
     echo = {"model": MODEL_NAME, "prompt": many_ids, "max_tokens": 0, "echo": True}
     assert post(running, "/v1/completions", echo).status_code == 400  # longer than the fake's context
-    assert len(on_threads) == 4, on_threads
+    empty_prompts = {"model": MODEL_NAME, "prompt": [""] * 300, "max_tokens": 1}  # a tokenizer call each
+    resp = post(running, "/v1/completions", empty_prompts)
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 300
+    assert len(on_threads) == 5, on_threads
     assert post(running, "/detokenize", {"tokens": many_ids[:10]}).status_code == 200  # short: on the loop
-    assert len(on_threads) == 4
+    assert post(running, "/v1/completions", {"prompt": ["", "x"], "max_tokens": 1}).status_code == 200
+    assert len(on_threads) == 5
