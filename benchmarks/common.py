@@ -204,7 +204,7 @@ def add_matmul_chain_arguments(parser: Any, *, min_side: int) -> None:
 
 
 def matmul_side(size: int | None, min_side: int) -> int:
-    """--size, or 8192 on a GPU (8 matmuls: a ~14 ms program on the H200) and `min_side` elsewhere."""
+    """--size, or 8192 on a GPU and `min_side` elsewhere."""
     return max(size or (8192 if on_gpu() else min_side), min_side)
 
 

@@ -1,6 +1,6 @@
 """Does a step's fresh host input hold back the step's start on the device?
 
-    python benchmarks/input_copy.py --json-out input_copy.json   # GPU: a ~14 ms program (8 bf16 8192^2 matmuls)
+    python benchmarks/input_copy.py --json-out input_copy.json   # GPU: 8 bf16 8192^2 matmuls a step
     python benchmarks/input_copy.py                              # CPU: small matmuls (times are only ratios)
 
 The engine hands each step one packed int32 buffer from the host (jpaged/transfer.py). H200 traces of the decode step

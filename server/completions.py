@@ -40,6 +40,7 @@ from jpaged.server.state import (
     get_state,
     off_loop_if_long,
     read_body,
+    require_in_vocabulary,
 )
 
 
@@ -99,12 +100,7 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
     tokenizer = state.engine.tokenizer
     if not (body.echo and tokenizer is not None):
         return [(None, list(ids)) for ids in id_lists]
-    # echo decodes the ids before the engine checks them: an id past the tokenizer has no text (and one past 2**32
-    # makes the tokenizer raise OverflowError)
-    vocab = len(tokenizer)
-    bad = [t for ids in id_lists for t in ids if t >= vocab]
-    if bad:
-        raise bad_request(f"prompt holds token ids outside the vocabulary (size {vocab}): {bad[:5]}", param="prompt")
+    require_in_vocabulary((t for ids in id_lists for t in ids), tokenizer, "prompt")  # echo decodes before the engine
     return await off_loop_if_long(
         CHARS_PER_TOKEN * sum(map(len, id_lists)), lambda: [(tokenizer.decode(ids), list(ids)) for ids in id_lists]
     )

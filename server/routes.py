@@ -14,7 +14,7 @@ from jpaged.server.completions import create_completion
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.protocol import DetokenizeRequest, TokenizeRequest
-from jpaged.server.state import CHARS_PER_TOKEN, get_state, off_loop_if_long, read_body
+from jpaged.server.state import CHARS_PER_TOKEN, get_state, off_loop_if_long, read_body, require_in_vocabulary
 
 _PLACEHOLDER = """<!doctype html><html lang="en"><meta charset="utf-8"><title>jpaged</title>
 <h1>jpaged</h1><p>The playground page is not installed. The OpenAI-compatible API is at <code>/v1</code>;
@@ -86,10 +86,7 @@ async def detokenize(request: Request) -> Response:
     body = await read_body(request, DetokenizeRequest)
     state.resolve_model(body.model)
     state.require_tokenizer("detokenize")
-    vocab = len(state.engine.tokenizer)
-    bad = [t for t in body.tokens if t >= vocab]
-    if bad:
-        raise bad_request(f"tokens holds ids outside the vocabulary (size {vocab}): {bad[:5]}", param="tokens")
+    require_in_vocabulary(body.tokens, state.engine.tokenizer, "tokens")
     tokenizer, tokens = state.engine.tokenizer, body.tokens
     text = await off_loop_if_long(CHARS_PER_TOKEN * len(tokens), lambda: tokenizer.decode(tokens))
     return JSONResponse({"prompt": text})

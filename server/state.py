@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -51,6 +52,14 @@ class ServerState:
 async def off_loop_if_long[T](num_chars: int, fn: Callable[[], T]) -> T:
     """Runs `fn` (tokenizing, rendering a template) here when its input is short, on a worker thread when long."""
     return fn() if num_chars <= OFF_LOOP_CHARS else await asyncio.to_thread(fn)
+
+
+def require_in_vocabulary(token_ids: Iterable[int], tokenizer: Any, param: str) -> None:
+    """400 for ids the tokenizer has no text for (checked before decoding: one past 2**32 makes it raise)."""
+    vocab = len(tokenizer)
+    bad = [t for t in token_ids if t >= vocab]
+    if bad:
+        raise bad_request(f"{param} holds token ids outside the vocabulary (size {vocab}): {bad[:5]}", param=param)
 
 
 def get_state(request: Request) -> ServerState:
