@@ -1,0 +1,137 @@
+"""Does a weight read into L2 ahead of its one-row GEMV make the GEMV faster, and by how much?
+
+    python benchmarks/l2_prefetch.py --model llama2-7b --json-out l2.json      # GPU: the 7B shape's projections
+    python benchmarks/l2_prefetch.py                                          # CPU: the bundled model, interpreted
+
+Why: the single-stream decode step spends ~20 us a layer in kernels that leave HBM idle (attention, norms, rope), and
+its GEMVs stream below the copy bandwidth (docs/benchmarks.md). pallas_kernels/l2_prefetch.py reads a weight into L2
+beside those kernels; this measures the two halves of that bet apart from the model, per projection, over as many
+layers' weights as the config has (so each GEMV's weights start past the 50 MB L2):
+- "cold": x @ w for each layer's w, as the step runs it now;
+- "prefetch": the prefetch kernel alone over each w (its first --max-mb MB; o's whole matrix), then a tiny op that
+  waits for it;
+- "prefetch+gemv": the same, then the GEMV, which waits for the prefetch;
+and "warm gemv" = prefetch+gemv - prefetch, what the GEMV takes once its weights (or their first part) sit in L2.
+The kernel's output is checked against its reference first. Times are per layer (pipelined calls, common.time_calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/l2_prefetch.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import (
+    _bootstrap,  # noqa: F401  (maps jpaged.models etc. in a bare checkout)
+    common,
+)
+
+COPY_BW = 4.28e12
+# (projection, whole matrix?) in a layer's order
+PROJECTIONS = (("wqkv", False), ("wo", True), ("w_gate_up", False), ("w_down", False))
+
+
+def _layers(model: str, num_layers: int | None) -> tuple[list[dict[str, Any]], Any]:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jpaged import sharding
+    from jpaged.models.config import ModelConfig
+    from jpaged.models.loader import dummy_params
+
+    cfg = ModelConfig.from_pretrained(common.resolve_model(model))
+    if num_layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=num_layers)
+    mesh = sharding.make_mesh(1)
+    dtype = jnp.bfloat16 if common.on_gpu() else jnp.float32
+    params = dummy_params(cfg, mesh, dtype)
+    del params["embed"]
+    params.pop("lm_head", None)
+    jax.block_until_ready(params)
+    return params["layers"], cfg
+
+
+def measure(layers: list[dict[str, Any]], cfg: Any, *, max_mb: int, iters: int) -> list[dict[str, Any]]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jpaged.kernels.l2_prefetch import l2_prefetch, l2_prefetch_reference, nan_if_any
+    from jpaged.models import llama
+
+    interpret = not common.on_gpu()
+    dtype = layers[0]["wo"].dtype
+    rows = []
+    for name, whole in PROJECTIONS:
+        max_bytes = None if whole else max_mb * 10**6
+        prefetch = functools.partial(l2_prefetch, max_bytes=max_bytes, interpret=interpret)
+        w0 = layers[0][name]
+        x = jnp.ones((1, int(np.prod(w0.shape[: 2 if name == "wo" else 1]))), dtype)
+        got = prefetch(w0.at[(0,) * w0.ndim].set(jnp.nan), x)
+        want = l2_prefetch_reference(w0.at[(0,) * w0.ndim].set(jnp.nan), x, max_bytes=max_bytes)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert float(jnp.sum(got)) == 1.0, "the kernel missed the NaN it was given"
+
+        def gemv(x, layer, name=name):
+            lhs = x.reshape(1, *layer[name].shape[: 2 if name == "wo" else 1])
+            return llama.project(lhs, layer, name, impl="auto")
+
+        ws = [layer[name] for layer in layers]
+
+        @jax.jit
+        def cold(ws, x):
+            return [gemv(x, {name: w}) for w in ws]
+
+        @jax.jit
+        def only_prefetch(ws, x):
+            return [x + nan_if_any([prefetch(w, x)]).astype(x.dtype) for w in ws]
+
+        @jax.jit
+        def prefetch_then_gemv(ws, x):
+            return [gemv(x + nan_if_any([prefetch(w, x)]).astype(x.dtype), {name: w}) for w in ws]
+
+        times = {}
+        for label, fn in (("cold", cold), ("prefetch", only_prefetch), ("prefetch+gemv", prefetch_then_gemv)):
+            t = common.time_calls(lambda fn=fn: fn(ws, x), iters=iters)
+            times[label] = t["pipelined_s"] / len(ws)
+        read = w0.size * w0.dtype.itemsize if whole else min(max_bytes or 0, w0.size * w0.dtype.itemsize)
+        warm = times["prefetch+gemv"] - times["prefetch"]
+        rows.append({
+            "projection": name, "matrix_mb": w0.size * w0.dtype.itemsize / 1e6, "prefetched_mb": read / 1e6,
+            "cold_us": times["cold"] * 1e6, "prefetch_us": times["prefetch"] * 1e6,
+            "prefetch_gemv_us": times["prefetch+gemv"] * 1e6, "warm_gemv_us": warm * 1e6,
+            "floor_us": w0.size * w0.dtype.itemsize / COPY_BW * 1e6,
+        })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="config under benchmarks/configs, or a model folder (default: "
+                        "llama2-7b on GPU, the bundled stories260K elsewhere)")  # fmt: skip
+    parser.add_argument("--layers", type=int, default=None, help="layers' weights to cycle through (default: 8 on GPU)")
+    parser.add_argument("--max-mb", type=int, default=16, help="MB of each matrix but o's to read ahead")
+    parser.add_argument("--iters", type=int, default=20)
+    common.add_output_arguments(parser, default_key="l2_prefetch")
+    args = parser.parse_args(argv)
+    gpu = common.on_gpu()
+    model = args.model or ("llama2-7b" if gpu else "jpaged/bundled/stories260K")
+    num_layers = args.layers or (8 if gpu else 2)
+    layers, cfg = _layers(model, num_layers)
+    rows = measure(layers, cfg, max_mb=args.max_mb, iters=args.iters if gpu else 2)
+    print(common.table(rows, [("projection", "projection"), ("MB", "matrix_mb"), ("read ahead MB", "prefetched_mb"),
+                              ("floor us", "floor_us"), ("cold us", "cold_us"), ("prefetch us", "prefetch_us"),
+                              ("prefetch+gemv us", "prefetch_gemv_us"), ("warm gemv us", "warm_gemv_us")],
+                       title=f"{model}, {num_layers} layers' weights, one row"))  # fmt: skip
+    common.save(args, {"env": common.env_info(jax_devices=True), "model": model, "layers": num_layers,
+                       "max_mb": args.max_mb, "rows": rows})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
