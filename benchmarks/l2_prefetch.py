@@ -35,7 +35,7 @@ COPY_BW = 4.28e12
 PROJECTIONS = (("wqkv", False), ("wo", True), ("w_gate_up", False), ("w_down", False))
 
 
-def _layers(model: str, num_layers: int | None) -> tuple[list[dict[str, Any]], Any]:
+def _layers(model: str, num_layers: int | None) -> list[dict[str, Any]]:
     import dataclasses
 
     import jax
@@ -54,10 +54,12 @@ def _layers(model: str, num_layers: int | None) -> tuple[list[dict[str, Any]], A
     del params["embed"]
     params.pop("lm_head", None)
     jax.block_until_ready(params)
-    return params["layers"], cfg
+    return params["layers"]
 
 
-def measure(layers: list[dict[str, Any]], cfg: Any, *, max_mb: int, iters: int) -> list[dict[str, Any]]:
+def measure_projection(layers: list[dict[str, Any]], name: str, *, whole: bool, max_mb: int,
+                       iters: int) -> dict[str, Any]:  # fmt: skip
+    """One projection's row of the table (see the module docstring)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -65,50 +67,39 @@ def measure(layers: list[dict[str, Any]], cfg: Any, *, max_mb: int, iters: int) 
     from jpaged.kernels.l2_prefetch import l2_prefetch, l2_prefetch_reference, nan_if_any
     from jpaged.models import llama
 
-    interpret = not common.on_gpu()
-    dtype = layers[0]["wo"].dtype
-    rows = []
-    for name, whole in PROJECTIONS:
-        max_bytes = None if whole else max_mb * 10**6
-        prefetch = functools.partial(l2_prefetch, max_bytes=max_bytes, interpret=interpret)
-        w0 = layers[0][name]
-        x = jnp.ones((1, int(np.prod(w0.shape[: 2 if name == "wo" else 1]))), dtype)
-        got = prefetch(w0.at[(0,) * w0.ndim].set(jnp.nan), x)
-        want = l2_prefetch_reference(w0.at[(0,) * w0.ndim].set(jnp.nan), x, max_bytes=max_bytes)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        assert float(jnp.sum(got)) == 1.0, "the kernel missed the NaN it was given"
+    max_bytes = None if whole else max_mb * 10**6
+    prefetch = functools.partial(l2_prefetch, max_bytes=max_bytes, interpret=not common.on_gpu())
+    w0 = layers[0][name]
+    lead = 2 if name == "wo" else 1  # o contracts [N, H]
+    x = jnp.ones((1, int(np.prod(w0.shape[:lead]))), w0.dtype)
+    with_nan = w0.at[(0,) * w0.ndim].set(jnp.nan)
+    got = prefetch(with_nan, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(l2_prefetch_reference(with_nan, x, max_bytes=max_bytes)))
+    assert float(jnp.sum(got)) == 1.0, "the kernel missed the NaN it was given"
 
-        def gemv(x, layer, name=name):
-            lhs = x.reshape(1, *layer[name].shape[: 2 if name == "wo" else 1])
-            return llama.project(lhs, layer, name, impl="auto")
+    def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
+        return llama.project(x.reshape(1, *w.shape[:lead]), {name: w}, name, impl="auto")
 
-        ws = [layer[name] for layer in layers]
+    def after_prefetch(w: jax.Array, x: jax.Array) -> jax.Array:  # x, once the prefetch of w has run
+        return x + nan_if_any([prefetch(w, x)]).astype(x.dtype)
 
-        @jax.jit
-        def cold(ws, x):
-            return [gemv(x, {name: w}) for w in ws]
-
-        @jax.jit
-        def only_prefetch(ws, x):
-            return [x + nan_if_any([prefetch(w, x)]).astype(x.dtype) for w in ws]
-
-        @jax.jit
-        def prefetch_then_gemv(ws, x):
-            return [gemv(x + nan_if_any([prefetch(w, x)]).astype(x.dtype), {name: w}) for w in ws]
-
-        times = {}
-        for label, fn in (("cold", cold), ("prefetch", only_prefetch), ("prefetch+gemv", prefetch_then_gemv)):
-            t = common.time_calls(lambda fn=fn: fn(ws, x), iters=iters)
-            times[label] = t["pipelined_s"] / len(ws)
-        read = w0.size * w0.dtype.itemsize if whole else min(max_bytes or 0, w0.size * w0.dtype.itemsize)
-        warm = times["prefetch+gemv"] - times["prefetch"]
-        rows.append({
-            "projection": name, "matrix_mb": w0.size * w0.dtype.itemsize / 1e6, "prefetched_mb": read / 1e6,
-            "cold_us": times["cold"] * 1e6, "prefetch_us": times["prefetch"] * 1e6,
-            "prefetch_gemv_us": times["prefetch+gemv"] * 1e6, "warm_gemv_us": warm * 1e6,
-            "floor_us": w0.size * w0.dtype.itemsize / COPY_BW * 1e6,
-        })  # fmt: skip
-    return rows
+    variants = {
+        "cold": jax.jit(lambda ws, x: [gemv(x, w) for w in ws]),
+        "prefetch": jax.jit(lambda ws, x: [after_prefetch(w, x) for w in ws]),
+        "prefetch+gemv": jax.jit(lambda ws, x: [gemv(after_prefetch(w, x), w) for w in ws]),
+    }
+    ws = [layer[name] for layer in layers]
+    us = {
+        label: common.time_calls(functools.partial(fn, ws, x), iters=iters)["pipelined_s"] / len(ws) * 1e6
+        for label, fn in variants.items()
+    }
+    size = w0.size * w0.dtype.itemsize
+    ahead = size if whole else min(max_mb * 10**6, size)
+    return {
+        "projection": name, "matrix_mb": size / 1e6, "prefetched_mb": ahead / 1e6,
+        "cold_us": us["cold"], "prefetch_us": us["prefetch"], "prefetch_gemv_us": us["prefetch+gemv"],
+        "warm_gemv_us": us["prefetch+gemv"] - us["prefetch"], "floor_us": size / COPY_BW * 1e6,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     gpu = common.on_gpu()
     model = args.model or ("llama2-7b" if gpu else "jpaged/bundled/stories260K")
     num_layers = args.layers or (8 if gpu else 2)
-    layers, cfg = _layers(model, num_layers)
-    rows = measure(layers, cfg, max_mb=args.max_mb, iters=args.iters if gpu else 2)
+    layers = _layers(model, num_layers)
+    iters = args.iters if gpu else 2
+    rows = [
+        measure_projection(layers, name, whole=whole, max_mb=args.max_mb, iters=iters) for name, whole in PROJECTIONS
+    ]
     print(common.table(rows, [("projection", "projection"), ("MB", "matrix_mb"), ("read ahead MB", "prefetched_mb"),
                               ("floor us", "floor_us"), ("cold us", "cold_us"), ("prefetch us", "prefetch_us"),
                               ("prefetch+gemv us", "prefetch_gemv_us"), ("warm gemv us", "warm_gemv_us")],
