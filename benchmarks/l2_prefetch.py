@@ -8,6 +8,8 @@ its GEMVs stream below the copy bandwidth (docs/benchmarks.md). pallas_kernels/l
 beside those kernels; this measures the two halves of that bet apart from the model, per projection, over as many
 layers' weights as the config has (so each GEMV's weights start past the 50 MB L2):
 - "cold": x @ w for each layer's w, as the step runs it now;
+- "cold chain" / "hot chain": the same GEMVs each fed the last one's output (a small add between), over each layer's w
+  / over the first layer's w every time, which after the first call sits in L2 (o's 34 MB fits; the others do not);
 - "prefetch": the prefetch kernel alone over each w (its first --max-mb MB; o's whole matrix), then a tiny op that
   waits for it;
 - "prefetch+gemv": the same, then the GEMV, which waits for the prefetch;
@@ -83,8 +85,15 @@ def measure_projection(layers: list[dict[str, Any]], name: str, *, whole: bool, 
     def after_prefetch(w: jax.Array, x: jax.Array) -> jax.Array:  # x, once the prefetch of w has run
         return x + nan_if_any([prefetch(w, x)]).astype(x.dtype)
 
+    def chain(ws: list[jax.Array], x: jax.Array) -> jax.Array:  # each GEMV's input waits for the last one's output
+        for w in ws:
+            x = x + gemv(x, w).reshape(-1)[0].astype(x.dtype)
+        return x
+
     variants = {
         "cold": jax.jit(lambda ws, x: [gemv(x, w) for w in ws]),
+        "cold chain": jax.jit(chain),
+        "hot chain": jax.jit(lambda ws, x: chain([ws[0]] * len(ws), x)),
         "prefetch": jax.jit(lambda ws, x: [after_prefetch(w, x) for w in ws]),
         "prefetch+gemv": jax.jit(lambda ws, x: [gemv(after_prefetch(w, x), w) for w in ws]),
     }
@@ -97,7 +106,8 @@ def measure_projection(layers: list[dict[str, Any]], name: str, *, whole: bool, 
     ahead = size if whole else min(max_mb * 10**6, size)
     return {
         "projection": name, "matrix_mb": size / 1e6, "prefetched_mb": ahead / 1e6,
-        "cold_us": us["cold"], "prefetch_us": us["prefetch"], "prefetch_gemv_us": us["prefetch+gemv"],
+        "cold_us": us["cold"], "cold_chain_us": us["cold chain"], "hot_chain_us": us["hot chain"],
+        "prefetch_us": us["prefetch"], "prefetch_gemv_us": us["prefetch+gemv"],
         "warm_gemv_us": us["prefetch+gemv"] - us["prefetch"], "floor_us": size / COPY_BW * 1e6,
     }  # fmt: skip
 
@@ -120,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         measure_projection(layers, name, whole=whole, max_mb=args.max_mb, iters=iters) for name, whole in PROJECTIONS
     ]
     print(common.table(rows, [("projection", "projection"), ("MB", "matrix_mb"), ("read ahead MB", "prefetched_mb"),
-                              ("floor us", "floor_us"), ("cold us", "cold_us"), ("prefetch us", "prefetch_us"),
+                              ("floor us", "floor_us"), ("cold us", "cold_us"), ("cold chain us", "cold_chain_us"),
+                              ("hot chain us", "hot_chain_us"), ("prefetch us", "prefetch_us"),
                               ("prefetch+gemv us", "prefetch_gemv_us"), ("warm gemv us", "warm_gemv_us")],
                        title=f"{model}, {num_layers} layers' weights, one row"))  # fmt: skip
     common.save(args, {"env": common.env_info(jax_devices=True), "model": model, "layers": num_layers,
