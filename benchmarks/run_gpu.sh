@@ -24,9 +24,7 @@
 # and single-stream latency with the engine's step compiled once, as it is, and twice, calls taking turns:
 # with_step_copies.py),
 # "pinnedinput" (input_copy.py, then fixed:128, fixed:512 and single-stream latency with each step's packed input
-# passed as it is and staged in pinned host memory: with_pinned_input.py), "l2prefetch" (l2_prefetch.py, then
-# single-stream latency as shipped, with the step's CUDA graph scheduled by data dependence, and with each of
-# L2_PREFETCH_MB ("16 32") MB of weights read into L2 ahead of their GEMVs; fixed:128 without and with them),
+# passed as it is and staged in pinned host memory: with_pinned_input.py),
 # MODEL (llama2-7b), JPAGED_RUNS ("fixed:128 sharegpt-synthetic:256 fixed:512"), HF_FIXED_N (128), HF_FIXED_BATCH
 # (128), HF_SHAREGPT_N (256; 0: no ShareGPT run of HF),
 # HF_SHAREGPT_BATCH (64), HF_SHAREGPT_MAX_BATCHES (1: one batch run, the rest extrapolated; 0: all),
@@ -220,24 +218,6 @@ if want pinnedinput; then  # the step's packed input as the engine passes it aga
       --json-key "pinned_input_throughput_$staged"
     step "pinned-input-latency-$staged" 80 "$PY" "${wrap[@]}" benchmarks/latency.py --model "$MODEL" \
       --no-warmup --iters 2 --prefill-batch 0 --json-out "$RESULTS" --json-key "pinned_input_latency_$staged"
-  done
-fi
-
-if want l2prefetch; then  # weights read into L2 ahead of their GEMVs (pallas_kernels/l2_prefetch.py), same call
-  step l2-prefetch-micro 120 "$PY" benchmarks/l2_prefetch.py --json-out "$RESULTS" --json-key l2_prefetch_micro
-  # off: as shipped; concurrent: the step's CUDA graph scheduled by data dependence, no prefetch; N: N MB ahead
-  for variant in off concurrent ${L2_PREFETCH_MB:-16 32}; do
-    envs=() flags=()
-    [[ $variant == concurrent ]] && envs=(XLA_FLAGS=--xla_gpu_command_buffer_scheduling_mode=CONCURRENT)
-    [[ $variant =~ ^[0-9]+$ ]] && flags=(--l2-prefetch-mb "$variant")
-    step "l2-prefetch-latency-$variant" 80 env "${envs[@]}" "$PY" benchmarks/latency.py --model "$MODEL" \
-      --no-warmup --iters 2 --prefill-batch 0 "${flags[@]}" --json-out "$RESULTS" \
-      --json-key "l2_prefetch_latency_$variant"
-  done
-  for mb in 0 ${L2_PREFETCH_MB:-16 32}; do
-    step "l2-prefetch-throughput-$mb" 120 "$PY" benchmarks/throughput.py --engine jpaged --model "$MODEL" \
-      --run fixed:128 --max-model-len "$MAX_MODEL_LEN" --l2-prefetch-mb "$mb" --json-out "$RESULTS" \
-      --json-key "l2_prefetch_throughput_$mb"
   done
 fi
 

@@ -70,13 +70,6 @@ class EngineConfig:
             "two; CPU: XLA), pallas (GPU only) or xla"
         ),
     )
-    l2_prefetch_mb: int = dataclasses.field(
-        default=0,
-        metadata=_help(
-            "experimental, one GPU: read the o projection's weights, and the first this-many MB of the next gate/up "
-            "and q/k/v weights, into L2 beside the kernels before their matmuls (0: off)"
-        ),
-    )
     async_scheduling: bool = dataclasses.field(
         default=True, metadata=_help("schedule and dispatch step N+1 before step N's tokens reach the host")
     )
@@ -109,10 +102,6 @@ class EngineConfig:
             raise ValueError(f"matmul_impl must be auto, mgpu, pallas or xla, got {self.matmul_impl!r}")
         if self.norm_impl not in ("auto", "pallas", "xla"):
             raise ValueError(f"norm_impl must be auto, pallas or xla, got {self.norm_impl!r}")
-        if not isinstance(self.l2_prefetch_mb, int) or isinstance(self.l2_prefetch_mb, bool) or self.l2_prefetch_mb < 0:
-            raise ValueError(f"l2_prefetch_mb must be an integer >= 0, got {self.l2_prefetch_mb!r}")
-        if self.l2_prefetch_mb and self.tensor_parallel_size > 1:
-            raise ValueError("l2_prefetch_mb needs tensor_parallel_size 1 (the kernel reads a whole weight)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not Path(self.model).is_dir():

@@ -94,7 +94,6 @@ class LLMEngine:
             attn_impl=config.attn_impl,
             matmul_impl=config.matmul_impl,
             norm_impl=config.norm_impl,
-            l2_prefetch_mb=config.l2_prefetch_mb,
             num_pages=num_pages,
             page_size=config.page_size,
             max_model_len=self.max_model_len,

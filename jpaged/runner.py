@@ -113,15 +113,12 @@ def _step(
     attn_impl: str,
     matmul_impl: str,
     norm_impl: str,
-    l2_prefetch_mb: int,
     num_logprobs: int,
     want_prompt_logprobs: bool,
     sampling_filters: bool,
 ):
     batch: StepInput = transfer.unpack(packed, layout)
-    forward = get_forward(
-        cfg, attn_impl=attn_impl, matmul_impl=matmul_impl, norm_impl=norm_impl, l2_prefetch_mb=l2_prefetch_mb
-    )
+    forward = get_forward(cfg, attn_impl=attn_impl, matmul_impl=matmul_impl, norm_impl=norm_impl)
     # With async scheduling the host packs this step before it has seen the last one's samples: take them here.
     tokens = jnp.where(batch.prev_rows >= 0, prev_tokens[jnp.maximum(batch.prev_rows, 0)], batch.tokens)
     logits, kv_pages = forward(params, tokens, batch.positions, kv_pages, batch.attn)
@@ -137,21 +134,12 @@ STEP_STATIC_ARGNAMES = (
     "attn_impl",
     "matmul_impl",
     "norm_impl",
-    "l2_prefetch_mb",
     "num_logprobs",
     "want_prompt_logprobs",
     "sampling_filters",
 )
 # One jitted step for the process: engines with the same model config and bucket shapes share compiled code.
 _jitted_step = jax.jit(_step, static_argnames=STEP_STATIC_ARGNAMES, donate_argnames=("kv_pages",))
-# The same step with its CUDA graph's edges drawn from data dependence alone, so kernels that do not wait on each other
-# (the L2 prefetches, models/llama.py) run side by side. Under XLA's default every kernel waits for the one before.
-_concurrent_step = jax.jit(
-    _step,
-    static_argnames=STEP_STATIC_ARGNAMES,
-    donate_argnames=("kv_pages",),
-    compiler_options={"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
-)
 
 
 class ModelRunner:
@@ -165,7 +153,6 @@ class ModelRunner:
         attn_impl: str,
         matmul_impl: str = "auto",
         norm_impl: str = "auto",
-        l2_prefetch_mb: int = 0,
         num_pages: int,
         page_size: int,
         max_model_len: int,
@@ -190,8 +177,7 @@ class ModelRunner:
         self._replicated = sharding.replicated(mesh)
         self.attn_impl = attn_impl
         # the step's static args
-        self._statics = {"cfg": cfg, "attn_impl": attn_impl, "matmul_impl": matmul_impl, "norm_impl": norm_impl,
-                         "l2_prefetch_mb": l2_prefetch_mb}  # fmt: skip
+        self._statics = {"cfg": cfg, "attn_impl": attn_impl, "matmul_impl": matmul_impl, "norm_impl": norm_impl}
         # Steps whose every sequence has one token get their own compiled variant only where attention then runs
         # another kernel (the Mosaic GPU decode kernel on Hopper); elsewhere it would compile the same program twice.
         self.decode_steps = has_decode_kernel(
@@ -216,15 +202,6 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv_pages)
 
-    @property
-    def jit_name(self) -> str:
-        """This module's attribute that holds the runner's jitted step (benchmarks patch or spy on it there): with L2
-        prefetches, the one whose graph runs them beside the chain they serve."""
-        return "_concurrent_step" if self._statics["l2_prefetch_mb"] else "_jitted_step"
-
-    def _jit(self):
-        return globals()[self.jit_name]
-
     def execute(self, sched: SchedulerOutput) -> StepResult:
         return self.fetch(self.dispatch(sched))
 
@@ -233,7 +210,7 @@ class ModelRunner:
         batch, switches = self._pack(sched)
         packed, layout = transfer.pack(batch)
         with jax.set_mesh(self.mesh):
-            self.kv_pages, sampled, prompt, self._last_samples = self._jit()(
+            self.kv_pages, sampled, prompt, self._last_samples = _jitted_step(
                 self.params,
                 self.kv_pages,
                 packed,
@@ -312,7 +289,7 @@ class ModelRunner:
                 for (packed, layout), switches in tqdm(batches, desc="Lowering step buckets", disable=not show):
                     t0 = time.perf_counter()
                     with jax.set_mesh(self.mesh):
-                        lowered = self._jit().lower(
+                        lowered = _jitted_step.lower(
                             self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
                             **dataclasses.asdict(switches),
                         )  # fmt: skip
@@ -331,7 +308,7 @@ class ModelRunner:
                 raise
         for (packed, layout), switches in batches:  # the compiled executables now serve the real call path
             with jax.set_mesh(self.mesh):
-                self.kv_pages, sampled, _, _ = self._jit()(
+                self.kv_pages, sampled, _, _ = _jitted_step(
                     self.params, self.kv_pages, packed, self._last_samples, layout=layout, **self._statics,
                     **dataclasses.asdict(switches),
                 )  # fmt: skip

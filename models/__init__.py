@@ -10,12 +10,7 @@ from jpaged.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, Unsupport
 
 
 def get_forward(
-    cfg: ModelConfig,
-    *,
-    attn_impl: str = "auto",
-    matmul_impl: str = "auto",
-    norm_impl: str = "auto",
-    l2_prefetch_mb: int = 0,
+    cfg: ModelConfig, *, attn_impl: str = "auto", matmul_impl: str = "auto", norm_impl: str = "auto"
 ) -> Callable[..., Any]:
     """`forward(params, tokens, positions, kv_pages, meta) -> (logits, kv_pages)` for the config's architecture."""
     from jpaged.models import llama, mixtral
@@ -28,12 +23,7 @@ def get_forward(
     if cfg.architecture not in registry:
         raise UnsupportedModelError(f"architecture {cfg.architecture!r} is not supported")
     return functools.partial(
-        registry[cfg.architecture],
-        cfg=cfg,
-        attn_impl=attn_impl,
-        matmul_impl=matmul_impl,
-        norm_impl=norm_impl,
-        l2_prefetch_mb=l2_prefetch_mb,
+        registry[cfg.architecture], cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl, norm_impl=norm_impl
     )
 
 

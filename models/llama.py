@@ -35,7 +35,6 @@ from jpaged.kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference, rm
 from jpaged.kernels.add_rms_norm import pallas_unsupported_reason as add_norm_unsupported_reason
 from jpaged.kernels.add_rms_norm import resolve_impl as resolve_norm_impl
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
-from jpaged.kernels.l2_prefetch import l2_prefetch, nan_if_any
 from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
 from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason, measured_faster_tuning
 from jpaged.kernels.paged_attention import paged_attention
@@ -143,25 +142,6 @@ def project(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) 
     )
 
 
-class L2Prefetch:
-    """The step's reads of weights into the GPU's L2 ahead of their matmuls (pallas_kernels/l2_prefetch.py), each
-    beside the kernels between its `after` array and the matmul. `max_bytes` 0 reads nothing; `keep` makes their
-    results reach the logits, without which XLA drops them. One device only: the kernel reads a whole array."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.counts: list[jax.Array] = []
-
-    def __call__(self, w: jax.Array, after: jax.Array, *, whole: bool = False) -> None:
-        """Reads w's first max_bytes (all of it: whole) once `after` exists."""
-        if self.max_bytes:
-            max_bytes = None if whole else self.max_bytes
-            self.counts.append(l2_prefetch(w, after, max_bytes=max_bytes, interpret=not on_gpu()))
-
-    def keep(self, logits: jax.Array) -> jax.Array:
-        return logits + nan_if_any(self.counts) if self.counts else logits
-
-
 def silu(x: jax.Array) -> jax.Array:
     """As torch's: in float32, rounded once to x's dtype (`jax.nn.silu` on bf16 also rounds its sigmoid to bf16).
     On CPU this brings a random 1B Llama's bf16 logits ~6% closer to HF's bf16 and to float32
@@ -200,12 +180,8 @@ def attention(
     cfg: ModelConfig,
     attn_impl: str,
     matmul_impl: str = "auto",
-    *,
-    prefetch: L2Prefetch | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     qkv = project(x, layer, "wqkv", impl=matmul_impl)  # [T, K, G + 2, H]
-    if prefetch is not None:  # o's weights while the rope, the KV write and the attention run
-        prefetch(layer["wo"], qkv, whole=True)
     attend = sharding.over_kv_heads(functools.partial(_write_and_attend, cfg=cfg, impl=attn_impl))
     out, k_pages, v_pages = attend(qkv, positions, *layer_kv, meta)  # out [T, N, H]
     return project(out, layer, "wo", impl=matmul_impl), (k_pages, v_pages)
@@ -223,14 +199,11 @@ def decoder_forward(
     attn_impl: str = "auto",
     matmul_impl: str = "auto",
     norm_impl: str = "auto",
-    l2_prefetch_mb: int = 0,
 ) -> tuple[jax.Array, KVPages]:
     """tokens/positions [T] -> logits [R, V] (float32) at meta.logits_indices, and the updated pages.
 
     attn_impl: paged attention's (`paged_attention`); matmul_impl: the weight matmuls' (`project`); norm_impl: the
-    residual adds and norms' ("auto", "xla" or "pallas", `add_rms_norm`); l2_prefetch_mb: on one GPU, read the o
-    projection's weights, and the first this-many MB of the next gate/up and q/k/v weights, into L2 while the kernels
-    before each run (`L2Prefetch`; 0: off)."""
+    residual adds and norms' ("auto", "xla" or "pallas", `add_rms_norm`)."""
     x = params["embed"][tokens]
     num_tokens = meta.cu_q_lens[meta.num_seqs[0]]  # rows past the last live sequence's are padding
     layers = params["layers"]
@@ -238,24 +211,18 @@ def decoder_forward(
     # normed rows `h` and give a delta for x.
     h = rms_norm(x, layers[0]["attn_norm"], cfg.rms_norm_eps)
     new_pages: KVPages = []
-    prefetch = L2Prefetch(l2_prefetch_mb * 10**6) if l2_prefetch_mb else None
     for i, (layer, layer_kv) in enumerate(zip(layers, kv_pages, strict=True)):
-        delta, layer_kv = attention(layer, h, positions, layer_kv, meta, cfg, attn_impl, matmul_impl,
-                                    prefetch=prefetch)  # fmt: skip
-        if prefetch is not None and "w_gate_up" in layer:  # (a dense feed-forward)
-            prefetch(layer["w_gate_up"], delta)
+        delta, layer_kv = attention(layer, h, positions, layer_kv, meta, cfg, attn_impl, matmul_impl)
         x, h = add_norm(x, delta, layer["mlp_norm"], cfg, impl=norm_impl)
         delta = feed_forward(layer, h, cfg, num_tokens, matmul_impl=matmul_impl)
         if i + 1 < len(layers):
-            if prefetch is not None:
-                prefetch(layers[i + 1]["wqkv"], delta)
             x, h = add_norm(x, delta, layers[i + 1]["attn_norm"], cfg, impl=norm_impl)
         new_pages.append(layer_kv)
     # The last add only for the rows that give logits.
     x = rms_norm(x[meta.logits_indices] + delta[meta.logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params.get("lm_head", params["embed"])
     logits = jnp.einsum("rd,vd->rv", x, lm_head, preferred_element_type=jnp.float32)
-    return (logits if prefetch is None else prefetch.keep(logits)), new_pages
+    return logits, new_pages
 
 
 def forward(
@@ -269,7 +236,6 @@ def forward(
     attn_impl: str = "auto",
     matmul_impl: str = "auto",
     norm_impl: str = "auto",
-    l2_prefetch_mb: int = 0,
 ) -> tuple[jax.Array, KVPages]:
     return decoder_forward(params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=mlp, attn_impl=attn_impl,
-                           matmul_impl=matmul_impl, norm_impl=norm_impl, l2_prefetch_mb=l2_prefetch_mb)  # fmt: skip
+                           matmul_impl=matmul_impl, norm_impl=norm_impl)  # fmt: skip

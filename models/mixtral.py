@@ -97,7 +97,6 @@ def moe_dense_reference(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelCon
 
 
 def forward(params, tokens, positions, kv_pages, meta, *, cfg: ModelConfig, attn_impl: str = "auto",
-            matmul_impl: str = "auto", norm_impl: str = "auto", l2_prefetch_mb: int = 0):  # fmt: skip
+            matmul_impl: str = "auto", norm_impl: str = "auto"):  # fmt: skip
     return llama.decoder_forward(params, tokens, positions, kv_pages, meta, cfg=cfg, feed_forward=moe,
-                                 attn_impl=attn_impl, matmul_impl=matmul_impl, norm_impl=norm_impl,
-                                 l2_prefetch_mb=l2_prefetch_mb)  # fmt: skip
+                                 attn_impl=attn_impl, matmul_impl=matmul_impl, norm_impl=norm_impl)  # fmt: skip
