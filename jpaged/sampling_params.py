@@ -66,6 +66,8 @@ class SamplingParams:
             self.logit_bias = {_as_int(token): bias for token, bias in self.logit_bias.items()}
         if self.top_k == -1 and _integer(self.top_k):
             self.top_k = 0
+        if self.seed == -1 and _integer(self.seed):  # as in vLLM: "no seed" (UIs send -1 for a random one)
+            self.seed = None
         self._validate()
 
     def _validate(self) -> None:
@@ -84,6 +86,8 @@ class SamplingParams:
             raise bad("n", "must be an integer >= 1")
         if not self.temperature >= 0:
             raise bad("temperature", "must be >= 0")
+        if self.greedy and self.n > 1:  # n copies of one greedy output, each costing a sequence (vLLM refuses too)
+            raise bad("n", f"must be 1 when sampling greedily (temperature {self.temperature!r} < {_GREEDY_EPS})")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
         if self.top_k is None or self.top_k < 0:

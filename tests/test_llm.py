@@ -225,6 +225,8 @@ def test_bad_prompts_are_rejected_and_others_still_served(llm, prompt, match):
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.5}, "min_p"),
         ({"n": 0}, "n"),
+        ({"n": 2, "temperature": 0.0}, "n"),  # greedy: n identical copies, as vLLM refuses
+        ({"n": 2, "temperature": 1e-6}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"presence_penalty": 3}, "presence_penalty"),
@@ -258,6 +260,8 @@ def test_sampling_params_take_numpy_integers_and_64_bit_seeds():
     assert type(params.n) is int and params.stop_token_ids == [7] and params.logit_bias == {3: 1.0}
     assert seed32(-1) == seed32(2**64 - 1) and seed32(-(2**63)) == seed32(2**63)  # two's complement
     assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+    assert SamplingParams(seed=-1).seed is None and SamplingParams(seed=np.int64(-1)).seed is None  # vLLM's "no seed"
+    assert SamplingParams(n=2, temperature=1e-5).n == 2  # the greedy threshold is exclusive
 
 
 def test_automatic_request_ids_skip_ids_a_user_took(llm):

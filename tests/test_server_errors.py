@@ -130,6 +130,7 @@ def test_wrong_types_and_out_of_range_values(server: RunningServer, field: str, 
         ({"prompt": "x", "max_tokens": 0}, "only with echo", "max_tokens"),
         ({"prompt": "x", "suffix": "y"}, "suffix is not supported", "suffix"),
         ({"prompt": "x", "n": 1, "best_of": 3}, "best_of must equal n", "best_of"),
+        ({"prompt": "x", "n": 2, "temperature": 0}, "n must be 1 when sampling greedily", "n"),
         ({}, "prompt: this field is required", "prompt"),
     ],
 )

@@ -68,7 +68,8 @@ def test_completion_defaults_to_16_tokens(client: openai.OpenAI):
 def test_null_fields_mean_their_defaults_and_seeds_are_64_bit(server: RunningServer, chat_server: RunningServer):
     """OpenAI's schema lets n, stream, echo, logprobs, ... be null (clients write unset fields so): null is the
     default, as in vLLM; a field whose null means something (max_tokens: the rest of the context) keeps it. Seeds
-    are OpenAI's signed 64-bit integers (unsigned ones too), a negative one drawing as its two's complement."""
+    are OpenAI's signed 64-bit integers (unsigned ones too), a negative one drawing as its two's complement, except -1,
+    which means no seed (as in vLLM, where UIs send it for a random draw)."""
     nulls = {
         "n": None,
         "stream": None,
@@ -92,12 +93,12 @@ def test_null_fields_mean_their_defaults_and_seeds_are_64_bit(server: RunningSer
     resp = httpx.post(chat_server.url + "/v1/chat/completions", json=chat, timeout=60)
     assert resp.status_code == 200 and resp.json()["choices"][0]["logprobs"] is None, resp.text
     draws = {}
-    for seed in (-1, 2**64 - 1, 2**63 - 1, -(2**63)):
+    for seed in (-1, -2, 2**64 - 2, 2**63 - 1, -(2**63)):
         body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 12, "seed": seed}
         resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
         draws[seed] = resp.json()["choices"][0]["text"]
-    assert draws[-1] == draws[2**64 - 1] and draws[-1] != draws[2**63 - 1]
+    assert draws[-2] == draws[2**64 - 2] and draws[-2] != draws[2**63 - 1]
     for seed in (2**64, -(2**63) - 1):
         body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1, "seed": seed}
         assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 400
@@ -254,8 +255,9 @@ def test_prompt_logprobs_extra(client: openai.OpenAI):
 def test_batched_prompts_and_token_ids(client: openai.OpenAI, server: RunningServer):
     ids = tokenize(server, prompt=PROMPT)
     little = ", there was a little"  # 5 tokens
+    # top_k 1: each of the n samples is the greedy one (n > 1 at temperature 0 is a 400)
     resp = client.completions.create(
-        model=MODEL_NAME, prompt=[PROMPT, "Lily and Ben"], max_tokens=5, n=2, temperature=0
+        model=MODEL_NAME, prompt=[PROMPT, "Lily and Ben"], max_tokens=5, n=2, temperature=1.0, extra_body={"top_k": 1}
     )
     assert [c.index for c in resp.choices] == [0, 1, 2, 3]
     assert resp.choices[0].text == resp.choices[1].text == little
