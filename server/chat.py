@@ -96,8 +96,8 @@ async def render_messages(
 
 def _plain_message(message: ChatMessage) -> dict[str, Any]:
     content = message.content
-    if isinstance(content, list):
-        content = "".join(part.text for part in content)
+    if isinstance(content, list):  # text parts, one a line, as vLLM joins them for string-content templates
+        content = "\n".join(part.text for part in content)
     plain: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
     if message.name is not None:
         plain["name"] = message.name
