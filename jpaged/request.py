@@ -32,9 +32,9 @@ class RequestStatus(enum.Enum):
 
 
 def seed32(seed: int) -> int:
-    """A user's seed (64 bits; a negative one as its two's complement, -1 as 2**64 - 1) as the sampler's uint32:
-    itself below 2**32; above, its low half mixed with a hash of its high half, so that seeds differing only there
-    (5 and 5 + 2**32) do not draw alike."""
+    """A user's seed (64 bits; a negative one as its two's complement, -1 as 2**64 - 1, though SamplingParams reads a
+    seed of -1 as none) as the sampler's uint32: itself below 2**32; above, its low half mixed with a hash of its high
+    half, so that seeds differing only there (5 and 5 + 2**32) do not draw alike."""
     seed &= 0xFFFF_FFFF_FFFF_FFFF
     high = seed >> 32
     return (seed ^ ((high * 0x9E3779B97F4A7C15) >> 32)) & 0xFFFFFFFF

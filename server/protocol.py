@@ -69,7 +69,9 @@ class _SamplingFields(_Request):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="0 or -1 turns it off.")
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="A signed or unsigned 64-bit integer.")
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**64, description="A signed or unsigned 64-bit integer; -1 means none, as in vLLM."
+    )
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)

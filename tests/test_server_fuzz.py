@@ -103,6 +103,8 @@ EXTRA_KEYS = ["best_of", "suffix", "tools", "tool_choice", "response_format", "t
 def bodies(draw: st.DrawFn, required: dict[str, Any], optional: dict[str, Any]) -> Any:
     """A valid body, then 0-2 fields replaced by junk (anything, or a bad count for a token count) or removed."""
     body = draw(st.fixed_dictionaries(required, optional={k: v for k, v in optional.items() if k not in required}))
+    if body.get("n", 1) > 1 and body.get("temperature", 1.0) < 1e-5:  # n > 1 is refused when sampling greedily
+        body["n"] = 1
     keys = sorted({*required, *optional, *EXTRA_KEYS})
     for key in draw(st.lists(st.sampled_from(keys), max_size=2, unique=True)):
         if draw(st.integers(0, 4)) == 0:

@@ -11,7 +11,7 @@ import pytest
 from test_server_support import GREEDY_60, MODEL_NAME, RunningServer, shared_server, wait_idle
 
 from jpaged import LLM, SamplingParams
-from jpaged.server import protocol
+from jpaged.server import protocol, sampling
 
 PROMPT = "Once upon a time"
 
@@ -99,6 +99,8 @@ def test_null_fields_mean_their_defaults_and_seeds_are_64_bit(server: RunningSer
         assert resp.status_code == 200, resp.text
         draws[seed] = resp.json()["choices"][0]["text"]
     assert draws[-2] == draws[2**64 - 2] and draws[-2] != draws[2**63 - 1]
+    unseeded = protocol.CompletionRequest.model_validate({"model": MODEL_NAME, "prompt": PROMPT, "seed": -1})
+    assert sampling.sampling_params(unseeded, max_tokens=12, logprobs=None, prompt_logprobs=None).seed is None
     for seed in (2**64, -(2**63) - 1):
         body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1, "seed": seed}
         assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 400
