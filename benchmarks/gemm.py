@@ -122,18 +122,6 @@ SWEEP_GRID: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 6),
     "group_m": (1, 4, 8),
 }
-# The same for JAX's persistent Hopper matmul (`jpaged.kernels.matmul_hopper`): where its two consumer warpgroups
-# stack, their tiles, the pipeline's depth, a 2-CTA cluster sharing one operand's tile, the tile order.
-HOPPER_SWEEP_GRID: dict[str, tuple[Any, ...]] = {
-    "wg_dimension": (0, 1),  # MatmulDimension M, N
-    "tile_m": (64, 128),
-    "tile_n": (64, 128),
-    "max_concurrent_steps": (3, 4, 6),
-    "cluster_dimension": (None, 0, 1),
-    "tile_k": (64, 128),
-    "grid_minor_dim": (0, 1),
-    "grid_tile_width": (1, 4, 16),
-}
 
 
 def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[str, Any]]) -> None:
@@ -142,23 +130,15 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
     import jax
 
-    from jpaged.kernels import matmul_hopper
     from jpaged.kernels.grouped_matmul import default_tuning as pallas_tuning
     from jpaged.kernels.grouped_matmul import matmul, matmul_unsupported_reason
     from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
     from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason
 
-    name_of: Any = lambda tuning: tuning.name
-    grid = SWEEP_GRID
     if args.sweep_impl == "mgpu":
         default_tuning: Any = mgpu_tuning
         unsupported: Any = matmul_mgpu_unsupported_reason
         kernel: Any = functools.partial(matmul_mgpu, interpret=not common.on_gpu())
-    elif args.sweep_impl == "hopper":
-        default_tuning = matmul_hopper.default_tuning
-        unsupported = matmul_hopper.matmul_hopper_unsupported_reason
-        kernel = functools.partial(matmul_hopper.matmul_hopper, interpret=not common.on_gpu())
-        name_of, grid = matmul_hopper.tuning_name, HOPPER_SWEEP_GRID
     else:
         default_tuning = functools.partial(pallas_tuning, num_groups=1)
         unsupported = matmul_unsupported_reason
@@ -226,10 +206,10 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                         seen[tuning] = math.inf
                     else:
                         fn = chained(functools.partial(kernel, tuning=tuning), x, ws)
-                        seen[tuning] = run(name_of(tuning), fn, tuning)
+                        seen[tuning] = run(tuning.name, fn, tuning)
                 return seen[tuning]
 
-            common.tune_coordinatewise(default_tuning(m, k, n), evaluate, grid)
+            common.tune_coordinatewise(default_tuning(m, k, n), evaluate, SWEEP_GRID)
 
 
 def best_sweep_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -340,8 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the --cublas child: print JSON rows
     parser.add_argument("--tiny", action="store_true", help="a tiny layer (the default off GPU)")
     parser.add_argument("--sweep", action="store_true", help="also tune the kernel per fused projection and M")
-    parser.add_argument("--sweep-impl", choices=("pallas", "mgpu", "hopper"), default="pallas",
-                        help="the kernel --sweep tunes (hopper: JAX's persistent Hopper matmul)")  # fmt: skip
+    parser.add_argument("--sweep-impl", choices=("pallas", "mgpu"), default="pallas", help="the kernel --sweep tunes")
     parser.add_argument("--projections", nargs="+", choices=("qkv", "o", "gate_up", "down"), default=None,
                         help="--sweep only these projections (default: all four)")  # fmt: skip
     parser.add_argument("--max-configs", type=int, default=14,

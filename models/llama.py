@@ -14,7 +14,7 @@ reads and fewer, larger matmuls stream faster (benchmarks/gemm.py). wqkv is orde
 on K over devices hands each device whole attention groups (jpaged/sharding.py).
 
 Weight matmuls with few rows (decode) can run on a Pallas kernel (matmul_impl "pallas" or "mgpu", see `project`); by
-default they are XLA's but where a Mosaic GPU kernel measured faster on the H200.
+default they are XLA's but where the Mosaic GPU kernel measured faster on the H200.
 
 Mixtral (models/mixtral.py) reuses everything here and swaps the feed-forward.
 """
@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 from jpaged import sharding
-from jpaged.kernels import matmul_hopper
 from jpaged.kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from jpaged.kernels.add_rms_norm import pallas_unsupported_reason as add_norm_unsupported_reason
 from jpaged.kernels.add_rms_norm import resolve_impl as resolve_norm_impl
@@ -99,17 +98,13 @@ def _kernel_unsupported_reason(x: jax.Array, w: jax.Array, impl: str) -> str | N
 
 
 def _matmul(x: jax.Array, w: jax.Array, impl: str) -> jax.Array:
-    """x [M, K] @ w [K, N]. "xla": XLA's GEMMs. "auto": XLA's, except on Hopper for the shapes where a Mosaic GPU
-    kernel measured faster (jpaged's weight-streaming one or JAX's persistent one: each module's
-    `measured_faster_tuning`). "pallas" (the Triton-lowered kernel, slower than XLA for Llama-2-7B's decode shapes on
-    the H200) and "mgpu" (the Mosaic GPU one, default tunings) where they can run the shapes, XLA elsewhere."""
-    if impl == "auto" and on_hopper():
-        hopper = matmul_hopper.measured_faster_tuning(*x.shape, w.shape[1])
-        if hopper is not None and matmul_hopper.matmul_hopper_unsupported_reason(x, w, hopper) is None:
-            return matmul_hopper.matmul_hopper(x, w, tuning=hopper)
-        tuning = measured_faster_tuning(*x.shape, w.shape[1])
-        if tuning is not None and matmul_mgpu_unsupported_reason(x, w, tuning) is None:  # (a float32 model is not)
-            return matmul_mgpu(x, w, tuning=tuning)
+    """x [M, K] @ w [K, N]. "xla": XLA's GEMMs. "auto": XLA's, except on Hopper for the shapes where the Mosaic GPU
+    kernel measured faster (`measured_faster_tuning`). "pallas" (the Triton-lowered kernel, slower than XLA for
+    Llama-2-7B's decode shapes on the H200) and "mgpu" (the Mosaic GPU one, default tunings) where they can run the
+    shapes, XLA elsewhere."""
+    tuning = measured_faster_tuning(*x.shape, w.shape[1]) if impl == "auto" and on_hopper() else None
+    if tuning is not None and matmul_mgpu_unsupported_reason(x, w, tuning) is None:  # (a float32 model is not)
+        return matmul_mgpu(x, w, tuning=tuning)
     if impl in ("auto", "xla"):
         return matmul(x, w, impl="xla")
     if (reason := _kernel_unsupported_reason(x, w, impl)) is not None:
