@@ -64,7 +64,7 @@ GPU_CASES: list[Case] = [
 TINY_CASES: list[Case] = [("tiny gqa4 B=3 ctx=200", 8, 2, 3, 200), ("tiny mha B=2 ctx=70", 2, 2, 2, 70)]
 # --tunings keys -> DecodeTuning fields
 _KEYS = {"ppb": "pages_per_block", "st": "num_stages", "splits": "num_splits", "sem": "semantics",
-         "preg": "p_in_registers", "posm": "positions_on_m", "hpp": "heads_per_program"}  # fmt: skip
+         "preg": "p_in_registers", "posm": "positions_on_m"}  # fmt: skip
 
 
 def kv_bytes(kv_heads: int, batch: int, ctx: int, head_dim: int = HEAD_DIM, itemsize: int = 2) -> int:

@@ -52,12 +52,7 @@ def install(fields: dict[str, Any]) -> None:
     default = paged_decode_mgpu.default_tuning
 
     def tuned(num_seqs: int, num_heads: int, num_kv_heads: int) -> Any:
-        base = default(num_seqs, num_heads, num_kv_heads)
-        try:
-            return DecodeTuning(**({"num_splits": base.num_splits} | fields))
-        except ValueError as e:  # e.g. heads_per_program on a batch the default splits: that batch keeps the default
-            print(f"with_decode_tuning: B = {num_seqs} keeps {base.name} ({e})", flush=True)
-            return base
+        return DecodeTuning(**({"num_splits": default(num_seqs, num_heads, num_kv_heads).num_splits} | fields))
 
     paged_decode_mgpu.default_tuning = tuned
 

@@ -136,20 +136,13 @@ class DecodeTuning:
     # On the H200 alone: Llama-2-7B (G 1) 4.19 / 4.30 TB/s against the q-rows-on-M formulation's 4.08 / 4.12 (B 128
     # at 640 tokens, B 64 at 2048), Llama-3-8B (G 4) 3.52 against 3.82: `default_tuning` takes it at G = 1 only.
     positions_on_m: bool = False
-    # Consecutive kv heads of one sequence per program, walked one after another as one stream of blocks (positions on
-    # M, unsplit): the ring keeps loading across a head's end, and a program's page-table window and q copy serve all
-    # of them (the q tile's Q columns already hold the next heads' queries at G = 1). At 600-700 token contexts a
-    # program of one head streams ~11 blocks, so each CTA's start (table and q copies, the ring's first loads) and end
-    # weigh on the stream; with H heads they come once per H * 11 blocks. Needs heads_per_program * G <= Q.
-    heads_per_program: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("pages_per_block", "num_stages", "num_splits", "heads_per_program"):
+        for name in ("pages_per_block", "num_stages", "num_splits"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DecodeTuning.{name} must be an int >= 1, got {value!r}")
-        # num_splits: the combine's Triton block is [num_splits, H]; heads_per_program: it divides K (a power of two)
-        for name in ("pages_per_block", "num_splits", "heads_per_program"):
+        for name in ("pages_per_block", "num_splits"):  # num_splits: the combine's Triton block is [num_splits, H]
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(f"DecodeTuning.{name} must be a power of two, got {getattr(self, name)}")
         if self.num_stages > 8:
@@ -165,8 +158,6 @@ class DecodeTuning:
                              "p_in_registers and positions_on_m exclude one another")  # fmt: skip
         if self.semantics not in SEMANTICS:
             raise ValueError(f"DecodeTuning.semantics must be one of {SEMANTICS}, got {self.semantics!r}")
-        if self.heads_per_program > 1 and (not self.positions_on_m or self.num_splits > 1):
-            raise ValueError("DecodeTuning: heads_per_program > 1 needs positions_on_m and num_splits = 1")
 
     @property
     def name(self) -> str:
@@ -177,8 +168,6 @@ class DecodeTuning:
             name += "_preg"
         if self.positions_on_m:
             name += "_posm"
-        if self.heads_per_program > 1:
-            name += f"_hpp{self.heads_per_program}"
         return name + ("_lane" if self.semantics == "lane" else "")
 
 
@@ -300,11 +289,6 @@ def paged_decode_mgpu_unsupported_reason(
         return f"G = {group} q heads per kv head > {ROWS}"
     if tuning.positions_on_m and (q.shape[0] * q.shape[1]) % 8:
         return f"positions_on_m: B * N = {q.shape[0] * q.shape[1]} q rows, not a multiple of the q tile's 8-row tiling"
-    hpp = tuning.heads_per_program
-    if num_kv_heads % hpp:
-        return f"heads_per_program = {hpp} does not divide K = {num_kv_heads} kv heads"
-    if hpp * group > q_columns(group):
-        return f"heads_per_program x G = {hpp} x {group} q rows overflow the q tile's {q_columns(group)} columns"
     smem = smem_bytes(q.dtype, head_dim, page_size, page_tables.shape[1], tuning, group=group)
     if smem > _SMEM_LIMIT:
         return f"needs {smem} bytes of SMEM > {_SMEM_LIMIT} (fewer stages or pages per block, or more splits)"
@@ -382,9 +366,8 @@ def _decode_kernel(
     ppb = tuning.pages_per_block
     stages = tuning.num_stages
     block_kv = ppb * page_size
-    hpp = tuning.heads_per_program
     b = lax.axis_index("b")
-    h = lax.axis_index("h") * hpp  # the program's first kv head
+    h = lax.axis_index("h")
     split = lax.axis_index("s") if splits > 1 else 0
 
     first_row = b * num_heads + h * group  # this program's first q (and output) row in the [B * N, H] views
@@ -422,22 +405,11 @@ def _decode_kernel(
     plgpu.copy_gmem_to_smem(page_tables_ref.at[b, pl.ds(table_start, window)], table, table_bar,
                             oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)  # fmt: skip
 
-    # The program's stream of blocks: its heads' (hpp of them) blocks one head after another, num_blocks each.
-    stream = num_blocks * hpp if hpp > 1 else num_blocks
-
-    def head_and_block(j):
-        """Block j of the stream -> (the kv head it belongs to, its block within that head's)."""
-        if hpp == 1:
-            return h, j
-        head = lax.div(j, jnp.maximum(num_blocks, 1))
-        return h + head, j - head * num_blocks
-
-    def issue(j, slot, src_ref, ring, bars):
-        """TMA-copies the K (or V) pages of the stream's `j`-th block into ring slot `slot`."""
-        kv_head, block = head_and_block(j)
+    def issue(block, slot, src_ref, ring, bars):
+        """TMA-copies the K (or V) pages of the split's `block`-th block into ring slot `slot`."""
         for p in range(ppb):
             page = table[table_offset + block * ppb + p]
-            rows = pl.ds((kv_head * num_pages + page) * page_size, page_size)
+            rows = pl.ds((h * num_pages + page) * page_size, page_size)
             plgpu.copy_gmem_to_smem(src_ref.at[rows], ring.at[slot, pl.ds(p * page_size, page_size)], bars.at[slot])
 
     issue_k = functools.partial(issue, src_ref=k_ref, ring=k_ring, bars=k_bars)
@@ -445,7 +417,7 @@ def _decode_kernel(
     plgpu.barrier_wait(table_bar)
     for i in range(stages):
 
-        @pl.when(i < stream)
+        @pl.when(i < num_blocks)
         def _(i=i):
             issue_k(i, i)
             issue_v(i, i)
@@ -473,9 +445,8 @@ def _decode_kernel(
         return lax.broadcast_in_dim(x, shape, [q_axis])
 
     def body(j, carry):
-        acc, m_i, l_i, *finished = carry  # finished: (out_all,) with hpp > 1
+        acc, m_i, l_i = carry
         slot = lax.rem(j, stages)
-        kv_head, block = head_and_block(j)
         plgpu.barrier_wait(k_bars.at[slot])
 
         def compute_qk(acc_ref):
@@ -486,11 +457,11 @@ def _decode_kernel(
             return acc_ref[...]
 
         scores = pl.run_scoped(compute_qk, plgpu.ACC(scores_shape, jnp.float32))
-        refill = j + stages < stream
+        refill = j + stages < num_blocks
         # Reading the scores waited for the wgmma: K's slot is free, refill it while the softmax and PV run.
         pl.when(refill)(lambda: issue_k(j + stages, slot))
-        kv_pos = (lo + block) * block_kv + plgpu.broadcasted_iota(jnp.int32, scores_shape, pos_axis,
-                                                                  layout=plgpu.Layout.WGMMA)  # fmt: skip
+        kv_pos = (lo + j) * block_kv + plgpu.broadcasted_iota(jnp.int32, scores_shape, pos_axis,
+                                                              layout=plgpu.Layout.WGMMA)  # fmt: skip
         scores = jnp.where(kv_pos < kv_len, scores * scale, MASK_VALUE)
         # Every block this loop visits holds a visible position, so m_next is a real score for every query.
         m_next = jnp.maximum(m_i, scores.max(axis=pos_axis))
@@ -521,34 +492,19 @@ def _decode_kernel(
         acc = acc * per_query_bcast(alpha, acc_shape) + pv
 
         pl.when(refill)(lambda: issue_v(j + stages, slot))
-        if hpp == 1:
-            return acc, m_next, l_next
-        # A head's last block: its G output columns into the program's result, the softmax state reset for the next
-        # head (as at the start: alpha is then 0). Arithmetic and column bounds rather than selects on the scalar.
-        (out_all,) = finished
-        last = block == num_blocks - 1
-        head_col = jnp.where(last, col + (kv_head - h) * group, -2 * group)  # off the tile unless last
-        q_col = plgpu.broadcasted_iota(jnp.int32, acc_shape, q_axis, layout=plgpu.Layout.WGMMA)
-        mine = (q_col >= head_col) & (q_col < head_col + group)
-        out_all = jnp.where(mine, acc / per_query_bcast(l_next, acc_shape), out_all)
-        keep = 1.0 - last.astype(jnp.float32)
-        return acc * keep, m_next * keep + MASK_VALUE * (1.0 - keep), l_next * keep, out_all
+        return acc, m_next, l_next
 
-    carry = (acc, m_i, l_i) if hpp == 1 else (acc, m_i, l_i, acc)  # acc is still zeros: the first head's result
-    acc, m_i, l_i, *finished = lax.fori_loop(0, stream, body, carry)
-    if hpp == 1:
-        seen = l_i > 0  # False only for queries of a program with no blocks (padding, empty split)
-        out = acc / per_query_bcast(jnp.where(seen, l_i, 1.0), acc_shape)  # 0 where nothing was seen
-    else:
-        (out,) = finished  # zeros for a program with no blocks
+    acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
+    seen = l_i > 0  # False only for queries of a program with no blocks (padding, empty split)
+    out = acc / per_query_bcast(jnp.where(seen, l_i, 1.0), acc_shape)  # 0 where nothing was seen
     # Output rows: the G rows from row 0 (q rows on M) or from column `col`, stored transposed (positions on M).
-    rows = pl.ds(col, group * hpp) if transposed else pl.ds(0, group)
+    rows = pl.ds(col, group) if transposed else pl.ds(0, group)
     if splits == 1:
         stage = o_stage if transposed else q_stage
         out_view = stage.transpose((1, 0)) if transposed else stage  # out^T [H, Q] into [Q, H], or out [64, H]
         out_view[...] = out.astype(stage.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stage.at[rows], o_ref.at[pl.ds(first_row, group * hpp)])
+        plgpu.copy_smem_to_gmem(stage.at[rows], o_ref.at[pl.ds(first_row, group)])
     else:
         o32, lse = out_stage
         o32[...] = out
@@ -685,7 +641,7 @@ def _decode_mgpu(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_sca
         tuning=tuning,
     )
     kernel.__name__ = f"paged_decode_mgpu_{tuning.name}"  # type: ignore[attr-defined]
-    grid = (num_seqs_max, num_kv_heads // tuning.heads_per_program, splits)
+    grid = (num_seqs_max, num_kv_heads, splits)
     outs = plgpu.kernel(
         kernel,
         out_type=out_type,

@@ -125,26 +125,6 @@ def test_interpret_positions_on_m(page_size, group, tuning):
     check(args, tuning=tuning, interpret=True)
 
 
-# Several kv heads a program (positions on M, unsplit): the stream of blocks crosses heads with the ring full; padding
-# rows (a program of no blocks), the last programs' q copies pulled back (no padding: their heads sit at columns > 0),
-# and G = 4 with two heads filling the 8 columns.
-HEADS_PER_PROGRAM = {  # id: (G, K, padding rows, heads_per_program)
-    "G1-K4-hpp2-padding": (1, 4, 1, 2),
-    "G1-K8-hpp4-pulled-back": (1, 8, 0, 4),
-    "G1-K8-hpp8-padding": (1, 8, 1, 8),
-    "G4-K2-hpp2": (4, 2, 0, 2),
-}
-
-
-@pytest.mark.parametrize(("group", "kv_heads", "padding", "hpp"), list(HEADS_PER_PROGRAM.values()),
-                         ids=list(HEADS_PER_PROGRAM))  # fmt: skip
-def test_interpret_heads_per_program(group, kv_heads, padding, hpp):
-    tuning = DecodeTuning(positions_on_m=True, semantics="lane", heads_per_program=hpp)
-    args = make_inputs(page_size=16, group=group, lens=lengths(16, long=3 * 64 + 37), num_kv_heads=kv_heads,
-                       padding_rows=padding, seed=hpp)  # fmt: skip
-    check(args, tuning=tuning, interpret=True)
-
-
 def test_combine_picks_the_programs_columns_with_positions_on_m():
     """The combine over positions-on-M partials ([splits, B, K, H, Q] tiles): each query's column, shifted for the
     programs whose q copy was pulled back from q's end; the other columns hold garbage (NaN, inf) it must not read."""
@@ -257,12 +237,6 @@ def test_lowers_for_cuda_positions_on_m(splits):
     assert "mosaic_gpu" in lower_for_cuda(64 // splits, 32, 32 if splits == 1 else 8, 2048, tuning)
 
 
-@pytest.mark.parametrize("hpp", [2, 4])
-def test_lowers_for_cuda_heads_per_program(hpp):
-    tuning = DecodeTuning(positions_on_m=True, semantics="lane", heads_per_program=hpp)
-    assert "mosaic_gpu" in lower_for_cuda(128, 32, 32, 2048, tuning)
-
-
 def test_interpreter_refuses_p_in_registers():
     args = make_inputs(page_size=16, group=1, lens=(20,))
     with pytest.raises(ValueError, match="SMEM only"):
@@ -280,21 +254,11 @@ def test_tuning_rejects_bad_values():
     for bad in (dict(pages_per_block=3), dict(pages_per_block=0), dict(num_stages=0), dict(num_stages=9),
                 dict(num_splits=0), dict(num_splits=3), dict(num_splits=True), dict(semantics="thread"),
                 dict(p_in_registers=1), dict(positions_on_m=True),
-                dict(positions_on_m=True, semantics="lane", p_in_registers=True), dict(heads_per_program=3),
-                dict(heads_per_program=2), dict(heads_per_program=2, positions_on_m=True, semantics="lane",
-                                                num_splits=2)):  # fmt: skip
+                dict(positions_on_m=True, semantics="lane", p_in_registers=True)):  # fmt: skip
         with pytest.raises(ValueError):
             DecodeTuning(**bad)
     assert DecodeTuning(num_splits=4).name == "ppb4_st2_split4"
     assert DecodeTuning(positions_on_m=True, semantics="lane").name == "ppb4_st2_posm_lane"
-    hpp4 = DecodeTuning(positions_on_m=True, semantics="lane", heads_per_program=4)
-    assert hpp4.name == "ppb4_st2_posm_hpp4_lane"
-    q, k, _, tables = make_inputs(page_size=16, group=1, lens=(20,) * 7, num_kv_heads=8)[:4]
-    assert mgpu.paged_decode_mgpu_unsupported_reason(q, k, tables, hpp4) is None
-    assert "does not divide K = 2" in mgpu.paged_decode_mgpu_unsupported_reason(q[:, :2], k[:2], tables, hpp4)
-    q, k, _, tables = make_inputs(page_size=16, group=4, lens=(20,), num_kv_heads=4)[:4]
-    reason = mgpu.paged_decode_mgpu_unsupported_reason(q, k, tables, hpp4)
-    assert "4 x 4 q rows overflow the q tile's 8 columns" in reason
     # The most splits that keep B * K * splits within one wave of 264 programs (2 CTAs on each of 132 SMs).
     assert mgpu.default_tuning(64, 32, 8).num_splits == 1  # 512 programs
     assert mgpu.default_tuning(16, 32, 8).num_splits == 2  # 128 programs -> 256
