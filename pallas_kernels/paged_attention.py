@@ -580,7 +580,9 @@ def paged_attention(
     impl: "reference" (jnp), "pallas" (Triton-style Pallas kernel; off GPU only with interpret=True), "mgpu"
     (the Mosaic GPU kernel for decode_only batches, raising where it cannot run them; "pallas" for the rest), or
     "auto": on a Hopper GPU "mgpu" for decode_only batches it supports, else "pallas" on GPU where
-    `pallas_gpu_unsupported_reason` finds nothing, else "reference".
+    `pallas_gpu_unsupported_reason` finds nothing, else "reference". In other batches "mgpu" (on Hopper or
+    interpreted) and "auto" (on Hopper) run the leading one-token sequences, a mixed step's running decodes, on the
+    Mosaic GPU kernel and the rest on the ragged path (`_leading_decode_rows`).
     tuning: the ragged kernel's; None picks `default_tuning` for the static shapes (split-K for decode of few
     sequences). The decode kernel picks its own (`paged_decode_mgpu.default_tuning`).
     """
@@ -605,8 +607,47 @@ def paged_attention(
             out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables, seq_lens, num_seqs,
                                                    sm_scale=sm_scale, interpret=interpret)  # fmt: skip
             return jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
+    leading = None
+    if impl in ("auto", "mgpu") and (on_hopper() or (impl == "mgpu" and interpret)):
+        batch = (q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs)
+        leading = _leading_decode_rows(*batch, sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret)
+    if leading is not None:  # those sequences leave the ragged kernel: zero rows each
+        num_leading, leading_out = leading
+        cu_q_lens = jnp.maximum(cu_q_lens, num_leading)
     if impl == "mgpu":
         impl = "pallas"
+    out = _ragged(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                  sliding_window=sliding_window, impl=impl, tuning=tuning, interpret=interpret)  # fmt: skip
+    if leading is None:
+        return out
+    return jnp.where((jnp.arange(q.shape[0]) < num_leading)[:, None, None], leading_out, out)
+
+
+def _leading_decode_rows(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, *, sm_scale,
+                         sliding_window, interpret):  # fmt: skip
+    """A mixed batch's leading run of one-token sequences (the scheduler puts running decodes first) through the
+    Mosaic GPU decode kernel: sequence b < D has one query, in row b, at its last position, exactly the decode
+    kernel's contract. Returns (D [] int32, their outputs padded to [T, N, H]; rows >= D zero), or None where the
+    kernel cannot run the shapes. In a Llama-2-7B fixed:512 run the prefill/mixed steps carry up to 236 such rows,
+    which the ragged kernel streamed at ~2 TB/s (docs/benchmarks.md, sixteenth session)."""
+    from jpaged.kernels import paged_decode_mgpu as mgpu
+
+    num_rows = min(q.shape[0], page_tables.shape[0])
+    tables = page_tables[:num_rows]
+    if mgpu.decode_unsupported_reason(q[:num_rows], k_pages, tables, sliding_window) is not None:
+        return None
+    live = jnp.arange(num_rows) < num_seqs[0]
+    one_token = live & (cu_q_lens[1 : num_rows + 1] - cu_q_lens[:num_rows] == 1)
+    num_leading = jnp.sum(jnp.cumprod(one_token.astype(jnp.int32)))
+    out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, tables, seq_lens[:num_rows],
+                                           num_leading.reshape(1), sm_scale=sm_scale, interpret=interpret)  # fmt: skip
+    return num_leading, jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
+
+
+def _ragged(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, *, sm_scale, sliding_window, impl,
+            tuning, interpret):  # fmt: skip
+    """The ragged path: the Triton-lowered kernel or the jnp reference, as `impl` ("auto", "pallas", "reference")
+    says."""
     if tuning is None:
         tuning = default_tuning(q.shape[0], page_tables.shape[0], q.shape[1], k_pages.shape[0])
     if impl == "auto":

@@ -340,6 +340,40 @@ def test_entry_point_runs_decode_batches_on_the_mosaic_kernel(interpret):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= MAX_REL_ERR
 
 
+# Mixed batches: (context before, query tokens) per live sequence. The leading one-token sequences (running decodes,
+# a one-token prompt) go to the decode kernel, the rest (a chunk, a later one-token sequence, a short prompt) to the
+# ragged kernel; none lead; all lead (a batch of decodes not flagged decode_only).
+MIXED = {
+    "three-leading": [(40, 1), (15, 1), (0, 1), (30, 20), (50, 1), (3, 5)],
+    "none-leading": [(30, 20), (40, 1), (15, 1), (50, 1), (0, 7), (3, 5)],
+    "all-leading": [(40, 1), (15, 1), (70, 1), (1, 1), (50, 1), (17, 1)],
+}
+
+
+@pytest.mark.parametrize(
+    "interpret", [pytest.param(True, id="interpret"), pytest.param(False, id="gpu", marks=pytest.mark.gpu)]
+)
+@pytest.mark.parametrize("mix", list(MIXED), ids=list(MIXED))
+def test_entry_point_runs_a_mixed_batchs_leading_decodes_on_the_mosaic_kernel(mix, interpret):
+    from test_paged_attention import make_batch
+
+    if not interpret and not platform.on_hopper():
+        pytest.skip("needs a Hopper GPU")
+    batch = make_batch(np.random.default_rng(7), MIXED[mix], page_size=16, num_kv_heads=2, head_dim=128)
+    args = batch.args(jnp.bfloat16)  # 8 sequences (2 padding) x 2 heads: the q copy's 8-row tiling
+    call = functools.partial(paged_attention, *args, sm_scale=0.125, interpret=interpret)
+    out = np.asarray(call(impl="mgpu"), np.float32)
+    ref = np.asarray(call(impl="reference"), np.float32)
+    rows = int(batch.cu_q_lens[batch.num_seqs[0]])
+    np.testing.assert_array_equal(out[rows:], 0)  # padding rows
+    for b in range(int(batch.num_seqs[0])):  # each sequence's rows, so a swapped row cannot hide in the norm
+        lo, hi = batch.cu_q_lens[b], batch.cu_q_lens[b + 1]
+        assert np.linalg.norm(out[lo:hi] - ref[lo:hi]) / np.linalg.norm(ref[lo:hi]) <= MAX_REL_ERR, (mix, b)
+    jaxpr = str(jax.make_jaxpr(functools.partial(call, impl="mgpu"))().jaxpr)
+    assert "paged_decode_mgpu" in jaxpr and "ragged_paged_attention" in jaxpr  # both kernels, the rows split
+    assert "paged_decode_mgpu" not in str(jax.make_jaxpr(functools.partial(call, impl="pallas"))().jaxpr)
+
+
 def test_entry_point_decode_only_elsewhere():
     args = make_inputs(page_size=16, group=4, lens=(20, 3))
     ragged = as_ragged(args, extra_rows=1)
