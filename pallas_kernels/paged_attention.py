@@ -31,7 +31,8 @@ two (q is padded to the next one: a copy of q, never of the pages). float32 prod
 jax_default_matmul_precision (TF32 on GPUs unless it says "highest"). Compiling on GPU warns that jax 0.11.2 deprecates
 the Pallas Triton backend; nothing in jax replaces it for paged attention yet.
 
-Decode-only batches (`decode_only=True`) go to the Mosaic GPU kernel on Hopper (jpaged.kernels.paged_decode_mgpu).
+Decode-only batches (`decode_only=True`) go to the Mosaic GPU kernel on Hopper (jpaged.kernels.paged_decode_mgpu), and
+so do the leading one-token sequences (the running decodes) of other batches.
 Measured on one H200 (bf16, S = 16, decode at full context, K/V bytes read once / time, 2026-11-29), this kernel's
 best tuning / the Mosaic kernel's default / JAX's own kernel: Llama-3-8B heads (32/8, H 128) B 64 ctx 2048:
 2.67 / 3.88 / 2.12 TB/s; B 256 ctx 1024: 2.76 / 3.89 / 2.18; B 16 ctx 16k: 2.42 / 3.92 / 2.31; Llama-2-7B heads
@@ -578,11 +579,13 @@ def paged_attention(
     (jpaged.kernels.paged_decode_mgpu), which streams pages by TMA at ~4 TB/s on an H200 where the ragged kernel
     gets ~2.5; a broken promise gives wrong results, not an error (the values are traced).
     impl: "reference" (jnp), "pallas" (Triton-style Pallas kernel; off GPU only with interpret=True), "mgpu"
-    (the Mosaic GPU kernel for decode_only batches, raising where it cannot run them; "pallas" for the rest), or
+    (the Mosaic GPU kernel for decode_only batches, raising where it cannot run them; "pallas" for other batches,
+    with the split below), or
     "auto": on a Hopper GPU "mgpu" for decode_only batches it supports, else "pallas" on GPU where
     `pallas_gpu_unsupported_reason` finds nothing, else "reference". In other batches "mgpu" (on Hopper or
     interpreted) and "auto" (on Hopper) run the leading one-token sequences, a mixed step's running decodes, on the
-    Mosaic GPU kernel and the rest on the ragged path (`_leading_decode_rows`).
+    Mosaic GPU kernel and the rest on the ragged path (`_leading_decode_rows`; where the decode kernel cannot run the
+    shapes, e.g. a sliding window or float32, every row stays on the ragged path).
     tuning: the ragged kernel's; None picks `default_tuning` for the static shapes (split-K for decode of few
     sequences). The decode kernel picks its own (`paged_decode_mgpu.default_tuning`).
     """
@@ -627,9 +630,11 @@ def _leading_decode_rows(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, 
                          sliding_window, interpret):  # fmt: skip
     """A mixed batch's leading run of one-token sequences (the scheduler puts running decodes first) through the
     Mosaic GPU decode kernel: sequence b < D has one query, in row b, at its last position, exactly the decode
-    kernel's contract. Returns (D [] int32, their outputs padded to [T, N, H]; rows >= D zero), or None where the
-    kernel cannot run the shapes. In a Llama-2-7B fixed:512 run the prefill/mixed steps carry up to 236 such rows,
-    which the ragged kernel streamed at ~2 TB/s (docs/benchmarks.md, sixteenth session)."""
+    kernel's contract, given cu_q_lens[0] = 0 (as the runner packs every step). Returns (D [] int32, their outputs
+    padded to [T, N, H]; rows >= D zero), or None where the kernel cannot run the shapes (the ragged path then takes
+    every row). In a Llama-2-7B fixed:512 run the prefill/mixed steps carry up to 252 such rows, which the ragged
+    kernel streamed at ~2 TB/s (docs/benchmarks.md, sixteenth session). A step with none still launches the decode
+    kernel, whose programs find no blocks and write zeros."""
     from jpaged.kernels import paged_decode_mgpu as mgpu
 
     num_rows = min(q.shape[0], page_tables.shape[0])
@@ -638,7 +643,7 @@ def _leading_decode_rows(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, 
         return None
     live = jnp.arange(num_rows) < num_seqs[0]
     one_token = live & (cu_q_lens[1 : num_rows + 1] - cu_q_lens[:num_rows] == 1)
-    num_leading = jnp.sum(jnp.cumprod(one_token.astype(jnp.int32)))
+    num_leading = jnp.sum(jnp.cumprod(one_token.astype(jnp.int32)), dtype=jnp.int32)
     out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, tables, seq_lens[:num_rows],
                                            num_leading.reshape(1), sm_scale=sm_scale, interpret=interpret)  # fmt: skip
     return num_leading, jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
