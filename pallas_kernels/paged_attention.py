@@ -607,9 +607,8 @@ def paged_attention(
             raise ValueError(f"impl='mgpu' needs a Hopper GPU (sm_90) or interpret=True (backend is {backend!r})")
         # "auto" picks the kernel on Hopper only, as it picks the Triton kernel on GPUs only, interpret or not.
         if impl == "mgpu" or (reason is None and on_hopper()):
-            out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables, seq_lens, num_seqs,
-                                                   sm_scale=sm_scale, interpret=interpret)  # fmt: skip
-            return jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
+            return _on_decode_kernel(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sm_scale=sm_scale,
+                                     interpret=interpret)  # fmt: skip
     leading = None
     if impl in ("auto", "mgpu") and (on_hopper() or (impl == "mgpu" and interpret)):
         batch = (q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs)
@@ -644,9 +643,21 @@ def _leading_decode_rows(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, 
     live = jnp.arange(num_rows) < num_seqs[0]
     one_token = live & (cu_q_lens[1 : num_rows + 1] - cu_q_lens[:num_rows] == 1)
     num_leading = jnp.sum(jnp.cumprod(one_token.astype(jnp.int32)), dtype=jnp.int32)
-    out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, tables, seq_lens[:num_rows],
-                                           num_leading.reshape(1), sm_scale=sm_scale, interpret=interpret)  # fmt: skip
-    return num_leading, jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
+    out = _on_decode_kernel(q, k_pages, v_pages, page_tables, seq_lens, num_leading.reshape(1), sm_scale=sm_scale,
+                            interpret=interpret)  # fmt: skip
+    return num_leading, out
+
+
+def _on_decode_kernel(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_scale, interpret) -> jax.Array:
+    """Sequences b < num_seqs[0], one query each in row b, through the Mosaic GPU decode kernel over the first
+    min(T, B) rows; the output padded back to q's [T, N, H] (rows past them zero)."""
+    from jpaged.kernels import paged_decode_mgpu as mgpu
+
+    num_rows = min(q.shape[0], page_tables.shape[0])
+    out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables[:num_rows],
+                                           seq_lens[:num_rows], num_seqs, sm_scale=sm_scale,
+                                           interpret=interpret)  # fmt: skip
+    return jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
 
 
 def _ragged(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, *, sm_scale, sliding_window, impl,
