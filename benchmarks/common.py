@@ -99,7 +99,6 @@ def _cpu() -> str | None:
 DECODE_TUNING_ENV = "JPAGED_DECODE_TUNING_OVERRIDE"
 STEP_COPIES_ENV = "JPAGED_STEP_COPIES"
 PINNED_INPUT_ENV = "JPAGED_PINNED_INPUT"
-SPLIT_PARTIALS_ENV = "JPAGED_SPLIT_PARTIALS"
 
 
 def run_script(argv: Sequence[str]) -> None:
@@ -144,8 +143,6 @@ def env_info(*, jax_devices: bool = False, torch_device: bool = False) -> dict[s
         info["step_copies"] = int(copies)
     if os.environ.get(PINNED_INPUT_ENV):  # set by with_pinned_input.py
         info["pinned_input"] = True
-    if split := os.environ.get(SPLIT_PARTIALS_ENV):  # set by with_split_partials.py
-        info["split_partials"] = split
     if jax_devices:
         import jax
 

@@ -22,9 +22,7 @@ fused projection alone (qkv, o, gate_up, down) under XLA, with the weight as the
 N-major ("xla-nk", [N, K] as HF stores it), and under a coordinate descent of kernel tunings (of the Triton-lowered
 kernel, or with --sweep-impl mgpu of the Mosaic GPU one; --max-configs 0: none); with --cublas too, XLA's two again
 under cuBLAS ("xla-cublas", "xla-nk-cublas": which of XLA's two GEMM libraries streams each projection faster, where
-a whole layer under cuBLAS only averages them); with --split-partials S..., XLA's product as S products over slices of
-K giving float32 partial sums ("xla-splitS", models/llama.py `split_partials`; the engine leaves their sum to the add +
-norm kernel, so the sum is checked, not timed). Each variant is checked against
+a whole layer under cuBLAS only averages them). Each variant is checked against
 the "model" output first (relative L2 error <= 1e-2). Bytes = the layer's weights read once; floor = bytes /
 4.28 TB/s (at these M every GEMM is bandwidth-bound).
 """
@@ -132,12 +130,10 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
 
     import jax
 
-    from jpaged.kernels.add_rms_norm import summed
     from jpaged.kernels.grouped_matmul import default_tuning as pallas_tuning
     from jpaged.kernels.grouped_matmul import matmul, matmul_unsupported_reason
     from jpaged.kernels.matmul_mgpu import default_tuning as mgpu_tuning
     from jpaged.kernels.matmul_mgpu import matmul_mgpu, matmul_mgpu_unsupported_reason
-    from jpaged.models.llama import split_partials
 
     if args.sweep_impl == "mgpu":
         default_tuning: Any = mgpu_tuning
@@ -174,7 +170,6 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
                 config: str,
                 fn: Any,
                 tuning: Any = None,
-                check: Any = None,
                 base: dict[str, Any] = base,
                 ref: Any = ref,
                 m: int = m,
@@ -182,7 +177,7 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
             ) -> float:
                 row = dict(base, config=config, impl="xla" if config.startswith("xla") else args.sweep_impl)
                 try:
-                    row["rel_err"] = rel_err(common.block((check or fn)()), ref)
+                    row["rel_err"] = rel_err(common.block(fn()), ref)
                     row["ok"] = row["rel_err"] <= MAX_REL_ERR
                     if row["ok"]:
                         seconds = common.time_calls(fn, warmup=1, iters=args.iters)["pipelined_s"] / len(ref)
@@ -204,11 +199,6 @@ def sweep(fused: dict[str, Any], args: argparse.Namespace, rows_out: list[dict[s
             nk = chained(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))), x, ws_nk)
             run("xla-nk" + xla_suffix, nk)
             del ws_nk
-            for splits in args.split_partials if proj in ("o", "down") else ():
-                if k % splits == 0:
-                    part = functools.partial(split_partials, splits=splits)
-                    total = chained(lambda x, w, part=part: summed(part(x, w), x.dtype), x, ws)
-                    run(f"xla-split{splits}" + xla_suffix, chained(part, x, ws), check=total)
 
             def evaluate(tuning: Any, x: Any = x, w: Any = w, ws: Any = ws, seen: dict[Any, float] = seen) -> float:
                 if tuning not in seen:
@@ -341,8 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=1 << 30,
         help="--sweep times each projection over copies of its weight totalling this many bytes",
     )
-    parser.add_argument("--split-partials", type=int, nargs="*", default=[], metavar="S",
-                        help="--sweep also times o and down as S float32 partial sums (no reduction)")  # fmt: skip
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bandwidth", type=float, default=common.HBM_BYTES_PER_S)
@@ -375,7 +363,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         child += ["--tiny"] if args.tiny else []
         if args.sweep:  # XLA's two layouts only: the kernels do not change with XLA's flags
             child += ["--sweep", "--max-configs", "0", "--chain-bytes", str(args.chain_bytes)]
-            child += ["--split-partials", *map(str, args.split_partials)] if args.split_partials else []
             child += ["--projections", *args.projections] if args.projections else []
         cmd = [sys.executable, str(Path(__file__).resolve()), *child]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout

@@ -94,7 +94,7 @@ def over_kv_heads(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     def wrapped(qkv, positions, k_pages, v_pages, meta):
-        if tp_size() == 1:
+        if _tp_size() == 1:
             return fn(qkv, positions, k_pages, v_pages, meta)
         return jax.shard_map(
             fn,
@@ -112,8 +112,7 @@ def over_kv_heads(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def tp_size() -> int:
-    """The current mesh's `tp` axis size (`jax.set_mesh`); 1 without one."""
+def _tp_size() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty or TP not in mesh.axis_names else mesh.shape[TP]
 
@@ -123,7 +122,7 @@ def on_every_device(fn: Callable[..., Any]) -> Callable[..., Any]:
     `tp` axis in the current mesh."""
 
     def wrapped(*args: Any) -> Any:
-        if tp_size() == 1:
+        if _tp_size() == 1:
             return fn(*args)
         return jax.shard_map(fn, in_specs=P(), out_specs=P(), check_vma=False)(*args)
 
@@ -139,7 +138,7 @@ def column_parallel(fn: Callable[[jax.Array, jax.Array], jax.Array], w_dim: int)
     """
 
     def wrapped(x: jax.Array, w: jax.Array) -> jax.Array:
-        tp = tp_size()
+        tp = _tp_size()
         if tp == 1 or w.shape[w_dim] % tp:  # param_spec replicates a weight that does not split evenly
             return fn(x, w)
         w_spec: list[str | None] = [None] * w.ndim
@@ -157,7 +156,7 @@ def row_parallel(fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable[..
     its dimension 1, w on its dimension 0) to run per device on its slices, then sum the partial outputs."""
 
     def wrapped(x: jax.Array, w: jax.Array) -> jax.Array:
-        tp = tp_size()
+        tp = _tp_size()
         if tp == 1 or w.shape[0] % tp:  # param_spec replicates a weight that does not split evenly
             return fn(x, w)
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jpaged import sharding
-from jpaged.kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, summed
+from jpaged.kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from jpaged.kernels.add_rms_norm import pallas_unsupported_reason as add_norm_unsupported_reason
 from jpaged.kernels.add_rms_norm import resolve_impl as resolve_norm_impl
 from jpaged.kernels.grouped_matmul import default_tuning, matmul, matmul_unsupported_reason
@@ -47,19 +47,18 @@ logger = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 KVPages = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [K, P, S, H]
-# feed_forward(layer, x [T, D], cfg, num_tokens [] int32: rows past it are padding, *, matmul_impl) -> delta: [T, D],
-# or [S, T, D] float32 partial sums (`project_delta`)
+# feed_forward(layer, x [T, D], cfg, num_tokens [] int32: rows past it are padding, *, matmul_impl) -> [T, D]
 FeedForward = Callable[..., jax.Array]
 
 
 def add_norm(x: jax.Array, delta: jax.Array, weight: jax.Array, cfg: ModelConfig, *, impl: str):
     """(x + delta, rms_norm(x + delta)) [T, D] each: the residual add and the next norm, fused by the kernel
     (add_rms_norm.py) where it runs; "pallas" where D cannot be a Triton block falls back to XLA, saying why in the
-    log. delta [T, D], or [S, T, D] float32 partial sums (`project_delta`), which the kernel adds."""
-    if impl == "pallas" and (reason := add_norm_unsupported_reason(x, delta)) is not None:
+    log."""
+    if impl == "pallas" and (reason := add_norm_unsupported_reason(x)) is not None:
         logger.info("norm_impl='pallas': XLA for rows of width %d (%s)", x.shape[1], reason)
         impl = "xla"
-    if resolve_norm_impl(impl, x, delta) == "xla":  # no kernel: XLA partitions it like any other op
+    if resolve_norm_impl(impl, x) == "xla":  # no kernel: XLA partitions it like any other op
         return add_rms_norm_reference(x, delta, weight, cfg.rms_norm_eps)
     fn = functools.partial(add_rms_norm, eps=cfg.rms_norm_eps, impl="pallas", interpret=not on_gpu())
     return sharding.on_every_device(fn)(x, delta, weight)
@@ -143,40 +142,6 @@ def project(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) 
     )
 
 
-# The residual's projections (output, down) as S products over slices of their contraction, whose float32 partial
-# sums the add + norm kernel adds (`project_delta`): (K, N, rows M) -> S where that measured faster on the H200 than
-# XLA's GEMM and its own split-K reduction kernel. Empty: not measured yet (benchmarks/gemm.py --split-partials).
-H200_SPLIT_PARTIALS: dict[tuple[int, int, int], int] = {}
-
-
-def split_partials(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
-    """x [M, K] @ w [K, N] as `splits` products over K's slices: [S, M, N] float32 partial sums."""
-    m, k = x.shape
-    if k % splits:
-        raise ValueError(f"K = {k} does not split in {splits}")
-    xs = x.reshape(m, splits, k // splits)
-    ws = w.reshape(splits, k // splits, w.shape[1])
-    # m row, s split, c contraction within a split, n output column
-    return jnp.einsum("msc,scn->smn", xs, ws, preferred_element_type=jnp.float32)
-
-
-def _delta_splits(m: int, k: int, n: int, impl: str) -> int | None:
-    if impl != "auto" or not on_hopper() or sharding.tp_size() > 1:  # under tp the devices' sums stay bf16
-        return None
-    splits = H200_SPLIT_PARTIALS.get((k, n, m))
-    return splits if splits is not None and k % splits == 0 else None
-
-
-def project_delta(x: jax.Array, layer: dict[str, jax.Array], name: str, *, impl: str) -> jax.Array:
-    """`project` for a projection whose output the residual add takes (wo, w_down): [T, D] in x's dtype, or where
-    H200_SPLIT_PARTIALS holds the shapes, [S, T, D] float32 partial sums for `add_norm` to add."""
-    x2 = x.reshape(x.shape[0], -1)
-    w2 = layer[name].reshape(x2.shape[1], -1)
-    (m, k), n = x2.shape, w2.shape[1]
-    splits = _delta_splits(m, k, n, impl)
-    return project(x, layer, name, impl=impl) if splits is None else split_partials(x2, w2, splits)
-
-
 def silu(x: jax.Array) -> jax.Array:
     """As torch's: in float32, rounded once to x's dtype (`jax.nn.silu` on bf16 also rounds its sigmoid to bf16).
     On CPU this brings a random 1B Llama's bf16 logits ~6% closer to HF's bf16 and to float32
@@ -188,7 +153,7 @@ def mlp(layer: dict[str, jax.Array], x: jax.Array, cfg: ModelConfig, num_tokens:
         matmul_impl: str = "auto") -> jax.Array:  # fmt: skip
     del num_tokens  # dense: padding rows cost no more weight reads than real ones
     gate_up = project(x, layer, "w_gate_up", impl=matmul_impl)  # [T, 2, F]
-    return project_delta(silu(gate_up[:, 0]) * gate_up[:, 1], layer, "w_down", impl=matmul_impl)
+    return project(silu(gate_up[:, 0]) * gate_up[:, 1], layer, "w_down", impl=matmul_impl)
 
 
 def _write_and_attend(qkv, positions, k_pages, v_pages, meta: AttentionMetadata, *, cfg: ModelConfig, impl: str):
@@ -219,7 +184,7 @@ def attention(
     qkv = project(x, layer, "wqkv", impl=matmul_impl)  # [T, K, G + 2, H]
     attend = sharding.over_kv_heads(functools.partial(_write_and_attend, cfg=cfg, impl=attn_impl))
     out, k_pages, v_pages = attend(qkv, positions, *layer_kv, meta)  # out [T, N, H]
-    return project_delta(out, layer, "wo", impl=matmul_impl), (k_pages, v_pages)
+    return project(out, layer, "wo", impl=matmul_impl), (k_pages, v_pages)
 
 
 def decoder_forward(
@@ -254,8 +219,7 @@ def decoder_forward(
             x, h = add_norm(x, delta, layers[i + 1]["attn_norm"], cfg, impl=norm_impl)
         new_pages.append(layer_kv)
     # The last add only for the rows that give logits.
-    rows = meta.logits_indices
-    x = rms_norm(x[rows] + summed(delta[..., rows, :], x.dtype), params["final_norm"], cfg.rms_norm_eps)
+    x = rms_norm(x[meta.logits_indices] + delta[meta.logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params.get("lm_head", params["embed"])
     logits = jnp.einsum("rd,vd->rv", x, lm_head, preferred_element_type=jnp.float32)
     return logits, new_pages

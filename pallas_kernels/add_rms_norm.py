@@ -1,12 +1,10 @@
 """The residual add and the RMSNorm after it, in one kernel.
 
-T tokens, D model width, S split-K partial sums.
+T tokens, D model width.
 
 Contract: residual = x + delta (in x's dtype); normed = weight * rms_norm(residual), where rms_norm normalises in
 float32 and rounds to x's dtype before the scale, as HF's LlamaRMSNorm does (`rms_norm`, the reference and the XLA
-path). Both come back; the next layer adds to `residual` and reads `normed`. delta is either
-[T, D] in x's dtype or [S, T, D] float32: the partial sums of a matmul whose contraction was split in S, added here
-in float32 and rounded once to x's dtype, as a GEMM's own split-K reduction rounds its output.
+path). Both come back; the next layer adds to `residual` and reads `normed`.
 
 Why. A Llama layer adds a residual and normalises twice. XLA emits each pair as three launches (the add; the sum of
 squares, a row reduction; the scale, which reads the row again), each moving a few KB a token: at one token a launch
@@ -17,13 +15,8 @@ Measured (H200, Llama-2-7B, docs/benchmarks.md, ninth session): 2.1 us a call at
 decode 241.4 against 240.1 tok/s with XLA's fusions in the same call. Less than the launch count promised: XLA had
 fused the add into the split-K reduction of the output and down projections' GEMMs, which now runs alone.
 
-Why partial sums. XLA runs a decode step's output and down projections as split-K GEMMs followed by a reduction
-kernel of their own (63 launches a Llama-2-7B step, ~1.3 us each at one row). Given the partials, this kernel does
-that reduction where it reads delta anyway, and the launch goes.
-
 Design. Grid (T,), one program a row; the row is one block ([D]: Triton's blocks have power-of-two sides, so D must
-be one; Llama-2-13B's 5120 is not and stays with XLA; S likewise). The tuning is the warps a program spreads its row
-over.
+be one; Llama-2-13B's 5120 is not and stays with XLA). The tuning is the warps a program spreads its row over.
 """
 
 from __future__ import annotations
@@ -67,43 +60,32 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def summed(delta: jax.Array, dtype) -> jax.Array:
-    """delta as [T, D] in dtype: [S, T, D] float32 partial sums added in float32 and rounded once."""
-    return delta.sum(axis=0).astype(dtype) if delta.ndim == 3 else delta
-
-
 def add_rms_norm_reference(x: jax.Array, delta: jax.Array, weight: jax.Array, eps: float):
-    """Plain jnp (and the XLA path): (x + delta, rms_norm(x + delta)); delta [T, D] or [S, T, D] partial sums."""
-    residual = x + summed(delta, x.dtype)
+    """Plain jnp (and the XLA path): (x + delta, rms_norm(x + delta))."""
+    residual = x + delta
     return residual, rms_norm(residual, weight, eps)
 
 
 def _validate(x, delta, weight) -> None:
     if x.ndim != 2:
         raise ValueError(f"x must be [T, D], got shape {x.shape}")
-    if delta.ndim == 3:
-        if delta.shape[1:] != x.shape or delta.dtype != jnp.float32:
-            want = f"[S, {x.shape[0]}, {x.shape[1]}] float32"
-            raise ValueError(f"partial sums {delta.shape} {delta.dtype} must be {want}")
-    elif delta.shape != x.shape or delta.dtype != x.dtype:
+    if delta.shape != x.shape or delta.dtype != x.dtype:
         raise ValueError(f"delta {delta.shape} {delta.dtype} must match x {x.shape} {x.dtype}")
     if weight.shape != x.shape[1:]:
         raise ValueError(f"weight must be [D={x.shape[1]}], got shape {weight.shape}")
 
 
-def pallas_unsupported_reason(x: jax.Array, delta: jax.Array | None = None) -> str | None:
-    """Why the compiled kernel cannot take rows of this width (or these partial sums), or None."""
+def pallas_unsupported_reason(x: jax.Array) -> str | None:
+    """Why the compiled kernel cannot take rows of this width, or None."""
     width = x.shape[-1]
     if not is_power_of_two(width):
         return f"D = {width} is not a power of two (a Triton block's side)"
-    if delta is not None and delta.ndim == 3 and not is_power_of_two(delta.shape[0]):
-        return f"S = {delta.shape[0]} partial sums is not a power of two (a Triton block's side)"
     return None
 
 
 def _kernel(
     x_ref,  # [D] this program's row of the residual stream
-    delta_ref,  # [D] what the layer adds to it, or [S, D] float32 partial sums of it
+    delta_ref,  # [D] what the layer adds to it
     weight_ref,  # [D] the norm's scale
     residual_ref,  # [D] out: x + delta, in x's dtype
     normed_ref,  # [D] out: weight * rms_norm(residual)
@@ -113,10 +95,7 @@ def _kernel(
     # Each op in float32, its result rounded to its output's dtype: HF's eager ops, and `rms_norm` op by op. (XLA may
     # drop an intermediate rounding inside a fusion: on CPU the jitted reference normalises the unrounded sum.)
     f32 = jnp.float32
-    delta = delta_ref[...].astype(f32)
-    if delta.ndim == 2:
-        delta = jnp.sum(delta, axis=0).astype(x_ref.dtype).astype(f32)
-    residual = (x_ref[...].astype(f32) + delta).astype(residual_ref.dtype)
+    residual = (x_ref[...].astype(f32) + delta_ref[...].astype(f32)).astype(residual_ref.dtype)
     residual_ref[...] = residual
     xf = residual.astype(f32)
     normalised = (xf * jax.lax.rsqrt(jnp.mean(xf * xf) + eps)).astype(residual_ref.dtype)
@@ -126,12 +105,11 @@ def _kernel(
 def _add_rms_norm_pallas(x, delta, weight, *, eps, tuning: AddRmsNormTuning, interpret: bool):
     num_tokens, width = x.shape
     row = pl.BlockSpec((None, width), lambda t: (t, 0))
-    delta_row = row if delta.ndim == 2 else pl.BlockSpec((delta.shape[0], None, width), lambda t: (0, t, 0))
     normed_dtype = jnp.result_type(weight.dtype, x.dtype)
     return pl.pallas_call(
         functools.partial(_kernel, eps=eps),
         grid=(num_tokens,),
-        in_specs=[row, delta_row, pl.BlockSpec((width,), lambda t: (0,))],
+        in_specs=[row, row, pl.BlockSpec((width,), lambda t: (0,))],
         out_specs=[row, row],
         out_shape=[
             pallas_out_struct(x.shape, x.dtype, x, delta, weight),
@@ -143,18 +121,18 @@ def _add_rms_norm_pallas(x, delta, weight, *, eps, tuning: AddRmsNormTuning, int
     )(x, delta, weight)
 
 
-def resolve_impl(impl: str, x: jax.Array, delta: jax.Array | None = None) -> str:
-    """What "auto" means for rows like x (and delta) on the default backend: the kernel on a GPU where it can take
-    them, else XLA's fusions."""
+def resolve_impl(impl: str, x: jax.Array) -> str:
+    """What "auto" means for rows like x on the default backend: the kernel on a GPU where D is a power of two,
+    else XLA's fusions."""
     if impl != "auto":
         return impl
-    return "pallas" if on_gpu() and pallas_unsupported_reason(x, delta) is None else "xla"
+    return "pallas" if on_gpu() and pallas_unsupported_reason(x) is None else "xla"
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "impl", "tuning", "interpret"))
 def add_rms_norm(
     x: jax.Array,  # [T, D]
-    delta: jax.Array,  # [T, D] x's dtype, or [S, T, D] float32 partial sums
+    delta: jax.Array,  # [T, D] x's dtype
     weight: jax.Array,  # [D]
     *,
     eps: float,
@@ -170,12 +148,12 @@ def add_rms_norm(
     _validate(x, delta, weight)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    impl = resolve_impl(impl, x, delta)
+    impl = resolve_impl(impl, x)
     if impl == "xla":
         return add_rms_norm_reference(x, delta, weight, eps)
     if not interpret and not on_gpu():
         raise ValueError(f"impl='pallas' needs a GPU (backend is {jax.default_backend()!r}) or interpret=True")
-    if not interpret and (reason := pallas_unsupported_reason(x, delta)) is not None:
+    if not interpret and (reason := pallas_unsupported_reason(x)) is not None:
         raise ValueError(f"impl='pallas' cannot normalise these rows: {reason}")
     return _add_rms_norm_pallas(x, delta, weight, eps=eps, tuning=tuning or default_tuning(x.shape[1]),
                                 interpret=interpret)  # fmt: skip

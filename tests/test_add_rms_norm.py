@@ -1,8 +1,7 @@
 """The fused residual add + RMSNorm: the kernel gives the reference's residual and normed rows (the residual exactly),
-whatever the row count, width and dtype, also when it adds a projection's split-K partial sums itself, and the model's
-layers give the same logits through it.
+whatever the row count, width and dtype, and the model's layers give the same logits through it.
 
-T tokens, D model width, S partial sums.
+T tokens, D model width.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from jpaged.kernels.add_rms_norm import (
     add_rms_norm_reference,
     default_tuning,
     pallas_unsupported_reason,
-    rms_norm,
 )
 
 # jax 0.11.2 warns on every Triton lowering of a Pallas kernel; that backend is what this kernel is written for.
@@ -64,47 +62,6 @@ def test_kernel_matches_reference(num_tokens, width, dtype):
     assert residual.dtype == x.dtype and normed.dtype == x.dtype and normed.shape == (num_tokens, width)
     np.testing.assert_array_equal(np.asarray(residual, np.float32), np.asarray(want_residual, np.float32))
     close(normed, want_normed)
-
-
-def partial_sums(seed: int, splits: int, num_tokens: int, width: int) -> jax.Array:
-    """[S, T, D] float32: what `llama.split_partials` gives for a delta of rows()'s scale."""
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.standard_normal((splits, num_tokens, width)) / splits**0.5, jnp.float32)
-
-
-@pytest.mark.parametrize("num_tokens", [1, 7, 128])
-@pytest.mark.parametrize("splits", [2, 8])
-@pytest.mark.parametrize(("width", "dtype"), [(64, jnp.float32), (4096, jnp.bfloat16)])
-def test_kernel_adds_partial_sums(num_tokens, splits, width, dtype):
-    """delta as S float32 partial sums: added in float32 and rounded once to x's dtype, then as a [T, D] delta."""
-    x, _, weight = rows(num_tokens + splits, num_tokens, width, dtype)
-    partials = partial_sums(num_tokens * splits, splits, num_tokens, width)
-    residual, normed = add_rms_norm(x, partials, weight, eps=1e-5, impl="pallas", interpret=not ON_GPU)
-    assert residual.shape == normed.shape == x.shape and residual.dtype == normed.dtype == x.dtype
-    delta = np.asarray(partials, np.float64).sum(0)
-    assert not np.allclose(delta, np.asarray(partials[0]), atol=0.1)  # every split counts
-    # Two roundings to x's dtype (the sum, then the residual), each within half an ulp of what it rounds. Not
-    # compared bit for bit with the reference: XLA may keep the sum unrounded inside a fusion (excess precision;
-    # the interpreter runs the kernel through XLA too), which moves the residual by up to an ulp of delta.
-    want_residual, _ = add_rms_norm_reference(x, partials, weight, 1e-5)
-    x64, ulp = np.asarray(x, np.float64), 2.0 ** (-8 if dtype == jnp.bfloat16 else -24)
-    bound = ulp * (np.abs(x64) + 2 * np.abs(delta)) + 1e-6
-    for got in (residual, want_residual):
-        assert np.all(np.abs(np.asarray(got, np.float64) - (x64 + delta)) <= bound)
-    close(normed, rms_norm(residual, weight, 1e-5))  # the norm of the residual it gave
-
-
-def test_partial_sums_are_checked():
-    x, _, weight = rows(5, 3, 64, jnp.bfloat16)
-    partials = partial_sums(5, 4, 3, 64)
-    with pytest.raises(ValueError, match=r"partial sums \(4, 3, 64\) bfloat16 must be \[S, 3, 64\] float32"):
-        add_rms_norm(x, partials.astype(jnp.bfloat16), weight, eps=1e-5)
-    with pytest.raises(ValueError, match=r"must be \[S, 3, 64\] float32"):
-        add_rms_norm(x, partials[:, :2], weight, eps=1e-5)
-    assert pallas_unsupported_reason(x, partials) is None
-    assert pallas_unsupported_reason(x, partial_sums(5, 3, 3, 64)) == (
-        "S = 3 partial sums is not a power of two (a Triton block's side)"
-    )
 
 
 def test_reference_is_hf_rms_norm():
@@ -175,51 +132,3 @@ def test_kernel_lowers_to_triton_for_an_h200():
     kernel = functools.partial(module._add_rms_norm_pallas, eps=1e-5, tuning=default_tuning(4096), interpret=False)
     text = lower_for_h200(kernel, x, x, weight)
     assert "add_rms_norm" in text and "triton" in text
-    # and adding the down projection's partial sums at a 256-row decode step
-    text = lower_for_h200(kernel, x, jax.ShapeDtypeStruct((8, 256, 4096), jnp.float32), weight)
-    assert "add_rms_norm" in text and "triton" in text
-
-
-def test_model_leaves_split_partials_to_the_kernel(monkeypatch):
-    """With H200_SPLIT_PARTIALS naming a layer's output and down projections, a bf16 prefill runs them as split-K
-    partial sums that the add + norm (kernel or XLA) adds, and gives the logits of the plain projections up to bf16
-    rounding; under matmul_impl "xla", and off Hopper, the table is not read."""
-    from conftest import HF_FIXTURES, one_prompt_metadata
-
-    from jpaged import LLM
-    from jpaged.models import get_forward, llama
-
-    llm = LLM(str(HF_FIXTURES / "llama-gqa4"), dtype="bfloat16", max_model_len=128, skip_tokenizer_init=True)
-    runner, cfg = llm.engine.runner, llm.engine.model_config
-    n = 24
-    tokens = jax.random.randint(jax.random.key(0), (n,), 1, cfg.vocab_size, jnp.int32)
-    args = (runner.params, tokens, jnp.arange(n, dtype=jnp.int32), runner.kv_pages, one_prompt_metadata(n, 16))
-    calls = []
-    split = llama.split_partials
-
-    def counted(x, w, splits):
-        calls.append((*x.shape, w.shape[1], splits))
-        return split(x, w, splits)
-
-    monkeypatch.setattr(llama, "split_partials", counted)
-
-    def logits(matmul_impl: str, norm_impl: str) -> np.ndarray:
-        calls.clear()
-        with jax.set_mesh(runner.mesh):
-            forward = get_forward(cfg, matmul_impl=matmul_impl, norm_impl=norm_impl)
-            return np.asarray(forward(*args)[0], np.float32)
-
-    plain = logits("auto", "xla")
-    monkeypatch.setattr(llama, "H200_SPLIT_PARTIALS", {(cfg.num_heads * cfg.head_dim, cfg.hidden_size, n): 4,
-                                                       (cfg.intermediate_size, cfg.hidden_size, n): 2})  # fmt: skip
-    logits("auto", "xla")
-    assert calls == []  # not on Hopper
-    monkeypatch.setattr(llama, "on_hopper", lambda: True)
-    for norm_impl in ("xla", "pallas"):
-        got = logits("auto", norm_impl)
-        assert calls == [(n, 64, 64, 4), (n, 128, 64, 2)] * cfg.num_layers
-        err = np.linalg.norm(got - plain) / np.linalg.norm(plain)
-        assert err < 1e-2, (norm_impl, err)
-        assert (got.argmax(-1) == plain.argmax(-1)).mean() >= 0.9
-    logits("xla", "xla")
-    assert calls == []
