@@ -6,8 +6,9 @@
 Shapes (bf16, page size 16, every page table a random permutation of the pool, all sequences at full context):
 - decode, the four anchor shapes of ../shared/anchors/README.md: Llama-3-8B B=64 ctx 2048, Llama-2-7B B=64 ctx 2048,
   Llama-3-8B B=16 ctx 16384, Llama-3-8B B=256 ctx 1024 (one query token per sequence);
-- prefill: 4 prompts of 2048 tokens from scratch (Llama-3-8B and Llama-2-7B heads), and a mixed batch (Llama-3-8B:
-  4 chunks of 512 tokens completing 2048-token prompts plus 60 decode tokens at context 2048).
+- prefill: 4 prompts of 2048 tokens from scratch (Llama-3-8B and Llama-2-7B heads), a mixed batch (Llama-3-8B:
+  4 chunks of 512 tokens completing 2048-token prompts plus 60 decode tokens at context 2048), and 16 prompts of 512
+  tokens (Llama-2-7B heads: a prefill step of throughput.py's fixed:512).
 
 Kernels: for decode, what the engine's decode-only steps run ("jpaged decode": `paged_attention(decode_only=True)`
 with impl="auto", the Mosaic GPU kernel on Hopper, the jnp reference off GPU); and the Triton-lowered kernel, i.e.
@@ -132,6 +133,9 @@ def gpu_cases() -> list[Case]:
             seqs=((2048, 2048),) * 4,
         ),
         Case(name="llama3-8b mixed 4x512+60", kind="mixed", heads=32, kv_heads=8, head_dim=128, seqs=mixed),
+        # a prefill step of throughput.py's fixed:512 (8,192 tokens: sixteen 512-token prompts)
+        Case(name="llama2-7b prefill 16x512", kind="prefill", heads=32, kv_heads=32, head_dim=128,
+             seqs=((512, 512),) * 16),  # fmt: skip
     ]
 
 
