@@ -607,8 +607,9 @@ def paged_attention(
             raise ValueError(f"impl='mgpu' needs a Hopper GPU (sm_90) or interpret=True (backend is {backend!r})")
         # "auto" picks the kernel on Hopper only, as it picks the Triton kernel on GPUs only, interpret or not.
         if impl == "mgpu" or (reason is None and on_hopper()):
-            return _on_decode_kernel(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sm_scale=sm_scale,
-                                     interpret=interpret)  # fmt: skip
+            out = _on_decode_kernel(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, sm_scale=sm_scale,
+                                    interpret=interpret)  # fmt: skip
+            return jnp.pad(out, ((0, q.shape[0] - out.shape[0]), (0, 0), (0, 0)))  # rows past B: zero
     leading = None
     if impl in ("auto", "mgpu") and (on_hopper() or (impl == "mgpu" and interpret)):
         batch = (q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs)
@@ -622,18 +623,22 @@ def paged_attention(
                   sliding_window=sliding_window, impl=impl, tuning=tuning, interpret=interpret)  # fmt: skip
     if leading is None:
         return out
-    return jnp.where((jnp.arange(q.shape[0]) < num_leading)[:, None, None], leading_out, out)
+    # Only the first min(T, B) rows can hold leading decodes: merged there and written back in place, so the
+    # step does not pay a select over all T rows (1.3 ms of a Llama-2-7B 8,192-token prefill step).
+    n = leading_out.shape[0]
+    head = jnp.where((jnp.arange(n) < num_leading)[:, None, None], leading_out, out[:n])
+    return jax.lax.dynamic_update_slice_in_dim(out, head, 0, axis=0)
 
 
 def _leading_decode_rows(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, *, sm_scale,
                          sliding_window, interpret):  # fmt: skip
     """A mixed batch's leading run of one-token sequences (the scheduler puts running decodes first) through the
     Mosaic GPU decode kernel: sequence b < D has one query, in row b, at its last position, exactly the decode
-    kernel's contract, given cu_q_lens[0] = 0 (as the runner packs every step). Returns (D [] int32, their outputs
-    padded to [T, N, H]; rows >= D zero), or None where the kernel cannot run the shapes (the ragged path then takes
-    every row). In a Llama-2-7B fixed:512 run the prefill/mixed steps carry up to 252 such rows, which the ragged
-    kernel streamed at ~2 TB/s (docs/benchmarks.md, sixteenth session). A step with none still launches the decode
-    kernel, whose programs find no blocks and write zeros."""
+    kernel's contract, given cu_q_lens[0] = 0 (as the runner packs every step). Returns (D [] int32, the decode
+    kernel's [min(T, B), N, H] output: rows >= D zero), or None where the kernel cannot run the shapes (the ragged
+    path then takes every row). In a Llama-2-7B fixed:512 run the prefill/mixed steps carry up to 252 such rows,
+    which the ragged kernel streamed at ~2 TB/s (docs/benchmarks.md, sixteenth session). A step with none still
+    launches the decode kernel, whose programs find no blocks and write zeros."""
     from jpaged.kernels import paged_decode_mgpu as mgpu
 
     num_rows = min(q.shape[0], page_tables.shape[0])
@@ -650,14 +655,14 @@ def _leading_decode_rows(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, 
 
 def _on_decode_kernel(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, sm_scale, interpret) -> jax.Array:
     """Sequences b < num_seqs[0], one query each in row b, through the Mosaic GPU decode kernel over the first
-    min(T, B) rows; the output padded back to q's [T, N, H] (rows past them zero)."""
+    min(T, B) rows: out [min(T, B), N, H] (rows >= num_seqs[0] zero)."""
     from jpaged.kernels import paged_decode_mgpu as mgpu
 
     num_rows = min(q.shape[0], page_tables.shape[0])
     out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables[:num_rows],
                                            seq_lens[:num_rows], num_seqs, sm_scale=sm_scale,
                                            interpret=interpret)  # fmt: skip
-    return jnp.pad(out, ((0, q.shape[0] - num_rows), (0, 0), (0, 0)))
+    return out
 
 
 def _ragged(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, *, sm_scale, sliding_window, impl,

@@ -376,6 +376,7 @@ def test_entry_point_runs_a_mixed_batchs_leading_decodes_on_the_mosaic_kernel(mi
         assert np.linalg.norm(out[lo:hi] - ref[lo:hi]) / np.linalg.norm(ref[lo:hi]) <= MAX_REL_ERR, (mix, b)
     jaxpr = str(jax.make_jaxpr(functools.partial(call, impl="mgpu"))().jaxpr)
     assert "paged_decode_mgpu" in jaxpr and "ragged_paged_attention" in jaxpr  # both kernels, the rows split
+    assert "dynamic_update_slice" in jaxpr  # the decode rows written into the ragged output, not a select over T rows
     assert "paged_decode_mgpu" not in str(jax.make_jaxpr(functools.partial(call, impl="pallas"))().jaxpr)
     # Where the decode kernel cannot run the batch, every row stays on the ragged path (traced only).
     window = str(jax.make_jaxpr(functools.partial(call, impl="mgpu", sliding_window=32))().jaxpr)
