@@ -623,8 +623,9 @@ def paged_attention(
                   sliding_window=sliding_window, impl=impl, tuning=tuning, interpret=interpret)  # fmt: skip
     if leading is None:
         return out
-    # Only the first min(T, B) rows can hold leading decodes: merged there and written back in place, so the
-    # step does not pay a select over all T rows (1.3 ms of a Llama-2-7B 8,192-token prefill step).
+    # Only the first min(T, B) rows can hold leading decodes: merged there and written back in place, not by a
+    # select over all T rows (~200 MB a layer at 8,192 tokens; in the engine the two measured the same,
+    # docs/benchmarks.md, seventeenth session).
     n = leading_out.shape[0]
     head = jnp.where((jnp.arange(n) < num_leading)[:, None, None], leading_out, out[:n])
     return jax.lax.dynamic_update_slice_in_dim(out, head, 0, axis=0)
