@@ -134,8 +134,14 @@ def gpu_cases() -> list[Case]:
         ),
         Case(name="llama3-8b mixed 4x512+60", kind="mixed", heads=32, kv_heads=8, head_dim=128, seqs=mixed),
         # a prefill step of throughput.py's fixed:512 (8,192 tokens: sixteen 512-token prompts)
-        Case(name="llama2-7b prefill 16x512", kind="prefill", heads=32, kv_heads=32, head_dim=128,
-             seqs=((512, 512),) * 16),  # fmt: skip
+        Case(
+            name="llama2-7b prefill 16x512",
+            kind="prefill",
+            heads=32,
+            kv_heads=32,
+            head_dim=128,
+            seqs=((512, 512),) * 16,
+        ),
     ]
 
 
