@@ -109,6 +109,12 @@ def decode(name: str, heads: int, kv_heads: int, batch: int, ctx: int, head_dim:
     return Case(name=name, kind="decode", heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqs=((1, ctx),) * batch)
 
 
+def prefill(name: str, heads: int, kv_heads: int, batch: int, prompt: int) -> Case:
+    """batch prompts of `prompt` tokens from scratch."""
+    seqs = ((prompt, prompt),) * batch
+    return Case(name=name, kind="prefill", heads=heads, kv_heads=kv_heads, head_dim=128, seqs=seqs)
+
+
 def gpu_cases() -> list[Case]:
     mixed = ((512, 2048),) * 4 + ((1, 2048),) * 60
     return [
@@ -116,32 +122,10 @@ def gpu_cases() -> list[Case]:
         decode("llama2-7b B=64 ctx=2048", 32, 32, 64, 2048),
         decode("llama3-8b B=16 ctx=16384", 32, 8, 16, 16384),
         decode("llama3-8b B=256 ctx=1024", 32, 8, 256, 1024),
-        Case(
-            name="llama3-8b prefill 4x2048",
-            kind="prefill",
-            heads=32,
-            kv_heads=8,
-            head_dim=128,
-            seqs=((2048, 2048),) * 4,
-        ),
-        Case(
-            name="llama2-7b prefill 4x2048",
-            kind="prefill",
-            heads=32,
-            kv_heads=32,
-            head_dim=128,
-            seqs=((2048, 2048),) * 4,
-        ),
+        prefill("llama3-8b prefill 4x2048", 32, 8, 4, 2048),
+        prefill("llama2-7b prefill 4x2048", 32, 32, 4, 2048),
         Case(name="llama3-8b mixed 4x512+60", kind="mixed", heads=32, kv_heads=8, head_dim=128, seqs=mixed),
-        # a prefill step of throughput.py's fixed:512 (8,192 tokens: sixteen 512-token prompts)
-        Case(
-            name="llama2-7b prefill 16x512",
-            kind="prefill",
-            heads=32,
-            kv_heads=32,
-            head_dim=128,
-            seqs=((512, 512),) * 16,
-        ),
+        prefill("llama2-7b prefill 16x512", 32, 32, 16, 512),  # a prefill step of throughput.py's fixed:512
     ]
 
 
