@@ -660,10 +660,9 @@ def _on_decode_kernel(q, k_pages, v_pages, page_tables, seq_lens, num_seqs, *, s
     from jpaged.kernels import paged_decode_mgpu as mgpu
 
     num_rows = min(q.shape[0], page_tables.shape[0])
-    out = mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables[:num_rows],
-                                           seq_lens[:num_rows], num_seqs, sm_scale=sm_scale,
-                                           interpret=interpret)  # fmt: skip
-    return out
+    return mgpu.paged_decode_attention_mgpu(q[:num_rows], k_pages, v_pages, page_tables[:num_rows],
+                                            seq_lens[:num_rows], num_seqs, sm_scale=sm_scale,
+                                            interpret=interpret)  # fmt: skip
 
 
 def _ragged(q, k_pages, v_pages, page_tables, seq_lens, cu_q_lens, num_seqs, *, sm_scale, sliding_window, impl,
